@@ -1,0 +1,32 @@
+"""The one conversation type every input format normalises to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    id: str = ""
+    source: str = ""  # "file:line" or "file: record i", for error messages downstream
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def from_messages(cls, messages: list[dict], id: str = "", source: str = "") -> Conversation:
+        return cls(tuple(Message(m["role"], m["content"]) for m in messages), id=id, source=source)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+
+    @property
+    def n_turns(self) -> int:
+        return sum(1 for m in self.messages if m.role == "assistant")

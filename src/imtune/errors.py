@@ -1,0 +1,28 @@
+"""One error type for bad user input: the CLI prints it as one line and exits with code 2."""
+
+from __future__ import annotations
+
+
+class ImtuneError(Exception):
+    """A problem the user can fix (bad file, bad option). Never shown with a traceback."""
+
+    exit_code = 2
+
+
+class InputError(ImtuneError):
+    """A bad record in a data file: carries where (file, line or record) and why."""
+
+    def __init__(self, path: str, reason: str, line: int | None = None, record: int | None = None):
+        self.path, self.reason, self.line, self.record = str(path), reason, line, record
+        super().__init__(self.format())
+
+    @property
+    def where(self) -> str:
+        if self.line is not None:
+            return f"{self.path}:{self.line}"
+        if self.record is not None:
+            return f"{self.path}: record {self.record}"
+        return self.path
+
+    def format(self) -> str:
+        return f"{self.where}: {self.reason}"
