@@ -1,0 +1,42 @@
+"""imtune: instruction tuning with exact per-token loss weights (IT, IM, weighted:λ).
+
+Public API (imported lazily so `import imtune` stays light):
+    load_records(path, format=None) -> list[Conversation]
+    encode(records, tokenizer, objective="im", template="tulu", max_length=2048) -> list[Encoded]
+    load_tokenizer(model), load_model(model)
+    train(config) -> TrainResult
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_records": ("data_loading", "load_records"),
+    "load_dataset": ("data_loading", "load_dataset"),
+    "Conversation": ("conversation", "Conversation"),
+    "Message": ("conversation", "Message"),
+    "encode": ("encoding", "encode"),
+    "encode_with_report": ("encoding", "encode_with_report"),
+    "Encoded": ("encoding", "Encoded"),
+    "Objective": ("objectives", "Objective"),
+    "parse_objective": ("objectives", "parse_objective"),
+    "load_tokenizer": ("models", "load_tokenizer"),
+    "load_model": ("models", "load_model"),
+    "resolve_model": ("models", "resolve_model"),
+    "train": ("training", "train"),
+    "TrainConfig": ("config", "TrainConfig"),
+    "ImtuneError": ("errors", "ImtuneError"),
+    "InputError": ("errors", "InputError"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"imtune.{mod}"), attr)
+    raise AttributeError(f"module 'imtune' has no attribute {name!r}")

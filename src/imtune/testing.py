@@ -1,0 +1,52 @@
+"""Tiny, offline, deterministic tokenizer and model for tests and examples (random weights, ~1k vocab)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. Instruction tuning trains a language model on prompts and
+responses. Write a poem about the sea. Explain why the sky is blue. def add(a, b): return a + b
+What is 2 + 2? The answer is 4. Translate to French: hello -> bonjour. Summarise the following text in one sentence.
+Naïve café déjà vu — ünïcödé test 你好 世界 مرحبا 🙂 tabs\tand\nnewlines.
+"""
+
+
+def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 600):
+    """Byte-level BPE (any unicode encodes), EOS, chat template; saved with `save_pretrained`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 600, hidden_size: int = 32,
+                    num_layers: int = 2):
+    """A tiny Llama with random weights plus the tiny tokenizer, saved as safetensors in `out_dir`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tiny_tokenizer(out_dir, vocab_size)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return model, tok

