@@ -40,14 +40,14 @@ def load_dataset(path: str | Path, format: str | None = None, skip_invalid: bool
     if path.is_dir():
         raise InputError(str(path), "is a directory, expected a data file")
     result = LoadResult(records=[])
-    schema = format
     for where, raw in _iter_raw(path, skip_invalid, result.skipped):
         try:
             if not isinstance(raw, dict):
                 raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-            if schema is None:
-                schema = detect_schema(raw)
-            result.records.append(normalise(raw, schema, id_default=str(where.get("record"))))
+            schema = format or detect_schema(raw)
+            rid = where.get("record", where.get("line"))
+            conv = normalise(raw, schema, id_default=str(rid))
+            result.records.append(Conversation(conv.messages, conv.id, source=_where_str(path, where)))
         except ValueError as e:
             err = InputError(str(path), str(e), **where)
             if not skip_invalid:
@@ -58,14 +58,19 @@ def load_dataset(path: str | Path, format: str | None = None, skip_invalid: bool
     return result
 
 
+def _where_str(path: Path, where: dict) -> str:
+    return f"{path}:{where['line']}" if "line" in where else f"{path}: record {where['record']}"
+
+
 def detect_schema(raw: dict) -> str:
+    """Per record, by its distinctive key (so a record missing its second field still gets a precise reason)."""
     if "messages" in raw:
         return "messages"
     if "conversations" in raw:
         return "sharegpt"
-    if "instruction" in raw and "output" in raw:
+    if "instruction" in raw:
         return "alpaca"
-    if "prompt" in raw and "completion" in raw:
+    if "prompt" in raw:
         return "prompt_completion"
     raise ValueError(
         "cannot tell the schema: expected 'messages', 'conversations', 'instruction'+'output' or "
