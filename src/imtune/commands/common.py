@@ -33,7 +33,8 @@ def add_objective(p: argparse.ArgumentParser, default: str = "im") -> None:
                         "default: tulu")
     p.add_argument("--max-length", dest="max_length", type=int, default=2048,
                    help="truncate examples to this many tokens (default: 2048)")
-    p.add_argument("--truncation-side", dest="truncation_side", choices=["right", "left"], default="right")
+    p.add_argument("--truncation-side", dest="truncation_side", choices=["right", "left"], default="right",
+                   help="which end to cut when an example is longer than --max-length (default: right)")
 
 
 def load_data(args):

@@ -1,0 +1,121 @@
+"""CLI behaviour of stats / inspect / advise: outputs, help, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from imtune.cli import build_parser, main
+
+from .conftest import data_file
+
+MSGS = [{"messages": [{"role": "user", "content": f"Question {i}? " * (i + 1)},
+                      {"role": "assistant", "content": f"Answer {i}."}]} for i in range(5)]
+
+
+@pytest.fixture()
+def small_data(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(m) + "\n" for m in MSGS))
+    return p
+
+
+def test_inspect_json_rows(tiny_dir, small_data, capsys):
+    assert main(["inspect", "--data", str(small_data), "--model", str(tiny_dir), "--objective", "it",
+                 "--format", "json", "--n", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 2
+    rows = out[0]["tokens"]
+    assert set(rows[0]) == {"id", "text", "segment", "weight"}
+    assert {r["segment"] for r in rows} >= {"user", "assistant", "template", "eos"}
+    assert all(r["weight"] == 0 for r in rows if r["segment"] in ("user", "template"))
+    assert any(r["weight"] == 1 for r in rows if r["segment"] == "assistant")
+
+
+def test_inspect_text_and_html(tiny_dir, small_data, tmp_path, capsys):
+    assert main(["inspect", "--data", str(small_data), "--model", str(tiny_dir), "--index", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "legend" in out and "Question 3" in out and "total" in out
+    html = tmp_path / "v.html"
+    assert main(["inspect", "--data", str(small_data), "--model", str(tiny_dir), "--format", "html",
+                 "--out", str(html)]) == 0
+    assert "<span" in html.read_text() and "weight 1" in html.read_text()
+
+
+def test_stats_json(tiny_dir, small_data, capsys):
+    assert main(["stats", "--data", str(small_data), "--model", str(tiny_dir), "--json", "--max-length", "16"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["examples"] == 5 and s["turns"]["total"] == 5
+    assert s["instruction_output_ratio"] > 1
+    assert s["truncation"]["truncated"] >= 1
+
+
+def test_advise_recommends_im_for_instruction_heavy_small_data(tiny_dir, small_data, capsys):
+    assert main(["advise", "--data", str(small_data), "--model", str(tiny_dir), "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)["advice"]
+    assert a["recommendation"] == "im" and a["ratio_level"] == "high" and a["size_level"] == "small"
+    assert any("ratio" in r for r in a["reasons"])
+
+
+def test_advise_rules():
+    from imtune.advise import advise_from_stats
+
+    def st(ratio, n):
+        return {"instruction_output_ratio": ratio, "examples": n, "instruction_tokens": {"mean": ratio * 100,
+                "median": 1}, "output_tokens": {"mean": 100, "median": 1}}
+
+    assert advise_from_stats(st(2.0, 2000)).recommendation == "im"
+    assert advise_from_stats(st(0.1, 1000)).recommendation == "im"
+    assert advise_from_stats(st(0.1, 300_000)).recommendation == "it"
+    assert advise_from_stats(st(0.5, 30_000)).recommendation.startswith("weighted:")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["inspect", "--data", "/nonexistent.jsonl"], "/nonexistent.jsonl: file not found"),
+    (["stats", "--data", "BAD"], ":2: malformed JSON"),
+    (["inspect", "--data", "GOOD", "--objective", "bogus"], "unknown objective 'bogus'"),
+    (["inspect", "--data", "GOOD", "--template", "nope"], "unknown template 'nope'"),
+    (["inspect", "--data", "GOOD", "--index", "99"], "--index 99 out of range"),
+])
+def test_bad_input_one_line_exit_2(tiny_dir, small_data, tmp_path, argv, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(MSGS[0]) + "\n{nope\n")
+    argv = [{"BAD": str(bad), "GOOD": str(small_data)}.get(a, a) for a in argv] + ["--model", str(tiny_dir)]
+    r = subprocess.run([sys.executable, "-m", "imtune.cli", *argv], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_skip_invalid_reports(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(MSGS[0]) + "\n{nope\n" + json.dumps(MSGS[1]) + "\n")
+    assert main(["stats", "--data", str(bad), "--model", str(tiny_dir), "--json", "--skip-invalid"]) == 0
+    cap = capsys.readouterr()
+    assert "skipped 1 invalid record(s)" in cap.err and "bad.jsonl:2" in cap.err
+    assert json.loads(cap.out)["examples"] == 2
+
+
+def test_help_is_complete():
+    parser = build_parser()
+    text = parser.format_help()
+    for cmd in ("stats", "inspect", "advise"):
+        assert cmd in text
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        h = p.format_help()
+        assert p.description or p.format_usage(), name
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+        assert h
+
+
+@pytest.mark.real_model
+def test_stats_on_lima_with_smollm2(capsys):
+    assert main(["stats", "--data", str(data_file("lima.jsonl")), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["examples"] == 1030
+    assert 0.05 < s["instruction_output_ratio"] < 0.3  # LIMA: short prompts, long answers
