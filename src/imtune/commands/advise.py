@@ -15,7 +15,8 @@ def add_parser(sub):
     add_data(p)
     add_model(p)
     p.add_argument("--template", default="tulu", help="template used for token counts (default: tulu)")
-    p.add_argument("--max-length", dest="max_length", type=int, default=2048)
+    p.add_argument("--max-length", dest="max_length", type=int, default=2048,
+                   help="report examples this length would truncate/drop (default: 2048)")
     p.add_argument("--json", action="store_true", help="print JSON (advice + statistics)")
     p.set_defaults(func=run)
 
