@@ -1,0 +1,248 @@
+"""Per-example loss under an objective's weights: the paper's Figure 3 probe of overfitting.
+
+IM's claim is that it overfits less than IT: its loss on the *output* tokens is higher on training data and lower on
+held-out data. `per_example_loss` measures exactly that quantity for any model and objective: for each example, the
+weighted mean token cross-entropy over the tokens the objective weights (for `it`, the assistant output and its EOS).
+
+Template: unless given, the template is the one the model was trained with when `model` is (or came from) an
+`imtune train` output directory, i.e. one holding `imtune_config.yaml` (the directory itself or its parent, for
+`checkpoint-N` subdirectories); otherwise `tulu`, the paper's template. Measuring a model under a template it was
+not trained with would mostly measure the template mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..conversation import Conversation
+from ..errors import ImtuneError
+
+DEFAULT_TEMPLATE = "tulu"
+CONFIG_NAME = "imtune_config.yaml"
+N_BOOT = 2000
+BOOT_SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------------- templates
+
+
+def training_config(model_ref) -> dict | None:
+    """The `imtune_config.yaml` of a training output directory (or of the parent of a checkpoint dir), else None."""
+    if model_ref is None:
+        return None
+    path = Path(os.fspath(model_ref)).expanduser()
+    if not path.is_dir():
+        return None
+    for d in (path, path.parent):
+        cfg = d / CONFIG_NAME
+        if cfg.is_file():
+            import yaml
+
+            try:
+                data = yaml.safe_load(cfg.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ImtuneError(f"{cfg}: not valid YAML: {str(e).splitlines()[0]}") from None
+            if not isinstance(data, dict):
+                raise ImtuneError(f"{cfg}: expected a mapping of settings")
+            return data
+    return None
+
+
+def default_template(model_ref, template: str | None = None) -> str:
+    """`template` if given, else the template `model_ref` was trained with (see module doc), else `tulu`."""
+    if template:
+        return template
+    cfg = training_config(model_ref)
+    if cfg and cfg.get("template"):
+        return str(cfg["template"])
+    return DEFAULT_TEMPLATE
+
+
+def model_ref_of(model) -> str | None:
+    """Where a loaded HF model came from (its `name_or_path`), to look for its training config."""
+    ref = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(ref) if ref else None
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+@dataclass
+class LossReport:
+    rows: list[dict]
+    excluded: list[str] = field(default_factory=list)  # ids with no weighted token (after truncation)
+    n_truncated: int = 0
+    template: str = DEFAULT_TEMPLATE
+    objective: str = "it"
+
+
+def per_example_loss(model, tokenizer, records, *, objective="it", template: str | None = None,
+                     max_length: int | None = 2048, batch_size: int = 8, truncation_side: str = "right",
+                     progress: bool = True) -> list[dict]:
+    """`[{"id", "tokens", "loss"}]` in input order; examples with no weighted token are left out.
+
+    `loss` is sum_t w_t * CE_t / sum_t w_t over the objective's weights (nats per token); `tokens` counts the tokens
+    with w_t > 0. `template=None` picks the model's training template (see module doc). Use
+    `per_example_loss_with_report` to also learn which examples were left out.
+    """
+    return per_example_loss_with_report(model, tokenizer, records, objective=objective, template=template,
+                                        max_length=max_length, batch_size=batch_size,
+                                        truncation_side=truncation_side, progress=progress).rows
+
+
+def per_example_loss_with_report(model, tokenizer, records, *, objective="it", template: str | None = None,
+                                 max_length: int | None = 2048, batch_size: int = 8, truncation_side: str = "right",
+                                 progress: bool = True) -> LossReport:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..encoding import encode_with_report
+    from ..objectives import parse_objective
+
+    if batch_size < 1:
+        raise ImtuneError("batch_size must be at least 1")
+    obj = parse_objective(objective)
+    tpl = default_template(model_ref_of(model), template)
+    convs = [_as_conversation(r, i) for i, r in enumerate(records)]
+    encoded, enc_report = encode_with_report(convs, tokenizer, obj, tpl, max_length, truncation_side)
+    report = LossReport(rows=[], excluded=list(enc_report.dropped_no_weight), n_truncated=enc_report.n_truncated,
+                        template=tpl, objective=obj.spec)
+    if not encoded:
+        return report
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    keep_ok = _accepts_logits_to_keep(model)
+    # Longest first: least padding per batch, and an out-of-memory error shows on the first batch, not the last.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    losses = np.zeros(len(encoded), dtype=np.float64)
+    counts = np.zeros(len(encoded), dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(encoded), desc="loss", unit="ex", disable=not progress, leave=False, file=sys.stderr)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch_losses, batch_counts, keep_ok = _batch_loss(model, [encoded[i] for i in idx], pad_id, device,
+                                                                  keep_ok)
+                losses[idx] = batch_losses
+                counts[idx] = batch_counts
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    report.rows = [{"id": e.id, "tokens": int(counts[i]), "loss": float(losses[i])} for i, e in enumerate(encoded)]
+    return report
+
+
+def _as_conversation(r, i: int) -> Conversation:
+    if isinstance(r, Conversation):
+        return r
+    if isinstance(r, dict) and isinstance(r.get("messages"), list):
+        return Conversation.from_messages(r["messages"], id=str(r.get("id", i)))
+    raise ImtuneError(f"record {i}: expected a Conversation or a dict with 'messages', got {type(r).__name__}")
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _batch_loss(model, batch, pad_id: int, device, keep_ok: bool):
+    """Per-example weighted mean CE for one batch; returns (losses, counts, whether logits_to_keep worked)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, width = len(batch), max(len(e) for e in batch)
+    # Right padding: with the attention mask, real tokens see exactly what they would see unpadded.
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    w = torch.zeros((n, width), dtype=torch.float32)
+    for j, e in enumerate(batch):
+        ids[j, :len(e)] = torch.tensor(e.input_ids, dtype=torch.long)
+        attn[j, :len(e)] = 1
+        w[j, :len(e)] = torch.tensor(e.weights, dtype=torch.float32)
+    # Weight w[t] belongs to predicting token t, which the hidden state at t-1 does (weights[0] is always 0).
+    target_mask = w > 0
+    keep = torch.zeros_like(target_mask)
+    keep[:, :-1] = target_mask[:, 1:]
+    rows = keep.nonzero(as_tuple=True)[0]  # row-major, the order hidden[keep] flattens to
+    targets = ids[:, 1:][target_mask[:, 1:]]
+    weights = w[:, 1:][target_mask[:, 1:]]
+    ids_d, attn_d = ids.to(device), attn.to(device)
+
+    logits = None
+    if keep_ok:
+        # A boolean logits_to_keep makes the model gather the hidden states at the weighted positions before its
+        # LM head (and apply any logit softcapping/scaling itself), so no [B, T, vocab] tensor is ever built.
+        out = model(input_ids=ids_d, attention_mask=attn_d, use_cache=False, logits_to_keep=keep.to(device))
+        logits = out.logits
+        if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+            keep_ok, logits = False, None  # this architecture ignores or reshapes the mask: use full logits
+    if logits is None:
+        out = model(input_ids=ids_d, attention_mask=attn_d, use_cache=False)
+        logits = out.logits[keep.to(device)]
+    ce = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none").double().cpu()
+    wsum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, weights.double())
+    lsum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, weights.double() * ce)
+    counts = torch.zeros(n, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))
+    return (lsum / wsum).numpy(), counts.numpy(), keep_ok
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+
+
+def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = BOOT_SEED,
+                      level: float = 0.95) -> list[float]:
+    """Percentile bootstrap CI of the mean, `[lo, hi]`; a fixed seed makes it reproducible."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return [math.nan, math.nan]
+    if x.size == 1:
+        return [float(x[0]), float(x[0])]
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot, dtype=np.float64)
+    # Resample in chunks so n_boot x n indices never need to be held at once for large n.
+    chunk = max(1, min(n_boot, 4_000_000 // x.size))
+    for s in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - s)
+        means[s:s + k] = x[rng.integers(0, x.size, size=(k, x.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    # Quantile interpolation can land a hair inside the sample mean when the bootstrap distribution is degenerate.
+    m = float(x.mean())
+    return [float(min(lo, m)), float(max(hi, m))]
+
+
+def summarise(rows: Iterable[dict | float]) -> dict:
+    """`{"n", "mean", "median", "std", "ci95": [lo, hi]}` of per-example losses (rows or plain numbers).
+
+    `std` is the sample standard deviation (ddof=1; 0 for one example); `ci95` a bootstrap CI of the mean.
+    """
+    vals = np.asarray([r["loss"] if isinstance(r, dict) else r for r in rows], dtype=np.float64)
+    if vals.size == 0:
+        return {"n": 0, "mean": None, "median": None, "std": None, "ci95": [None, None]}
+    return {"n": int(vals.size), "mean": float(vals.mean()), "median": float(np.median(vals)),
+            "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0, "ci95": bootstrap_mean_ci(vals)}
+
+
+def summary_path(out: str | os.PathLike) -> Path:
+    """`losses.jsonl` -> `losses.summary.json` (any other name gets `.summary.json` appended)."""
+    out = Path(out)
+    if out.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        return out.with_suffix(".summary.json")
+    return out.with_name(out.name + ".summary.json")

@@ -1,0 +1,151 @@
+"""`imtune compare` end to end on the tiny model: runs, verdict, report files, resumability, browser rendering."""
+
+import json
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from imtune.compare import CompareConfig, paired_difference, run_compare, verdict
+
+LONG_PROMPT = "Please read the following passage carefully and answer the question about it. " * 3
+
+
+def _data(tmp_path, n=24):
+    rows = [{"id": f"ex{i}", "messages": [{"role": "user", "content": f"{LONG_PROMPT} Question {i}: what is {i}+{i}?"},
+                                          {"role": "assistant", "content": f"The answer is {2 * i}."}]}
+            for i in range(n)]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def _cfg(tiny_dir, tmp_path, out):
+    return CompareConfig(data=str(_data(tmp_path)), out=str(out), model=str(tiny_dir), objectives=("it", "im"),
+                         n_val=6, evals=("loss", "memorisation"), memorisation_n=3, max_new_tokens=8,
+                         eval_batch_size=4, progress=False,
+                         train_overrides={"max_steps": 3, "micro_batch_size": 4, "lr": 1e-3, "max_length": 512,
+                                          "template": "chatml"})
+
+
+def test_paired_difference_is_exact_and_deterministic():
+    a = {str(i): 1.0 for i in range(50)}
+    b = {str(i): 0.8 for i in range(50)}
+    d = paired_difference(a, b)
+    assert d["n"] == 50 and d["mean"] == pytest.approx(-0.2) and d["resolved"]
+    assert d["ci95"][0] == pytest.approx(-0.2) and d["ci95"][1] == pytest.approx(-0.2)
+    rng = np.random.default_rng(0)
+    noisy = {k: v + rng.normal(0, 1) for k, v in a.items()}
+    d2 = paired_difference(a, noisy)
+    assert d2 == paired_difference(a, noisy) and not d2["resolved"]
+    assert d2["ci95"][0] < d2["mean"] < d2["ci95"][1]
+
+
+def test_verdict_names_winner_and_resolution():
+    ev = {"it": {"loss_heldout": {"rows": [{"id": str(i), "loss": 2.0} for i in range(20)], "summary": {"mean": 2.0}},
+                 "loss_train": {"summary": {"mean": 1.0}}},
+          "im": {"loss_heldout": {"rows": [{"id": str(i), "loss": 1.9} for i in range(20)], "summary": {"mean": 1.9}},
+                 "loss_train": {"summary": {"mean": 1.5}}}}
+    v = verdict(["it", "im"], ev, {"recommendation": "im", "predicted_im_minus_it": "IM better"})
+    assert v["winner"] == "im" and v["resolved"]
+    assert v["overfitting_gap"]["it"] == pytest.approx(1.0) and v["overfitting_gap"]["im"] == pytest.approx(0.4)
+    assert v["headline"].startswith("IM wins") and "excludes 0" in v["headline"]
+    assert v["advisor"]["agrees"]
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_and_resume(tiny_dir, tmp_path):
+    out = tmp_path / "cmp"
+    res = run_compare(_cfg(tiny_dir, tmp_path, out))
+    for f in ("report.html", "report.md", "results.json", "advice.json", "plots/loss_curves.png",
+              "plots/loss_distributions.png", "plots/metrics.png", "data/train.jsonl", "data/heldout.jsonl"):
+        assert (out / f).exists(), f
+    r = json.loads((out / "results.json").read_text())
+    assert set(r["runs"]) == {"it", "im"}
+    assert r["split"]["n_heldout"] == 6 and r["split"]["n_train"] == 18
+    v = r["verdict"]
+    assert v["winner"] in ("it", "im") and v["headline"]
+    assert v["paired_diff_vs_baseline"]["im"]["n"] == 6
+    md = (out / "report.md").read_text()
+    assert md.splitlines()[2].startswith("**Verdict.**")
+    assert "memorisation BLEU" in md
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<link" not in html and "http" not in html.split("<body>")[1]
+    # A rerun reuses finished runs and evaluations: nothing is retrained or re-evaluated.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval/*.json")}
+    weights = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/model.safetensors")}
+    assert stamps and weights
+    t = time.time()
+    res2 = run_compare(_cfg(tiny_dir, tmp_path, out))
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights
+    assert res2["verdict"] == res["verdict"]
+    assert time.time() - t < 60
+
+
+@pytest.mark.slow
+def test_compare_refuses_other_split_in_same_dir(tiny_dir, tmp_path):
+    from imtune.errors import ImtuneError
+    from imtune.compare import make_split
+
+    out = tmp_path / "c2"
+    cfg = _cfg(tiny_dir, tmp_path, out)
+    make_split(cfg, out)
+    cfg.n_val = 5
+    with pytest.raises(ImtuneError, match="other data/split settings"):
+        make_split(cfg, out)
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tiny_dir, tmp_path):
+    """Open report.html as a person would and check the screenshot shows the verdict box and the plots."""
+    if not _chromium() or not shutil.which("chromedriver"):
+        pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)")
+    pytest.importorskip("selenium")
+    from PIL import Image
+    from selenium import webdriver
+
+    out = tmp_path / "cmp"
+    run_compare(_cfg(tiny_dir, tmp_path, out))
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = _chromium()
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900",
+              f"--user-data-dir={tmp_path / 'chrome'}"):
+        opts.add_argument(a)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    drv = webdriver.Chrome(options=opts, service=service)
+    try:
+        drv.get((out / "report.html").as_uri())
+        v = drv.find_element("id", "verdict")
+        assert v.is_displayed() and ("wins" in v.text or "No held-out" in v.text)
+        assert v.location["y"] < 300, "the verdict opens the report"
+        imgs = drv.find_elements("tag name", "img")
+        assert len(imgs) >= 2
+        for img in imgs:
+            assert drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 100", img)
+        shot = tmp_path / "top.png"
+        drv.save_screenshot(str(shot))
+        im = Image.open(shot).convert("RGB")
+        # The verdict box's tinted background is visible where the element is.
+        r = v.rect
+        px = im.getpixel((int(r["x"] + r["width"] - 5), int(r["y"] + 5)))
+        assert px in ((0xEE, 0xF6, 0xEE), (0xFF, 0xF7, 0xE6)), px
+        # Scroll the first plot into view and check the screenshot there is a drawn figure, not blank.
+        drv.execute_script("arguments[0].scrollIntoView()", imgs[0])
+        shot2 = tmp_path / "plot.png"
+        drv.save_screenshot(str(shot2))
+        im2 = np.asarray(Image.open(shot2).convert("L"), dtype=np.float32)
+        rr = imgs[0].rect
+        y0 = int(drv.execute_script("return arguments[0].getBoundingClientRect().top", imgs[0]))
+        crop = im2[max(0, y0): y0 + int(rr["height"]), int(rr["x"]): int(rr["x"] + rr["width"])]
+        assert crop.size and crop.std() > 10, "plot area is blank"
+        assert (crop < 128).mean() > 0.005, "no dark strokes (axes, lines, text) in the plot"
+    finally:
+        drv.quit()
