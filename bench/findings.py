@@ -93,7 +93,7 @@ over the same held-out examples (an interval containing 0 is not resolved at thi
 train output loss: the paper's mechanism is that IM has the higher train loss and the smaller gap (less
 overfitting). Memorisation BLEU compares greedy generations on training prompts with the training outputs.
 
-Caveats: a 135M model, tens of examples, a few hundred optimizer-free minutes of CPU — far from the paper's
+Caveats: a 135M model, tens of examples, a few minutes of CPU training per run — far from the paper's
 LLaMA-2-7B/13B with thousands of examples and an LLM judge. Treat these rows as a check of direction, not of size.
 """
     (ROOT / "docs" / "FINDINGS.md").write_text(text)

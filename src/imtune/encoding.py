@@ -16,6 +16,7 @@ import numpy as np
 
 from .conversation import Conversation
 from .errors import ImtuneError, InputError
+from .fast_tokenize import TokenBatch, fast_encoder
 from .objectives import Objective, parse_objective
 from .templates import ASSISTANT, EOS, SEGMENTS, Rendered, render, resolve_template
 
@@ -75,8 +76,9 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective="im
         raise ImtuneError("max_length must be at least 2")
     seg_w = np.asarray(obj.segment_weights(), dtype=np.float32)
     backend = _backend(tokenizer)
+    fast = fast_encoder(tokenizer)  # exact tiktoken twin of `backend`, or None (see fast_tokenize)
     report = EncodeReport()
-    out: list[Encoded] = []
+    out: list[tuple[int, Encoded]] = []
     records = list(records)
     report.n_input = len(records)
     for b0 in range(0, len(records), batch_size):
@@ -86,13 +88,16 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective="im
             idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
             if not idx:
                 continue
-            encs = backend.encode_batch([rendered[i].text for i in idx], add_special_tokens=add_special)
-            for i, enc in zip(idx, encs, strict=True):
-                e = _weigh(batch[i], rendered[i], enc.ids, enc.offsets, seg_w, obj, max_length, truncation_side)
-                e.id = batch[i].id
+            texts = [rendered[i].text for i in idx]
+            tb = fast.encode_batch(texts, add_special) if fast is not None else hf_token_batch(backend, texts,
+                                                                                              add_special)
+            codes, turns = batch_token_segments([rendered[i] for i in idx], tb)
+            for k, e, any_weight in _weigh_batch([batch[i] for i in idx], tb, codes, turns, seg_w, obj, max_length,
+                                     truncation_side):
+                i = idx[k]
                 if e.truncated:
                     report.n_truncated += 1
-                if not keep_empty and not any(e.weights):
+                if not keep_empty and not any_weight:
                     report.dropped_no_weight.append(e.id)
                     continue
                 out.append((b0 + i, e))
@@ -149,19 +154,127 @@ def token_segments(rendered: Rendered, offsets: Sequence[tuple[int, int]]) -> tu
     return tok_codes.astype(np.int8), tok_turns.astype(np.int32)
 
 
-def _weigh(conv, rendered, ids, offsets, seg_w, obj: Objective, max_length, truncation_side) -> Encoded:
-    codes, turns = token_segments(rendered, offsets)
+def hf_token_batch(backend, texts: list[str], add_special_tokens: bool) -> TokenBatch:
+    """The HF backend's ids and offsets for `texts`, in the flat layout of `fast_tokenize.TokenBatch`."""
+    encs = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+    bounds = np.zeros(len(encs) + 1, dtype=np.int64)
+    np.cumsum([len(e.ids) for e in encs], out=bounds[1:])
+    ids = np.fromiter((t for e in encs for t in e.ids), dtype=np.int64, count=int(bounds[-1]))
+    off = np.fromiter((x for e in encs for o in e.offsets for x in o), dtype=np.int64,
+                      count=2 * int(bounds[-1])).reshape(-1, 2)
+    return TokenBatch(ids, off, bounds)
+
+
+def batch_token_segments(rendered: Sequence[Rendered], tb: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
+    """`token_segments` for a whole batch at once: (segment code, message index) of every token of `tb`.
+
+    Same boundary rule (a token takes the max code and max message index over the characters it covers), computed
+    from the spans' side: spans are disjoint and sorted, and so are the tokens, so each span covers a contiguous run
+    of tokens (found by two binary searches per span) that is painted with a difference array; the few tokens that
+    meet several spans get the max explicitly.
+    """
+    n_tok = len(tb.ids)
+    codes = np.zeros(n_tok, dtype=np.int8)
+    turns = np.full(n_tok, -1, dtype=np.int32)
+    ss, se, sc, sm = [], [], [], []
+    base = 0
+    bases = []
+    for r in rendered:
+        bases.append(base)
+        spans = r.spans if _sorted_disjoint(r.spans) else _normalise_spans(r)
+        for s, e, c, m in spans:
+            if e > s:
+                ss.append(base + s)
+                se.append(base + e)
+                sc.append(c)
+                sm.append(m)
+        base += len(r.text) + 1  # a gap between texts, so no token of one text meets a span of the next
+    if not n_tok or not ss:
+        return codes, turns
+    shift = np.repeat(np.asarray(bases, dtype=np.int64), np.diff(tb.bounds))
+    tok_s = tb.offsets[:, 0] + shift
+    tok_e = tb.offsets[:, 1] + shift
+    SC, SM = np.asarray(sc, dtype=np.int64), np.asarray(sm, dtype=np.int64)
+    t0 = np.searchsorted(tok_e, np.asarray(ss, dtype=np.int64), side="right")  # first token ending after the start
+    t1 = np.searchsorted(tok_s, np.asarray(se, dtype=np.int64), side="left")  # one past the last starting before the end
+    live = t1 > t0
+    t0, t1, SC, SM = t0[live], t1[live], SC[live], SM[live]
+    cover = np.zeros(n_tok + 1, dtype=np.int32)
+    np.add.at(cover, t0, 1)
+    np.add.at(cover, t1, -1)
+    dc = np.zeros(n_tok + 1, dtype=np.int64)
+    np.add.at(dc, t0, SC)
+    np.add.at(dc, t1, -SC)
+    dm = np.zeros(n_tok + 1, dtype=np.int64)
+    np.add.at(dm, t0, SM + 1)
+    np.add.at(dm, t1, -(SM + 1))
+    cover = np.cumsum(cover[:-1])
+    codes[:] = np.cumsum(dc[:-1])
+    turns[:] = np.cumsum(dm[:-1]) - 1
+    multi = np.flatnonzero(cover > 1)
+    if len(multi):  # a token over several spans (rare): max over exactly those spans
+        j0 = np.searchsorted(t1, multi, side="right")  # first span whose run ends after k
+        j1 = np.searchsorted(t0, multi, side="right")  # one past the last span whose run starts at or before k
+        for k, a, b in zip(multi.tolist(), j0.tolist(), j1.tolist(), strict=True):
+            codes[k] = SC[a:b].max()
+            turns[k] = SM[a:b].max()
+    empty = tok_e <= tok_s
+    if empty.any():
+        codes[empty] = 0
+        turns[empty] = -1
+    return codes, turns
+
+
+def _sorted_disjoint(spans) -> bool:
+    prev = 0
+    for s, e, _, _ in spans:
+        if s < prev:
+            return False
+        prev = max(prev, e)
+    return True
+
+
+def _normalise_spans(rendered: Rendered):
+    """Disjoint sorted spans equivalent to `char_segments` (later spans overwrite earlier ones)."""
+    codes, turns = char_segments(rendered)
+    out, n = [], len(rendered.text)
+    k = 0
+    while k < n:
+        j = k
+        while j < n and codes[j] == codes[k] and turns[j] == turns[k]:
+            j += 1
+        if codes[k] != 0 or turns[k] != -1:
+            out.append((k, j, int(codes[k]), int(turns[k])))
+        k = j
+    return out
+
+
+def _weigh_batch(convs, tb: TokenBatch, codes, turns, seg_w, obj: Objective, max_length, truncation_side):
+    """Weights, truncation and `Encoded` objects for a batch, vectorised over all its tokens."""
+    n = len(convs)
+    bounds = tb.bounds
+    n_full = np.diff(bounds)
     weights = seg_w[codes]
     if obj.last_turn_only:
-        last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
-        earlier = ((codes == ASSISTANT) | (codes == EOS)) & (turns != last)
-        weights = np.where(earlier, obj.prompt_weight, weights).astype(np.float32)
-    n_full = len(ids)
-    truncated = max_length is not None and n_full > max_length
-    if truncated:
-        sl = slice(0, max_length) if truncation_side == "right" else slice(n_full - max_length, n_full)
-        ids, codes, turns, weights = ids[sl], codes[sl], turns[sl], weights[sl]
-    weights = weights.copy() if truncated else weights
-    if len(weights):
-        weights[0] = 0.0  # nothing predicts the first token
-    return Encoded(list(ids), weights.tolist(), codes, turns, n_tokens_full=n_full, truncated=truncated)
+        last = np.asarray([max((i for i, m in enumerate(c.messages) if m.role == "assistant"), default=-1)
+                           for c in convs], dtype=np.int32)
+        earlier = ((codes == ASSISTANT) | (codes == EOS)) & (turns != np.repeat(last, n_full))
+        weights[earlier] = np.float32(obj.prompt_weight)
+    start, end = bounds[:-1].copy(), bounds[1:].copy()
+    if max_length is not None:
+        cut = n_full > max_length
+        if truncation_side == "right":
+            end = np.where(cut, start + max_length, end)
+        else:
+            start = np.where(cut, end - max_length, start)
+    else:
+        cut = np.zeros(n, dtype=bool)
+    nonempty = end > start
+    weights[start[nonempty]] = 0.0  # nothing predicts the first token
+    has_w = np.zeros(len(weights) + 1, dtype=np.int64)
+    np.cumsum(weights > 0, out=has_w[1:])
+    any_w = (has_w[end] - has_w[start]) > 0
+    ids, wl = tb.ids.tolist(), weights.tolist()
+    for k, (a, b, nf, tr, aw) in enumerate(zip(start.tolist(), end.tolist(), n_full.tolist(), cut.tolist(),
+                                               any_w.tolist(), strict=True)):
+        yield k, Encoded(ids[a:b], wl[a:b], codes[a:b], turns[a:b], convs[k].id, nf, tr), aw
