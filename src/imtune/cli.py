@@ -10,7 +10,7 @@ import sys
 from .errors import ImtuneError
 
 # (module, command) in help order; each module has add_parser(subparsers) and run(args) -> int | None.
-COMMANDS = ("stats", "inspect", "advise", "train", "loss", "generate", "memorisation", "evaluate", "judge",
+COMMANDS = ("stats", "inspect", "advise", "train", "loss", "plot", "generate", "memorisation", "evaluate", "judge",
             "compare", "demo")
 
 

@@ -10,13 +10,12 @@ with the Porter stemmer. Scores are on a 0-100 (BLEU) and 0-1 (ROUGE-L) scale.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImtuneError, InputError
+from ..errors import ImtuneError
 from .loss_probe import bootstrap_mean_ci
 
 
@@ -68,28 +67,9 @@ def summary_of(scores: dict) -> dict:
 
 def read_generations(path: str | Path) -> list[dict]:
     """Rows of a generations JSONL (as written by `imtune generate`): each needs string `output` and `reference`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(str(path), "file not found" if not path.exists() else "not a file")
-    rows = []
-    with open(path, "rb") as f:
-        for n, bline in enumerate(f, 1):
-            if not bline.strip():
-                continue
-            try:
-                row = json.loads(bline.decode("utf-8-sig" if n == 1 else "utf-8"))
-            except UnicodeDecodeError as e:
-                raise InputError(str(path), f"not valid UTF-8 (byte {e.start} of the line)", line=n) from None
-            except json.JSONDecodeError as e:
-                raise InputError(str(path), f"malformed JSON: {e.msg} at column {e.colno}", line=n) from None
-            if not isinstance(row, dict):
-                raise InputError(str(path), f"expected a JSON object, got {type(row).__name__}", line=n)
-            for key in ("output", "reference"):
-                if not isinstance(row.get(key), str):
-                    what = "missing" if key not in row else f"not a string ({type(row[key]).__name__})"
-                    raise InputError(str(path), f"field '{key}' {what}", line=n)
-            row.setdefault("id", str(len(rows)))
-            rows.append(row)
-    if not rows:
-        raise InputError(str(path), "no generations")
+    from ..io_utils import read_jsonl_rows
+
+    rows = read_jsonl_rows(path, {"output": str, "reference": str}, what="generations")
+    for i, row in enumerate(rows):
+        row.setdefault("id", str(i))
     return rows
