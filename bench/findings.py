@@ -29,12 +29,12 @@ def cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n-train", type=int, default=64)
-    ap.add_argument("--n-val", type=int, default=48)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--n-train", type=int, default=32)
+    ap.add_argument("--n-val", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=192)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--precision", default="fp32")
     ap.add_argument("--out", default=str(ROOT / "runs" / "findings"))
     ap.add_argument("--only", default=None, help="comma-separated dataset names to run")
     args = ap.parse_args()

@@ -9,7 +9,10 @@ i from tokens < i, so `weights[0]` is always 0.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,34 +80,81 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective="im
     seg_w = np.asarray(obj.segment_weights(), dtype=np.float32)
     backend = _backend(tokenizer)
     fast = fast_encoder(tokenizer)  # exact tiktoken twin of `backend`, or None (see fast_tokenize)
+    if fast is not None:
+        def tokenize(texts, add_special):
+            return fast.encode_batch(texts, add_special)
+    else:
+        def tokenize(texts, add_special):
+            return hf_token_batch(backend, texts, add_special)
     report = EncodeReport()
     out: list[tuple[int, Encoded]] = []
     records = list(records)
     report.n_input = len(records)
-    for b0 in range(0, len(records), batch_size):
-        batch = records[b0:b0 + batch_size]
+    step = max(1, min(batch_size, _PIPELINE_CHUNK))
+
+    def start(b0):
+        """Render a chunk and hand its tokenisation to the worker thread (tokenizers release the GIL)."""
+        batch = records[b0:b0 + step]
         rendered = [_render_checked(c, tokenizer, tpl) for c in batch]
+        jobs = []
         for add_special in (False, True):
             idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
-            if not idx:
-                continue
-            texts = [rendered[i].text for i in idx]
-            tb = fast.encode_batch(texts, add_special) if fast is not None else hf_token_batch(backend, texts,
-                                                                                              add_special)
+            if idx:
+                jobs.append((idx, _pipeline().submit(tokenize, [rendered[i].text for i in idx], add_special)))
+        return b0, batch, rendered, jobs
+
+    def finish(b0, batch, rendered, jobs):
+        for idx, fut in jobs:
+            tb = fut.result()
             codes, turns = batch_token_segments([rendered[i] for i in idx], tb)
             for k, e, any_weight in _weigh_batch([batch[i] for i in idx], tb, codes, turns, seg_w, obj, max_length,
-                                     truncation_side):
-                i = idx[k]
+                                                 truncation_side):
                 if e.truncated:
                     report.n_truncated += 1
                 if not keep_empty and not any_weight:
                     report.dropped_no_weight.append(e.id)
                     continue
-                out.append((b0 + i, e))
+                out.append((b0 + idx[k], e))
+
+    # Software pipeline: chunk k+1 is rendered and tokenised while chunk k is weighed.
+    pending: list = []
+    try:
+        for b0 in range(0, len(records), step):
+            pending.append(start(b0))
+            if len(pending) > 1:
+                finish(*pending.pop(0))
+        while pending:
+            finish(*pending.pop(0))
+    finally:
+        for _, _, _, jobs in pending:
+            for _, fut in jobs:
+                fut.cancel()
     out.sort(key=lambda t: t[0])
     encoded = [e for _, e in out]
     report.n_kept = len(encoded)
     return encoded, report
+
+
+_PIPELINE_CHUNK = 256
+_PIPE: ThreadPoolExecutor | None = None
+_PIPE_LOCK = threading.Lock()
+
+
+def _pipeline() -> ThreadPoolExecutor:
+    global _PIPE
+    with _PIPE_LOCK:
+        if _PIPE is None:
+            _PIPE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imtune-encode")
+        return _PIPE
+
+
+def _reset_pipeline_in_child():
+    global _PIPE, _PIPE_LOCK
+    _PIPE, _PIPE_LOCK = None, threading.Lock()  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pipeline_in_child)
 
 
 def _render_checked(conv: Conversation, tokenizer, tpl: str) -> Rendered:
@@ -194,6 +244,14 @@ def batch_token_segments(rendered: Sequence[Rendered], tb: TokenBatch) -> tuple[
     shift = np.repeat(np.asarray(bases, dtype=np.int64), np.diff(tb.bounds))
     tok_s = tb.offsets[:, 0] + shift
     tok_e = tb.offsets[:, 1] + shift
+    empty = tok_e <= tok_s
+    # Binary search needs sorted offsets. Tokens with no characters (a BOS/EOS the post-processor adds, at (0, 0))
+    # break the order: give them their predecessor's values (they end up template anyway). Any other disorder (an
+    # unusual tokenizer) is handled text by text with the plain per-character rule.
+    s_m, e_m = np.maximum.accumulate(tok_s), np.maximum.accumulate(tok_e)
+    if (s_m[~empty] != tok_s[~empty]).any() or (e_m[~empty] != tok_e[~empty]).any():
+        return _segments_per_text(rendered, tb)
+    tok_s, tok_e = s_m, e_m
     SC, SM = np.asarray(sc, dtype=np.int64), np.asarray(sm, dtype=np.int64)
     t0 = np.searchsorted(tok_e, np.asarray(ss, dtype=np.int64), side="right")  # first token ending after the start
     t1 = np.searchsorted(tok_s, np.asarray(se, dtype=np.int64), side="left")  # one past the last starting before the end
@@ -218,11 +276,18 @@ def batch_token_segments(rendered: Sequence[Rendered], tb: TokenBatch) -> tuple[
         for k, a, b in zip(multi.tolist(), j0.tolist(), j1.tolist(), strict=True):
             codes[k] = SC[a:b].max()
             turns[k] = SM[a:b].max()
-    empty = tok_e <= tok_s
     if empty.any():
         codes[empty] = 0
         turns[empty] = -1
     return codes, turns
+
+
+def _segments_per_text(rendered: Sequence[Rendered], tb: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
+    parts = [token_segments(r, tb.offsets[tb.bounds[i]:tb.bounds[i + 1]]) for i, r in enumerate(rendered)]
+    if not parts:
+        return np.zeros(0, np.int8), np.zeros(0, np.int32)
+    return (np.concatenate([c for c, _ in parts]).astype(np.int8),
+            np.concatenate([t for _, t in parts]).astype(np.int32))
 
 
 def _sorted_disjoint(spans) -> bool:

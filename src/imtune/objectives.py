@@ -15,6 +15,7 @@ With `last_turn_only`, assistant turns before the last one count as prompt (weig
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import ImtuneError
@@ -30,7 +31,7 @@ class Objective:
 
     def __post_init__(self):
         for w in (self.prompt_weight, self.response_weight, self.markup_weight):
-            if not (0.0 <= w) or w != w or w == float("inf"):
+            if not math.isfinite(w) or w < 0:
                 raise ImtuneError(f"objective {self.name!r}: weights must be finite and >= 0")
         if self.prompt_weight == self.response_weight == self.markup_weight == 0:
             raise ImtuneError(f"objective {self.name!r}: every weight is 0, nothing would be trained")
