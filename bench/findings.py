@@ -29,9 +29,9 @@ def cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n-train", type=int, default=32)
-    ap.add_argument("--n-val", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=192)
+    ap.add_argument("--n-train", type=int, default=24)
+    ap.add_argument("--n-val", type=int, default=24)
+    ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--precision", default="fp32")
@@ -47,8 +47,8 @@ def main() -> None:
         rc = cli(["compare", "--data", str(DATA / SETS[name]), "--objectives", "it,im", "--out", str(out),
                   "--n-train", str(args.n_train), "--n-val", str(args.n_val), "--max-length", str(args.max_length),
                   "--epochs", str(args.epochs), "--lr", str(args.lr), "--precision", args.precision,
-                  "--micro-batch-size", "4", "--global-batch-size", "8", "--eval", "loss,memorisation",
-                  "--memorisation-n", "16", "--max-new-tokens", "64", "--skip-invalid"])
+                  "--micro-batch-size", "4", "--global-batch-size", "4", "--eval", "loss,memorisation",
+                  "--memorisation-n", "8", "--max-new-tokens", "32", "--skip-invalid"])
         if rc:
             raise SystemExit(rc)
     write_findings(Path(args.out), args)
@@ -79,7 +79,7 @@ def write_findings(root: Path, args) -> None:
 
 Measured with `python bench/findings.py` (`imtune compare`, objectives `it,im`) on {datetime.date.today()}, on
 {cpu_name()} (2 cores), torch {torch.__version__}, transformers {transformers.__version__}; model SmolLM2-135M-Instruct
-(full fine-tuning, {args.precision}), {args.epochs} epochs, lr {args.lr}, global batch 8, max length {args.max_length},
+(full fine-tuning, {args.precision}), {args.epochs} epochs, lr {args.lr}, global batch 4, max length {args.max_length},
 tulu template, seed 42. Each row is one dataset: a random held-out split, then {args.n_train} training examples.
 Full reports: `runs/findings/<dataset>/report.html` (not committed; rerun the script to regenerate).
 
