@@ -1,0 +1,329 @@
+"""`TrainConfig`: the one place where training options and their defaults live.
+
+The dataclass is the single source of truth: YAML files are read into it (unknown keys are refused with a "did you
+mean" hint), the `imtune train` flags are generated from its fields (so every field can be overridden on the command
+line), and the resolved config is written back to `imtune_config.yaml` in the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ImtuneError
+
+CHOICES = {
+    "data_format": ("messages", "sharegpt", "alpaca", "prompt_completion"),
+    "truncation_side": ("right", "left"),
+    "lr_scheduler": ("linear", "cosine", "constant"),
+    "loss_normalization": ("weight", "tokens"),
+    "precision": ("fp32", "bf16"),
+    "kl_type": ("target_token", "full"),
+}
+
+
+def _f(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = _f("smollm2-135m", "alias (smollm2-135m, gemma3-270m), local model directory, or .gguf file")
+    trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
+    attn_implementation: str | None = _f(None, "eager, sdpa or flash_attention_2 (default: the model's own choice)")
+
+    # data
+    data: str | None = _f(None, "training data file: .jsonl, .json, .csv or .parquet (required)")
+    data_format: str | None = _f(None, "force the record schema instead of auto-detecting it")
+    skip_invalid: bool = _f(False, "skip bad records (and report which) instead of stopping at the first one")
+    objective: str = _f("im", "it | im | im-all | weighted:λ[:ρ], optionally suffixed @last")
+    template: str = _f("tulu", "tulu (the paper's), chatml, alpaca, or tokenizer (the model's own chat template)")
+    max_length: int = _f(2048, "truncate examples to this many tokens")
+    truncation_side: str = _f("right", "which end of an over-long example to cut")
+    val_data: str | None = _f(None, "held-out data file, evaluated each epoch on output-only (it) loss")
+    val_fraction: float = _f(0.0, "hold out this fraction of --data instead (split deterministically by --seed)")
+
+    # optimisation
+    epochs: int = _f(2, "passes over the training data")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (overrides --epochs for the schedule)")
+    lr: float = _f(2e-5, "peak learning rate")
+    lr_scheduler: str = _f("linear", "decay after warm-up")
+    warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent warming up linearly from 0")
+    weight_decay: float = _f(0.0, "AdamW weight decay (matrices only; biases and norms never decay)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0 turns clipping off)")
+    micro_batch_size: int = _f(4, "examples per forward/backward pass on each process")
+    gradient_accumulation_steps: int | None = _f(
+        None, "micro-batches per optimizer step on each process (default: from --global-batch-size, else 1)")
+    global_batch_size: int | None = _f(
+        None, "examples per optimizer step over all processes; sets gradient accumulation")
+    loss_normalization: str = _f("weight", "divide the step's weighted loss sum by its total weight, or by its "
+                                           "number of tokens with non-zero weight")
+    seed: int = _f(42, "seed for initialisation, data order, validation split and dropout")
+    precision: str = _f("fp32", "fp32, or bf16 autocast (fp32 master weights)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    group_by_length: bool = _f(True, "batch examples of similar length together to cut padding")
+    packing: bool = _f(False, "pack several examples into each sequence (models whose attention honours "
+                              "position_ids only)")
+    loss_chunk_size: int = _f(1024, "tokens per chunk when computing the loss (bounds the logits' memory)")
+    neftune_alpha: float = _f(0.0, "NEFTune embedding noise scale (0 = off; the paper used 5)")
+    kl_coef: float = _f(0.0, "weight of a KL penalty towards the starting model (0 = off)")
+    kl_type: str = _f("target_token", "KL on the target token's log-probability, or over the full vocabulary")
+
+    # LoRA
+    lora: bool = _f(False, "train LoRA adapters instead of all weights")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_target_modules: str = _f("all-linear", "comma-separated module names, or all-linear")
+    merge: bool = _f(False, "with --lora: save the merged full model instead of the adapter")
+
+    # output
+    out: str | None = _f(None, "output directory (required)")
+    overwrite: bool = _f(False, "replace the contents of a non-empty output directory")
+    resume: str | None = _f(None, "resume from 'latest' checkpoint in --out, or from a checkpoint directory")
+    save_steps: int = _f(0, "also save a checkpoint every N optimizer steps (0 = only at epoch ends)")
+    save_total_limit: int = _f(2, "keep only the newest N checkpoints (0 = keep all)")
+    logging_steps: int = _f(1, "write a metrics row every N optimizer steps")
+    progress: bool = _f(True, "show a progress bar")
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ImtuneError(f"{source}: expected a mapping of option: value, got {type(d).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in d.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                hint = difflib.get_close_matches(name, known, n=1)
+                raise ImtuneError(f"{source}: unknown option {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+            values[name] = coerce(name, value, _types()[name], source)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ImtuneError(f"{path}: config file not found")
+        try:
+            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ImtuneError(f"{path}{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def coerce(cls, config: TrainConfig | dict | str | Path) -> TrainConfig:
+        if isinstance(config, TrainConfig):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        if isinstance(config, (str, Path)):
+            return cls.from_yaml(config)
+        raise ImtuneError(f"config must be a TrainConfig, a dict or a YAML path, not {type(config).__name__}")
+
+    def replace(self, **overrides) -> TrainConfig:
+        return TrainConfig.from_dict({**asdict(self), **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Raise `ImtuneError` (one line) for the first bad value; returns self for chaining."""
+        from .objectives import parse_objective
+
+        for name, allowed in CHOICES.items():
+            v = getattr(self, name)
+            if v is not None and v not in allowed:
+                raise ImtuneError(f"{name}: {v!r} is not one of {', '.join(allowed)}")
+        if not self.data:
+            raise ImtuneError("data: no training data given (use --data FILE)")
+        if not self.out:
+            raise ImtuneError("out: no output directory given (use --out DIR)")
+        parse_objective(self.objective)
+        _positive(self, "epochs", "max_length", "micro_batch_size", "lora_r", "loss_chunk_size", "logging_steps")
+        _positive(self, "max_steps", "gradient_accumulation_steps", "global_batch_size", optional=True)
+        _non_negative(self, "save_steps", "save_total_limit")
+        _finite(self, "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "neftune_alpha", "kl_coef", "lora_alpha",
+                "lora_dropout", "val_fraction", "adam_beta1", "adam_beta2", "adam_epsilon")
+        if self.max_length < 2:
+            raise ImtuneError("max_length must be at least 2")
+        if self.lr <= 0:
+            raise ImtuneError(f"lr must be > 0, got {self.lr:g}")
+        for name in ("warmup_ratio", "lora_dropout", "adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ImtuneError(f"{name} must be in [0, 1), got {getattr(self, name):g}")
+        if not 0 <= self.val_fraction < 1:
+            raise ImtuneError(f"val_fraction must be in [0, 1), got {self.val_fraction:g}")
+        if self.val_fraction and self.val_data:
+            raise ImtuneError("give either val_fraction or val_data, not both")
+        for name in ("weight_decay", "max_grad_norm", "neftune_alpha", "kl_coef", "adam_epsilon"):
+            if getattr(self, name) < 0:
+                raise ImtuneError(f"{name} must be >= 0, got {getattr(self, name):g}")
+        if self.lora_alpha <= 0:
+            raise ImtuneError(f"lora_alpha must be > 0, got {self.lora_alpha:g}")
+        if self.merge and not self.lora:
+            raise ImtuneError("merge only applies to LoRA training (add --lora)")
+        if not self.lora_target_modules.strip():
+            raise ImtuneError("lora_target_modules is empty (use all-linear or a comma-separated list)")
+        return self
+
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each process, checked against `global_batch_size`."""
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps or 1
+        if self.global_batch_size % per_pass:
+            raise ImtuneError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                              f"{self.micro_batch_size} x {world_size} process(es)")
+        accum = self.global_batch_size // per_pass
+        if self.gradient_accumulation_steps not in (None, accum):
+            raise ImtuneError(f"gradient_accumulation_steps {self.gradient_accumulation_steps} contradicts "
+                              f"global_batch_size {self.global_batch_size} (which needs {accum} with "
+                              f"micro_batch_size {self.micro_batch_size} x {world_size} process(es))")
+        return accum
+
+
+def _positive(cfg, *names, optional=False):
+    for n in names:
+        v = getattr(cfg, n)
+        if v is None and optional:
+            continue
+        if v is None or v < 1:
+            raise ImtuneError(f"{n} must be a positive integer, got {v}")
+
+
+def _non_negative(cfg, *names):
+    for n in names:
+        if getattr(cfg, n) < 0:
+            raise ImtuneError(f"{n} must be >= 0, got {getattr(cfg, n)}")
+
+
+def _finite(cfg, *names):
+    for n in names:
+        v = getattr(cfg, n)
+        if not math.isfinite(v):
+            raise ImtuneError(f"{n} must be a finite number, got {v}")
+
+
+# ---- types ----------------------------------------------------------------------------------------------------------
+_TYPES: dict[str, tuple[type, bool]] | None = None
+
+
+def _types() -> dict[str, tuple[type, bool]]:
+    """field name -> (base type, optional)."""
+    global _TYPES
+    if _TYPES is None:
+        hints = typing.get_type_hints(TrainConfig)
+        out = {}
+        for name, t in hints.items():
+            args = typing.get_args(t)
+            if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+                base = next(a for a in args if a is not type(None))
+                out[name] = (base, type(None) in args)
+            else:
+                out[name] = (t, False)
+        _TYPES = out
+    return _TYPES
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(name: str, value, spec: tuple[type, bool], source: str = "config"):
+    """Convert a YAML/CLI value to the field's type; PyYAML reads `1e-5` as a string, so numbers in strings count."""
+    base, optional = spec
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ImtuneError(f"{source}: {name} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (list, tuple)) and name == "lora_target_modules":
+                return ",".join(str(v) for v in value)
+            if isinstance(value, (dict, list, tuple)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+        raise ImtuneError(f"{source}: {name} must be {kind}, got {value!r}") from None
+    raise AssertionError(f"unhandled type {base} for {name}")  # pragma: no cover
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per field, spelled like the field (`max_steps` -> `--max-steps`). Defaults are suppressed so a flag
+    that is not given leaves the YAML value (or the dataclass default) alone. `exclude`: fields a caller owns."""
+    spec = _types()
+    for f in fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        base, _ = spec[f.name]
+        default = f.default if f.default is not MISSING else None
+        help_ = f.metadata.get("help", "")
+        if f.name in CHOICES:
+            help_ += f"; one of {', '.join(CHOICES[f.name])}"
+        help_ += f" (default: {default})" if default not in (None, "") else ""
+        help_ = help_.replace("%", "%%")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        if base is bool:
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "resume":
+            p.add_argument(flag(f.name), nargs="?", const="latest", metavar="CHECKPOINT", **kw)
+        else:
+            p.add_argument(flag(f.name), metavar=f.name.upper(), **kw)
+
+
+def config_from_args(args: argparse.Namespace, config_path: str | None = None) -> TrainConfig:
+    base = TrainConfig.from_yaml(config_path).to_dict() if config_path else {}
+    names = {f.name for f in fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    merged = {**base, **overrides}
+    return TrainConfig.from_dict(merged, source="command line" if overrides else (config_path or "config"))

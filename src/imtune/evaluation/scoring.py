@@ -1,0 +1,306 @@
+"""Log-likelihood of continuations given contexts, the way lm-evaluation-harness computes it, with prompt reuse.
+
+`loglikelihood(model, tokenizer, [(context, continuation), ...])` returns `(sum log p(continuation | context),
+is_greedy)` per request, matching lm-eval's `HFLM.loglikelihood` request for request:
+
+* tokenisation: trailing whitespace of the context moves onto the continuation, the concatenation is encoded
+  whole and split at the context's token count (so the boundary tokenises as in running text); an empty context
+  is replaced by a prefix token (BOS, else EOS); no special tokens unless `add_bos` (lm-eval adds BOS only for
+  Gemma, and so do we by default);
+* truncation: context+continuation keeps its last `max_length + 1` tokens;
+* `is_greedy`: every continuation token is the argmax at its position.
+
+Prompt reuse. Multiple-choice tasks ask for the same context with several continuations. Requests whose
+(truncated) context tokens are equal are packed into ONE row: context, then each continuation minus its last
+token, with a 4D attention mask in which every continuation sees the context and itself only, and position ids
+that restart after the context for each continuation. The context is therefore run once per question, and a
+single-token continuation (MMLU's " A".." D") adds nothing to the row at all: its log-prob is read from the
+context's last position, so such a row is an ordinary causal sequence and runs with the model's own mask.
+Logits are computed only at the positions that are scored (`logits_to_keep`), which keeps the vocabulary
+projection small. Packing was chosen over a shared KV cache because it batches rows of different lengths with
+plain right padding and needs no cache copies per choice; bench/eval_scoring.py measures all three ways.
+
+lm-eval, by comparison, reuses a forward pass only when every choice is one token (its Collator groups requests
+by context + continuation[:-1]); for multi-token choices each one re-runs the whole context.
+
+Packing is skipped (one plain causal row per request; `reuse=False` does this for everything) where a custom 4D
+mask would be wrong: flash-attention kernels (they ignore it) and sliding-window models whose packed row is
+longer than the window (the custom mask replaces the model's own sliding mask).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+Request = tuple[str, str]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def prefix_token_id(tokenizer) -> int:
+    """What stands in for an empty context: BOS when the tokenizer has one, else EOS (as lm-eval)."""
+    for tid in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token to stand in for an empty context")
+
+
+def default_add_bos(model) -> bool:
+    """lm-eval's default: plain text without BOS, except for Gemma models, which degrade badly without it."""
+    mtype = str(getattr(getattr(model, "config", None), "model_type", "") or "")
+    return "gemma" in mtype.lower()
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = False) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split the lm-eval way (see the module docstring)."""
+    if context == "":
+        cont = _encode(tokenizer, continuation)
+        return [prefix_token_id(tokenizer)], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    cont = whole[len(ctx):]
+    if add_bos or not ctx:
+        # A whitespace-only context has no tokens left once its spaces move to the continuation; something must
+        # predict the first continuation token.
+        bos = prefix_token_id(tokenizer)
+        if not add_bos or not ctx or ctx[0] != bos:
+            ctx = [bos] + ctx
+    return ctx, cont
+
+
+def max_length_of(model, tokenizer=None, default: int = 2048) -> int:
+    """Longest input, found as lm-eval's HFLM does: the model config's position limit, else the tokenizer's
+    model_max_length (unless it is the 'unset' sentinel), else 2048."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    t = getattr(tokenizer, "model_max_length", None)
+    if isinstance(t, int) and 0 < t < 10**9:
+        return t
+    return default
+
+
+def _keep_supported(model) -> str:
+    """How this model's forward can restrict logits to scored positions: 'mask' (2D bool), 'index', or ''."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return ""
+    if "logits_to_keep" not in params:
+        return ""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (transformers >= 5)
+
+        return "mask"
+    except ImportError:
+        return "index"
+
+
+def _packing_ok(model) -> int | None:
+    """Longest packed row allowed (None: no limit), or 0 when packing is off for this model."""
+    cfg = getattr(model, "config", None)
+    impl = str(getattr(cfg, "_attn_implementation", "") or "")
+    if "flash" in impl or "flex" in impl:
+        return 0
+    cfg = getattr(cfg, "text_config", None) or cfg
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) is not False:
+        return int(window)
+    return None
+
+
+def loglikelihood(model, tokenizer, requests: Sequence[Request], batch_size: int = 16, *, reuse: bool = True,
+                  add_bos: bool | None = None, max_length: int | None = None,
+                  progress: bool = False) -> list[tuple[float, bool]]:
+    """(sum of continuation log-probs, is_greedy) for each (context, continuation), in request order.
+
+    `batch_size` counts rows per forward pass; with `reuse`, a row holds all the requests sharing a context.
+    Rows are processed longest first, so an out-of-memory error shows up on the first batch, not the last.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if not requests:
+        return []
+    if add_bos is None:
+        add_bos = default_add_bos(model)
+    if max_length is None:
+        max_length = max_length_of(model, tokenizer)
+    limit = _packing_ok(model) if reuse else 0
+
+    # 1. Tokenise and truncate like lm-eval; group requests by their (truncated) context tokens.
+    items: list[tuple[tuple[int, ...], list[int]]] = []
+    for context, continuation in requests:
+        ctx, cont = encode_pair(tokenizer, context, continuation, add_bos=add_bos)
+        if len(cont) > max_length:
+            raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {max_length}-token context")
+        whole = (ctx + cont)[-(max_length + 1):]
+        items.append((tuple(whole[:len(whole) - len(cont)]), cont))
+
+    rows: list[tuple[tuple[int, ...], list[int]]] = []  # (context tokens, request indices)
+    if limit == 0:
+        rows = [(items[i][0], [i]) for i in range(len(items))]
+    else:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(items):
+            groups.setdefault(ctx, []).append(i)
+        for ctx, idx in groups.items():
+            packed_len = len(ctx) + sum(max(len(items[i][1]) - 1, 0) for i in idx)
+            if limit is not None and packed_len > limit:
+                rows.extend((ctx, [i]) for i in idx)
+            else:
+                rows.append((ctx, idx))
+
+    def row_len(r):
+        ctx, idx = r
+        return len(ctx) + sum(max(len(items[i][1]) - 1, 0) for i in idx)
+
+    # A row with at most one multi-token continuation is an ordinary causal sequence (context, then that
+    # continuation; single-token continuations add no tokens), so it runs with the model's own causal mask and
+    # fast attention path. Only rows holding several multi-token continuations need the packed 4D mask.
+    def needs_packing(r):
+        return sum(len(items[i][1]) > 1 for i in r[1]) > 1
+
+    batches = []
+    for kind in (True, False):
+        same = sorted((r for r in rows if needs_packing(r) == kind), key=lambda r: (-row_len(r), r[1][0]))
+        cur, total = [], 0
+        for r in same:
+            n = row_len(r)
+            # A new batch also starts when padding would exceed a fifth of the batch: on CPU a padded token costs
+            # as much as a real one, and batching long rows buys little there anyway.
+            if cur and (len(cur) == batch_size or (len(cur) + 1) * row_len(cur[0]) > 1.25 * (total + n)):
+                batches.append((kind, cur))
+                cur, total = [], 0
+            cur.append(r)
+            total += n
+        if cur:
+            batches.append((kind, cur))
+    batches.sort(key=lambda kb: -row_len(kb[1][0]))
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    for i, (_, cont) in enumerate(items):
+        if not cont:
+            results[i] = (0.0, True)
+
+    keep_mode = _keep_supported(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    bar = tqdm(total=len(requests), desc="scoring", unit="req", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for packed, batch in batches:
+                _score_batch(model, batch, items, results, device, dtype, keep_mode, packed=packed)
+                bar.update(sum(len(idx) for _, idx in batch))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]
+
+
+def _score_batch(model, batch, items, results, device, dtype, keep_mode: str, packed: bool) -> None:
+    import torch
+
+    seqs, pos_ids, targets = [], [], []  # targets: per row, list of (request index, [(position, token)])
+    for ctx, idx in batch:
+        tokens, positions = list(ctx), list(range(len(ctx)))
+        row_targets, segments = [], []
+        n = len(ctx)
+        for i in idx:
+            cont = items[i][1]
+            if not cont:
+                continue
+            seg_start = len(tokens)
+            seg = cont[:-1]
+            tokens.extend(seg)
+            positions.extend(range(n, n + len(seg)))
+            segments.append((seg_start, len(seg)))
+            # Token t of the continuation is predicted at the context's last position (t = 0) or at the segment
+            # position holding token t-1.
+            pts = [(n - 1, cont[0])] + [(seg_start + t - 1, cont[t]) for t in range(1, len(cont))]
+            row_targets.append((i, pts))
+        seqs.append((tokens, n, segments))
+        pos_ids.append(positions)
+        targets.append(row_targets)
+
+    if not any(targets):
+        return
+    width = max(len(s[0]) for s in seqs)
+    bsz = len(seqs)
+    input_ids = torch.zeros((bsz, width), dtype=torch.long)
+    keep = torch.zeros((bsz, width), dtype=torch.bool)
+    for b, (tokens, _, _) in enumerate(seqs):
+        input_ids[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        for _, pts in targets[b]:
+            for p, _ in pts:
+                keep[b, p] = True
+
+    kwargs = {}
+    if packed:
+        allowed = torch.zeros((bsz, width, width), dtype=torch.bool)
+        position_ids = torch.zeros((bsz, width), dtype=torch.long)
+        causal = torch.ones((width, width), dtype=torch.bool).tril_()
+        for b, (tokens, n, segments) in enumerate(seqs):
+            position_ids[b, :len(tokens)] = torch.tensor(pos_ids[b], dtype=torch.long)
+            allowed[b, :n, :n] = causal[:n, :n]
+            for s, length in segments:
+                allowed[b, s:s + length, :n] = True
+                allowed[b, s:s + length, s:s + length] = causal[:length, :length]
+            # Padding attends to itself only, so no softmax row is empty (which would give NaN).
+            pad = torch.arange(len(tokens), width)
+            allowed[b, pad, pad] = True
+        mask = torch.zeros((bsz, 1, width, width), dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        kwargs.update(attention_mask=mask.to(device), position_ids=position_ids.to(device))
+    else:
+        attn = torch.zeros((bsz, width), dtype=torch.long)
+        for b, (tokens, _, _) in enumerate(seqs):
+            attn[b, :len(tokens)] = 1
+        kwargs.update(attention_mask=attn.to(device))
+
+    if keep_mode == "mask":
+        kwargs["logits_to_keep"] = keep.to(device)
+    elif keep_mode == "index":
+        cols = keep.any(0).nonzero().flatten()
+        kwargs["logits_to_keep"] = cols.to(device)
+    out = model(input_ids=input_ids.to(device), use_cache=False, **kwargs)
+    logits = out.logits
+
+    # Map each kept (row, position) to its row in the returned logits.
+    if keep_mode == "mask":
+        flat = logits.reshape(-1, logits.shape[-1])
+        where = torch.full((bsz, width), -1, dtype=torch.long)
+        where[keep] = torch.arange(int(keep.sum()))
+
+        def logits_at(b, positions):
+            return flat[where[b, positions].to(flat.device)]
+    elif keep_mode == "index":
+        col_of = torch.full((width,), -1, dtype=torch.long)
+        col_of[cols] = torch.arange(len(cols))
+
+        def logits_at(b, positions):
+            return logits[b, col_of[positions].to(logits.device)]
+    else:
+        def logits_at(b, positions):
+            return logits[b, positions.to(logits.device)]
+
+    for b, row_targets in enumerate(targets):
+        for i, pts in row_targets:
+            positions = torch.tensor([p for p, _ in pts], dtype=torch.long)
+            toks = torch.tensor([t for _, t in pts], dtype=torch.long, device=logits.device)
+            lp = torch.log_softmax(logits_at(b, positions).float(), dim=-1)
+            total = lp.gather(-1, toks[:, None]).sum().item()
+            greedy = bool((lp.argmax(-1) == toks).all().item())
+            results[i] = (float(total), greedy)
