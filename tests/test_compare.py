@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import subprocess
 import time
 
 import numpy as np
@@ -87,8 +86,8 @@ def test_compare_end_to_end_and_resume(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_compare_refuses_other_split_in_same_dir(tiny_dir, tmp_path):
-    from imtune.errors import ImtuneError
     from imtune.compare import make_split
+    from imtune.errors import ImtuneError
 
     out = tmp_path / "c2"
     cfg = _cfg(tiny_dir, tmp_path, out)
