@@ -123,7 +123,7 @@ def test_report_renders_in_headless_chromium(tiny_dir, tmp_path):
     try:
         drv.get((out / "report.html").as_uri())
         v = drv.find_element("id", "verdict")
-        assert v.is_displayed() and ("wins" in v.text or "No held-out" in v.text)
+        assert v.is_displayed() and ("wins" in v.text or "is ahead" in v.text or "No held-out" in v.text)
         assert v.location["y"] < 300, "the verdict opens the report"
         imgs = drv.find_elements("tag name", "img")
         assert len(imgs) >= 2

@@ -278,14 +278,14 @@ def verdict(objectives: list[str], evals: dict[str, dict], advice: dict | None) 
         resolved = all(d["resolved"] for d in others)
         closest = min(objectives[1:], key=lambda o: diffs[o]["mean"])
         d = diffs[closest]
-        headline = (f"{base.upper()} wins: held-out output loss {means[base]:.4f} vs {means[closest]:.4f} for "
+        headline = (f"{base.upper()} {'wins' if resolved else 'is ahead'}: held-out output loss {means[base]:.4f} vs {means[closest]:.4f} for "
                     f"{closest} ({closest} − {base} = {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
                     f"{d['ci95'][1]:+.4f}]; " + ("the interval excludes 0)." if d["resolved"] else
                                                  "the interval includes 0: not resolved at this size)."))
     else:
         d = diffs[winner]
         resolved = d["resolved"]
-        headline = (f"{winner.upper()} wins: held-out output loss {means[winner]:.4f} vs {means[base]:.4f} for "
+        headline = (f"{winner.upper()} {'wins' if resolved else 'is ahead'}: held-out output loss {means[winner]:.4f} vs {means[base]:.4f} for "
                     f"{base} ({winner} − {base} = {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
                     f"{d['ci95'][1]:+.4f}]; " + ("the interval excludes 0)." if resolved else
                                                  "the interval includes 0: not resolved at this size)."))
