@@ -148,3 +148,21 @@ def test_report_renders_in_headless_chromium(tiny_dir, tmp_path):
         assert (crop < 128).mean() > 0.005, "no dark strokes (axes, lines, text) in the plot"
     finally:
         drv.quit()
+
+
+def test_common_training_set_removes_examples_some_objective_cannot_train(tiny_dir, tmp_path):
+    from imtune.compare import common_training_set
+    from imtune.config import TrainConfig
+    from imtune.models import load_tokenizer
+
+    rows = [{"id": "short", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"id": "long", "messages": [{"role": "user", "content": LONG_PROMPT * 3},
+                                        {"role": "assistant", "content": "ok"}]}]
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tcfg = TrainConfig(data=str(p), out=str(tmp_path / "o"), max_length=64, template="chatml")
+    tok = load_tokenizer(str(tiny_dir))
+    common, n = common_training_set(p, tok, ["it", "im"], tcfg)
+    assert n == 1 and [json.loads(line)["id"] for line in common.read_text().splitlines()] == ["short"]
+    same, none = common_training_set(p, tok, ["im", "im-all"], tcfg)
+    assert none is None and same == p

@@ -161,6 +161,29 @@ def train_run(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path, ou
     return run_dir
 
 
+def common_training_set(train_p: Path, tokenizer, objectives, tcfg) -> tuple[Path, int | None]:
+    """Examples every objective can train on. Truncation can leave an example with no weighted token under `it`
+    (its output cut away) but not under `im`; training IT and IM on different example sets would confound the
+    comparison, so such examples are removed for all runs. Returns the path to train on and the kept count (None
+    when nothing was removed)."""
+    from .encoding import encode_with_report
+
+    recs = _records(train_p)
+    dropped: set[str] = set()
+    for o in objectives:
+        _, rep = encode_with_report(recs, tokenizer, o, tcfg.template, tcfg.max_length, tcfg.truncation_side)
+        dropped.update(rep.dropped_no_weight)
+    if not dropped:
+        return train_p, None
+    kept = [r for r in recs if r.id not in dropped]
+    if not kept:
+        raise ImtuneError(f"no training example keeps a weighted token under every objective at max length "
+                          f"{tcfg.max_length}; raise --max-length")
+    common = train_p.with_name("train_common.jsonl")
+    atomic_write_jsonl(common, (r.to_dict() for r in kept))
+    return common, len(kept)
+
+
 # ---- evaluation --------------------------------------------------------------------------------------------------
 
 def _cached(path: Path, params: dict, compute):
@@ -323,6 +346,11 @@ def run_compare(cfg: CompareConfig) -> dict:
     atomic_write_json(out / "advice.json", {"advice": adv.to_dict(), "stats": stats})
     _log(f"advisor: recommends {adv.recommendation} ({adv.confidence}); predicted {adv.predicted_im_minus_it}")
 
+    train_p, n_common = common_training_set(train_p, tok, objectives, tcfg0)
+    if n_common is not None:
+        split = {**split, "n_train_common": n_common}
+        _log(f"{split['n_train'] - n_common} training example(s) keep no weighted token under some objective "
+             f"(truncation at {tcfg0.max_length}); every run trains on the {n_common} that all objectives keep")
     runs = {o: train_run(cfg, o, train_p, val_p, out) for o in objectives}
     evals = {}
     _log("evaluating the starting model (held-out loss only)")
