@@ -54,7 +54,7 @@ def main() -> None:
     write_findings(Path(args.out), args)
 
 
-def write_findings(root: Path, args) -> None:
+def write_findings(root: Path, args, notes: str = "") -> None:
     import torch
     import transformers
 
@@ -70,7 +70,7 @@ def write_findings(root: Path, args) -> None:
         mem = {o: r["runs"][o]["evals"].get("memorisation", {}).get("sentence_bleu_mean") for o in ("it", "im")}
         paper_dir = gap["im"] is not None and gap["it"] is not None and gap["im"] < gap["it"]
         rows.append(
-            f"| {name} | {r['split']['n_train']} / {r['split']['n_heldout']} | {a['ratio']:.2f} | "
+            f"| {name} | {r['split'].get('n_train_common', r['split']['n_train'])} / {d['n']} | {a['ratio']:.2f} | "
             f"`{a['recommendation']}` ({a['predicted_im_minus_it']}) | {d['mean']:+.4f} "
             f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] | {v['heldout_loss_mean']['it']:.4f} / "
             f"{v['heldout_loss_mean']['im']:.4f} | {gap['it']:+.4f} / {gap['im']:+.4f} | "
@@ -83,7 +83,7 @@ Measured with `python bench/findings.py` (`imtune compare`, objectives `it,im`) 
 tulu template, seed 42. Each row is one dataset: a random held-out split, then {args.n_train} training examples.
 Full reports: `runs/findings/<dataset>/report.html` (not committed; rerun the script to regenerate).
 
-| dataset | train / held-out | instr/output ratio | advisor (prediction) | held-out loss IM − IT [95% CI] | held-out loss IT / IM | gap held-out − train, IT / IM | IM overfits less (smaller gap)? | memorisation BLEU IT / IM |
+| dataset | train / held-out scored | instr/output ratio | advisor (prediction) | held-out loss IM − IT [95% CI] | held-out loss IT / IM | gap held-out − train, IT / IM | IM overfits less (smaller gap)? | memorisation BLEU IT / IM |
 |---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + """
 
@@ -93,7 +93,7 @@ over the same held-out examples (an interval containing 0 is not resolved at thi
 train output loss: the paper's mechanism is that IM has the higher train loss and the smaller gap (less
 overfitting). Memorisation BLEU compares greedy generations on training prompts with the training outputs.
 
-Caveats: a 135M model, tens of examples, a few minutes of CPU training per run — far from the paper's
+""" + notes + """Caveats: a 135M model, tens of examples, a few minutes of CPU training per run — far from the paper's
 LLaMA-2-7B/13B with thousands of examples and an LLM judge. Treat these rows as a check of direction, not of size.
 """
     (ROOT / "docs" / "FINDINGS.md").write_text(text)
