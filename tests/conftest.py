@@ -49,3 +49,22 @@ def data_file(name: str) -> Path:
         if p.exists():
             return p
     pytest.skip(f"data file {name} not available")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls gain nothing from a second thread; spinning OpenMP threads crawl on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir, one_torch_thread):
+    """The tiny model in eval mode (a module may override this fixture with its own)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()

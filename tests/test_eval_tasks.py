@@ -13,18 +13,6 @@ from imtune.cli import main
 from imtune.evaluation import tasks as T
 from imtune.evaluation.scoring import encode_pair, loglikelihood
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    # One thread: the tiny model gains nothing from more, and spinning OpenMP threads crawl on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------ loaders
 
 @pytest.mark.parametrize("name,rows", [("arc_easy", 2376), ("arc_challenge", 1172), ("piqa", 1838),

@@ -1,6 +1,5 @@
 """generate_texts: batching with left padding keeps results and order, stop strings, EOS/end-of-turn, seeding."""
 
-import pytest
 import torch
 
 from imtune.generation import generate_texts, stop_token_ids, truncate_at_stop
@@ -8,15 +7,6 @@ from imtune.generation import generate_texts, stop_token_ids, truncate_at_stop
 PROMPTS = ["The quick brown fox", "Hi", "", "Write a poem about the sea. Explain why the sky is blue.", "def add(a, b):"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    # One thread: the tiny model gains nothing from more, and spinning OpenMP threads crawl on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
-    torch.set_num_threads(threads)
 
 
 def test_batched_equals_one_by_one_and_keeps_order(tiny_model, tiny_tok):
