@@ -9,10 +9,7 @@ i from tokens < i, so `weights[0]` is always 0.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +19,7 @@ from .errors import ImtuneError, InputError
 from .fast_tokenize import TokenBatch, fast_encoder
 from .objectives import Objective, parse_objective
 from .templates import ASSISTANT, EOS, SEGMENTS, Rendered, render, resolve_template
+from .threads import ForkSafePool
 
 
 class Encoded:
@@ -100,7 +98,7 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective="im
         for add_special in (False, True):
             idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
             if idx:
-                jobs.append((idx, _pipeline().submit(tokenize, [rendered[i].text for i in idx], add_special)))
+                jobs.append((idx, _PIPELINE.get().submit(tokenize, [rendered[i].text for i in idx], add_special)))
         return b0, batch, rendered, jobs
 
     def finish(b0, batch, rendered, jobs):
@@ -136,25 +134,7 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective="im
 
 
 _PIPELINE_CHUNK = 256
-_PIPE: ThreadPoolExecutor | None = None
-_PIPE_LOCK = threading.Lock()
-
-
-def _pipeline() -> ThreadPoolExecutor:
-    global _PIPE
-    with _PIPE_LOCK:
-        if _PIPE is None:
-            _PIPE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imtune-encode")
-        return _PIPE
-
-
-def _reset_pipeline_in_child():
-    global _PIPE, _PIPE_LOCK
-    _PIPE, _PIPE_LOCK = None, threading.Lock()  # a forked child has none of the parent's threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pipeline_in_child)
+_PIPELINE = ForkSafePool(1, "imtune-encode")
 
 
 def _render_checked(conv: Conversation, tokenizer, tpl: str) -> Rendered:

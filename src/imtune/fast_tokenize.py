@@ -50,11 +50,12 @@ import hashlib
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .threads import ForkSafePool
 
 ALGO_VERSION = "1"
 SENTINEL = "\x1e"
@@ -349,24 +350,16 @@ def _code_points(B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lead, cp
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL = ForkSafePool(8, "imtune-tok")
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="imtune-tok")
-        return _POOL
-
-
-def _reset_pool_in_child():
-    global _POOL, _LOCK
-    _POOL, _LOCK = None, threading.RLock()  # a forked child has none of the parent's threads
+def _reset_lock_in_child():
+    global _LOCK
+    _LOCK = threading.RLock()  # a lock held by a parent thread at fork time would never be released in the child
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pool_in_child)
+    os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 
 def default_threads() -> int:
@@ -709,7 +702,7 @@ class FastBPE:
             cuts.append(p)
         cuts.append(len(text))
         chunks = [text[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
-        outs = list(_pool().map(lambda s: enc.encode_to_numpy(s, allowed_special=allowed, disallowed_special=()),
+        outs = list(_POOL.get().map(lambda s: enc.encode_to_numpy(s, allowed_special=allowed, disallowed_special=()),
                                 chunks))
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
