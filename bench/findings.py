@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated dataset names to run")
     args = ap.parse_args()
 
-    from imtune.cli import main as cli
+    from imtune.cli.main import main as cli
 
     names = args.only.split(",") if args.only else list(SETS)
     for name in names:

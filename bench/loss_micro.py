@@ -1,4 +1,4 @@
-"""Micro-benchmark: forward+backward of HF's full-logits loss vs `imtune.loss.weighted_loss_sum`.
+"""Micro-benchmark: forward+backward of HF's full-logits loss vs `imtune.training.loss.weighted_loss_sum`.
 
     .venv/bin/python bench/loss_micro.py [--batch 8] [--seq 512] [--threads 2] [--repeats 2]
 
@@ -64,7 +64,7 @@ def run_case(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from imtune.loss import weighted_loss_sum
+    from imtune.training.loss import weighted_loss_sum
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, name = load(args.dtype)

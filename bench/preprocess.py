@@ -102,9 +102,9 @@ def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import reference_open_instruct as ref
 
-    from imtune import fast_tokenize as ft
-    from imtune.data_loading import load_records
-    from imtune.encoding import encode
+    from imtune.masking import fast_tokenize as ft
+    from imtune.records.loading import load_records
+    from imtune.masking.encoding import encode
 
     records = load_records(args.data, skip_invalid=True)[: args.limit]
     examples = [ref.to_example(c) for c in records]

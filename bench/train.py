@@ -53,7 +53,7 @@ def peak_rss_mb() -> float:
 
 
 def lima_records():
-    from imtune.data_loading import load_records
+    from imtune.records.loading import load_records
 
     return load_records(LIMA)[:N_EXAMPLES]
 
@@ -85,7 +85,7 @@ def run_trl(objective: str, steps: int, tmp: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from imtune.models import load_tokenizer, resolve_model
-    from imtune.templates import ASSISTANT, render
+    from imtune.masking.templates import ASSISTANT, render
 
     path = resolve_model("smollm2-135m")
     tok = load_tokenizer("smollm2-135m")
@@ -135,9 +135,9 @@ def check_loss() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from imtune.batching import collate
-    from imtune.encoding import encode
-    from imtune.loss import weighted_loss_sum
+    from imtune.training.batching import collate
+    from imtune.masking.encoding import encode
+    from imtune.training.loss import weighted_loss_sum
     from imtune.models import load_model, load_tokenizer
 
     tok = load_tokenizer("smollm2-135m")

@@ -15,7 +15,7 @@ BUNDLED = ROOT / "src" / "imtune" / "data"
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Directory with a tiny random Llama + byte-level BPE tokenizer (chatml chat template)."""
-    from imtune.testing import make_tiny_model
+    from tests.tiny import make_tiny_model
 
     d = tmp_path_factory.mktemp("tiny")
     make_tiny_model(d)

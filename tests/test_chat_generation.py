@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from imtune.cli import main
-from imtune.conversation import Conversation
+from imtune.cli.main import main
+from imtune.records.conversation import Conversation
 from imtune.errors import ImtuneError
 from imtune.evaluation import chat_generation
 from imtune.evaluation.chat_generation import generate_chat, split_last_turn, stop_strings
-from imtune.templates import render_prompt
+from imtune.masking.templates import render_prompt
 
 PROMPTS = [
     [{"role": "user", "content": "Write a poem about the sea."}],
@@ -57,7 +57,7 @@ def test_prompts_and_stops_passed_to_generate_texts(tiny_model, tiny_tok, monkey
         seen.update(prompts=prompts, **kw)
         return ["  Hello there.\n<|user|>\nmore", "Bye</s>", "\n"]
 
-    monkeypatch.setattr("imtune.generation.generate_texts", fake)
+    monkeypatch.setattr("imtune.evaluation.generation.generate_texts", fake)
     out = generate_chat(tiny_model, tiny_tok, PROMPTS, template="tulu", max_new_tokens=7, progress=False)
     assert out == ["Hello there.", "Bye</s>", ""]
     assert seen["prompts"] == [render_prompt(p, tiny_tok, "tulu") for p in PROMPTS]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from imtune.cli import build_parser, main
+from imtune.cli.main import build_parser, main
 
 from .conftest import data_file
 
@@ -59,7 +59,7 @@ def test_advise_recommends_im_for_instruction_heavy_small_data(tiny_dir, small_d
 
 
 def test_advise_rules():
-    from imtune.advise import advise_from_stats
+    from imtune.analysis.advise import advise_from_stats
 
     def st(ratio, n):
         return {"instruction_output_ratio": ratio, "examples": n, "instruction_tokens": {"mean": ratio * 100,
@@ -82,7 +82,7 @@ def test_bad_input_one_line_exit_2(tiny_dir, small_data, tmp_path, argv, needle)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(MSGS[0]) + "\n{nope\n")
     argv = [{"BAD": str(bad), "GOOD": str(small_data)}.get(a, a) for a in argv] + ["--model", str(tiny_dir)]
-    r = subprocess.run([sys.executable, "-m", "imtune.cli", *argv], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "imtune.cli.main", *argv], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr

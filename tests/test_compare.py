@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from imtune.compare import CompareConfig, paired_difference, run_compare, verdict
+from imtune.analysis.compare import CompareConfig, paired_difference, run_compare, verdict
 
 LONG_PROMPT = "Please read the following passage carefully and answer the question about it. " * 3
 
@@ -86,7 +86,7 @@ def test_compare_end_to_end_and_resume(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_compare_refuses_other_split_in_same_dir(tiny_dir, tmp_path):
-    from imtune.compare import make_split
+    from imtune.analysis.compare import make_split
     from imtune.errors import ImtuneError
 
     out = tmp_path / "c2"
@@ -151,7 +151,7 @@ def test_report_renders_in_headless_chromium(tiny_dir, tmp_path):
 
 
 def test_common_training_set_removes_examples_some_objective_cannot_train(tiny_dir, tmp_path):
-    from imtune.compare import common_training_set
+    from imtune.analysis.compare import common_training_set
     from imtune.config import TrainConfig
     from imtune.models import load_tokenizer
 

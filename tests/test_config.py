@@ -5,13 +5,13 @@ from dataclasses import fields
 
 import pytest
 
-from imtune.commands.train import packaged_configs
+from imtune.cli.train import packaged_configs
 from imtune.config import TrainConfig, add_config_arguments, config_from_args, flag
 from imtune.errors import ImtuneError
 
 
 def parse(argv):
-    from imtune.cli import build_parser
+    from imtune.cli.main import build_parser
 
     return build_parser().parse_args(["train", *argv])
 
@@ -110,7 +110,7 @@ def test_resume_flag_forms():
 
 
 def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
-    from imtune.cli import main
+    from imtune.cli.main import main
 
     out = tmp_path / "o"
     rc = main(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out), "--model", "x"])
@@ -127,7 +127,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
 
 
 def test_config_argument_accepts_packaged_names(tmp_path):
-    from imtune.commands.train import resolve_config_path
+    from imtune.cli.train import resolve_config_path
 
     assert resolve_config_path("cpu_small").name == "cpu_small.yaml"
     with pytest.raises(ImtuneError, match="packaged: .*paper_llama2_7b"):

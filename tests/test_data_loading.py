@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from imtune.data_loading import load_dataset, load_records
+from imtune.records.loading import load_dataset, load_records
 from imtune.errors import InputError
 
 from .conftest import data_file

@@ -43,7 +43,7 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
     # --multi_gpu goes through torchrun, and imtune's Accelerator(cpu=True) on a GPU-less machine makes it gloo.
     cmd = [str(launcher) if launcher.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(29500 + os.getpid() % 1000), "-m", "imtune.cli", "train", *common, "--out", str(tmp_path / "two")]
+           str(29500 + os.getpid() % 1000), "-m", "imtune.cli.main", "train", *common, "--out", str(tmp_path / "two")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 process(es)" in p.stderr

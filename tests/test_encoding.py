@@ -5,10 +5,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imtune.conversation import Conversation, Message
-from imtune.encoding import encode, encode_with_report
-from imtune.objectives import parse_objective
-from imtune.templates import render
+from imtune.records.conversation import Conversation, Message
+from imtune.masking.encoding import encode, encode_with_report
+from imtune.masking.objectives import parse_objective
+from imtune.masking.templates import render
 
 from .conftest import data_file
 
@@ -160,7 +160,7 @@ def test_objective_parsing():
 @pytest.mark.parametrize("name", ["lima.jsonl", "alpagasus_dolly_3k.jsonl"])
 @pytest.mark.parametrize("template", ["tulu", "tokenizer"])
 def test_real_tokenizer_on_real_data(smol_tok, name, template):
-    from imtune.data_loading import load_records
+    from imtune.records.loading import load_records
 
     recs = load_records(data_file(name))[:200]
     it = encode(recs, smol_tok, "it", template, max_length=None, keep_empty=True)

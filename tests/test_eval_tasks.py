@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from imtune.cli import main
+from imtune.cli.main import main
 from imtune.evaluation import tasks as T
 from imtune.evaluation.scoring import encode_pair, loglikelihood
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imtune import fast_tokenize as ft
-from imtune.conversation import Conversation, Message
-from imtune.encoding import encode, encode_with_report, hf_token_batch, token_segments
-from imtune.objectives import parse_objective
-from imtune.templates import render
+from imtune.masking import fast_tokenize as ft
+from imtune.records.conversation import Conversation, Message
+from imtune.masking.encoding import encode, encode_with_report, hf_token_batch, token_segments
+from imtune.masking.objectives import parse_objective
+from imtune.masking.templates import render
 
 from .conftest import data_file
 
@@ -237,7 +237,7 @@ def test_threads_and_long_texts(smol):
 
 
 def _records(name):
-    from imtune.data_loading import load_records
+    from imtune.records.loading import load_records
 
     return load_records(data_file(name), skip_invalid=True)
 

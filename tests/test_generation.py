@@ -2,7 +2,7 @@
 
 import torch
 
-from imtune.generation import generate_texts, stop_token_ids, truncate_at_stop
+from imtune.evaluation.generation import generate_texts, stop_token_ids, truncate_at_stop
 
 PROMPTS = ["The quick brown fox", "Hi", "", "Write a poem about the sea. Explain why the sky is blue.", "def add(a, b):"]
 

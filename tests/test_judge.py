@@ -9,9 +9,9 @@ import time
 import pytest
 
 from imtune.errors import ImtuneError, InputError
-from imtune.evaluation import alpaca_eval as ae
-from imtune.evaluation import mt_bench as mb
-from imtune.evaluation.judge_client import KEY_MESSAGE, JudgeClient, chat_url
+from imtune.evaluation.judge import alpaca_eval as ae
+from imtune.evaluation.judge import mt_bench as mb
+from imtune.evaluation.judge.client import KEY_MESSAGE, JudgeClient, chat_url
 
 try:
     from .judge_server import MARKER, JudgeServer, always_first
@@ -308,7 +308,7 @@ def test_mt_bench_answers_file(tmp_path):
 
 
 def test_cli_alpaca_eval_end_to_end(server, tmp_path, capsys):
-    from imtune.cli import main
+    from imtune.cli.main import main
 
     instr = ae.alpaca_eval_instructions(4)
     outs = tmp_path / "model_outputs.jsonl"
@@ -330,7 +330,7 @@ def test_cli_alpaca_eval_end_to_end(server, tmp_path, capsys):
 
 
 def test_cli_mt_bench_end_to_end(server, tmp_path, capsys):
-    from imtune.cli import main
+    from imtune.cli.main import main
 
     ans = tmp_path / "answers.jsonl"
     ans.write_text("".join(json.dumps({"question_id": q["question_id"], "turns": ["a1", "a2"]}) + "\n"
@@ -345,7 +345,7 @@ def test_cli_mt_bench_end_to_end(server, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(server, tmp_path, capsys):
-    from imtune.cli import main
+    from imtune.cli.main import main
 
     server.api_key = "secret"
     outs = tmp_path / "o.jsonl"
@@ -362,7 +362,7 @@ def test_cli_errors_are_one_line(server, tmp_path, capsys):
 
 @pytest.mark.slow  # builds the tiny torch model (shared with other test files); ~10 s on its own
 def test_cli_generates_with_model_then_judges(server, tmp_path, tiny_dir):
-    from imtune.cli import main
+    from imtune.cli.main import main
 
     out_dir = tmp_path / "gen"
     common = ["--judge-base-url", server.base_url, "--judge-model", "judge-1", "--limit", "2",

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imtune import loss as L
-from imtune.batching import collate, pack
-from imtune.loss import neftune_hook, reference_weighted_ce, weighted_loss_sum
+from imtune.training import loss as L
+from imtune.training.batching import collate, pack
+from imtune.training.loss import neftune_hook, reference_weighted_ce, weighted_loss_sum
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -210,7 +210,7 @@ def test_unknown_logit_postprocessing_is_refused(model, monkeypatch):
 
 def test_end_to_end_with_encode(model, tiny_tok):
     from imtune import encode
-    from imtune.conversation import Conversation
+    from imtune.records.conversation import Conversation
 
     convs = [Conversation.from_messages([{"role": "user", "content": "What is 2 + 2?"},
                                          {"role": "assistant", "content": "The answer is 4."}], id=str(i))

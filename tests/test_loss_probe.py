@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from imtune.cli import main
-from imtune.conversation import Conversation
-from imtune.encoding import encode
+from imtune.cli.main import main
+from imtune.records.conversation import Conversation
+from imtune.masking.encoding import encode
 from imtune.evaluation import loss_probe
 from imtune.evaluation.loss_probe import (
     default_template,
@@ -131,7 +131,7 @@ def test_summary_path():
 
 
 def test_plots_write_png_and_svg(tmp_path):
-    from imtune import plots
+    from imtune.analysis import plots
 
     rng = np.random.default_rng(0)
     series = {"IT train": rng.normal(1, .3, 50), "IT held-out": rng.normal(2, .3, 50), "IM train": [1.2, 1.4],

@@ -3,7 +3,7 @@ import json
 import pytest
 import sacrebleu
 
-from imtune.cli import main
+from imtune.cli.main import main
 from imtune.errors import ImtuneError, InputError
 from imtune.evaluation.memorisation import memorisation_scores, read_generations
 

@@ -26,7 +26,7 @@ from imtune.models import (
     parse_dtype,
     resolve_model,
 )
-from imtune.testing import make_tiny_model
+from tests.tiny import make_tiny_model
 
 
 @pytest.fixture

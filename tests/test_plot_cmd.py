@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from imtune.cli import main
+from imtune.cli.main import main
 
 
 def test_plot_command_overlays_loss_files(tmp_path, capsys):
@@ -21,5 +21,5 @@ def test_plot_command_overlays_loss_files(tmp_path, capsys):
 def test_plot_command_bad_row(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"loss": 1.0}) + "\n" + json.dumps({"loss": "x"}) + "\n")
-    r = subprocess.run([sys.executable, "-m", "imtune.cli", "plot", str(p)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "imtune.cli.main", "plot", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "bad.jsonl:2: field 'loss' not a number (str)" in r.stderr

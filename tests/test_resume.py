@@ -17,7 +17,7 @@ from imtune.errors import ImtuneError
 # dir but before trainer_state.json marks it complete: the worst moment for atomicity.
 DRIVER = textwrap.dedent("""
     import json, os, signal, sys
-    import imtune, imtune.checkpointing as ck
+    import imtune, imtune.training.checkpointing as ck
 
     kill_at = int(sys.argv[2])
     real = ck.write_state

@@ -8,7 +8,7 @@ import torch
 
 import imtune
 from imtune.errors import ImtuneError
-from imtune.training import CHAT_TEMPLATES, lr_lambda
+from imtune.training.recipe import CHAT_TEMPLATES, lr_lambda
 
 
 def write_data(path, n=8, seed=0):
@@ -70,9 +70,9 @@ def test_tokens_normalisation_divides_by_nonzero_count(tiny_dir, data, tmp_path)
 def test_outputs_load_and_describe_the_run(tiny_dir, data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from imtune.cli import main
-    from imtune.conversation import Conversation
-    from imtune.templates import render
+    from imtune.cli.main import main
+    from imtune.records.conversation import Conversation
+    from imtune.masking.templates import render
 
     out = tmp_path / "run"
     rc = main(["train", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--template", "tulu",
@@ -115,8 +115,8 @@ def test_outputs_load_and_describe_the_run(tiny_dir, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("template", ["chatml", "alpaca"])
 def test_saved_chat_template_matches_training_render(tiny_tok, template):
-    from imtune.conversation import Conversation
-    from imtune.templates import render
+    from imtune.records.conversation import Conversation
+    from imtune.masking.templates import render
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
             {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
@@ -164,7 +164,7 @@ def test_packing_with_neftune(tiny_dir, data, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tiny_dir, data, tmp_path, monkeypatch):
-    import imtune.loss as loss_mod
+    import imtune.training.loss as loss_mod
 
     real = loss_mod.weighted_loss_sum
     calls = {"n": 0}

@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import ImtuneError
+from imtune.errors import ImtuneError
 
 CHOICES = {
     "data_format": ("messages", "sharegpt", "alpaca", "prompt_completion"),
@@ -149,7 +149,7 @@ class TrainConfig:
     # ---- validation ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Raise `ImtuneError` (one line) for the first bad value; returns self for chaining."""
-        from .objectives import parse_objective
+        from imtune.masking.objectives import parse_objective
 
         for name, allowed in CHOICES.items():
             v = getattr(self, name)

@@ -34,7 +34,7 @@ def atomic_write_jsonl(path: str | Path, rows) -> Path:
 def read_jsonl_rows(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None,
                     what: str = "rows") -> list[dict]:
     """JSON objects of a JSONL file, each checked for `required` fields/types; errors name the file and line."""
-    from .errors import InputError
+    from imtune.errors import InputError
 
     path = Path(path)
     if not path.is_file():

@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import ImtuneError
+from imtune.errors import ImtuneError
 
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..conversation import Conversation
-from ..errors import ImtuneError
-from .loss_probe import default_template, model_ref_of
+from imtune.records.conversation import Conversation
+from imtune.errors import ImtuneError
+from imtune.evaluation.loss_probe import default_template, model_ref_of
 
 
 def stop_strings(template: str, tokenizer) -> list[str]:
@@ -26,7 +26,7 @@ def stop_strings(template: str, tokenizer) -> list[str]:
     elif template == "alpaca":
         stops = [eos, "\n### Instruction:", "### Instruction:"]
     elif template in ("tokenizer", "chat_template", "auto"):
-        from ..templates import END_OF_TURN
+        from imtune.masking.templates import END_OF_TURN
 
         chat = getattr(tokenizer, "chat_template", None) or ""
         if isinstance(chat, dict):
@@ -64,8 +64,8 @@ def generate_chat(model, tokenizer, conversations: Sequence, *, template: str | 
     `template=None` picks the model's training template (see module doc). Replies are cut at the template's stop
     strings and stripped of surrounding whitespace. Greedy unless `do_sample`.
     """
-    from ..generation import generate_texts, truncate_at_stop
-    from ..templates import render_prompt, resolve_template
+    from imtune.evaluation.generation import generate_texts, truncate_at_stop
+    from imtune.masking.templates import render_prompt, resolve_template
 
     tpl = resolve_template(default_template(model_ref_of(model), template), tokenizer)
     prompts = []

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..conversation import Conversation
-from ..errors import ImtuneError
+from imtune.records.conversation import Conversation
+from imtune.errors import ImtuneError
 
 DEFAULT_TEMPLATE = "tulu"
 CONFIG_NAME = "imtune_config.yaml"
@@ -103,8 +103,8 @@ def per_example_loss_with_report(model, tokenizer, records, *, objective="it", t
     import torch
     from tqdm.auto import tqdm
 
-    from ..encoding import encode_with_report
-    from ..objectives import parse_objective
+    from imtune.masking.encoding import encode_with_report
+    from imtune.masking.objectives import parse_objective
 
     if batch_size < 1:
         raise ImtuneError("batch_size must be at least 1")

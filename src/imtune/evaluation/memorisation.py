@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ImtuneError
-from .loss_probe import bootstrap_mean_ci
+from imtune.errors import ImtuneError
+from imtune.evaluation.loss_probe import bootstrap_mean_ci
 
 
 def memorisation_scores(outputs: Sequence[str], references: Sequence[str]) -> dict:
@@ -67,7 +67,7 @@ def summary_of(scores: dict) -> dict:
 
 def read_generations(path: str | Path) -> list[dict]:
     """Rows of a generations JSONL (as written by `imtune generate`): each needs string `output` and `reference`."""
-    from ..io_utils import read_jsonl_rows
+    from imtune.io_utils import read_jsonl_rows
 
     rows = read_jsonl_rows(path, {"output": str, "reference": str}, what="generations")
     for i, row in enumerate(rows):

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ImtuneError
+from imtune.errors import ImtuneError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eval"
 
@@ -633,7 +633,7 @@ def _summarise(per_doc: dict[str, list[float]], groups: list[str] | None = None)
 
 
 def _run_mc(model, tokenizer, spec, docs: list[MCDoc], opts) -> tuple[dict, dict, dict, list]:
-    from .scoring import loglikelihood
+    from imtune.evaluation.scoring import loglikelihood
 
     requests, spans = [], []
     for d in docs:
@@ -667,7 +667,7 @@ def _run_mc(model, tokenizer, spec, docs: list[MCDoc], opts) -> tuple[dict, dict
 
 
 def _run_lambada(model, tokenizer, spec, rows: list[dict], opts):
-    from .scoring import loglikelihood
+    from imtune.evaluation.scoring import loglikelihood
 
     out = loglikelihood(model, tokenizer, [(r["context"], " " + r["continuation"]) for r in rows],
                         batch_size=opts["batch_size"], reuse=opts["reuse"], progress=opts["progress"])
@@ -681,8 +681,8 @@ def _run_lambada(model, tokenizer, spec, rows: list[dict], opts):
 
 
 def _run_generate(model, tokenizer, spec, docs: list[GenDoc], opts):
-    from ..generation import generate_texts
-    from .scoring import default_add_bos
+    from imtune.evaluation.generation import generate_texts
+    from imtune.evaluation.scoring import default_add_bos
 
     max_new, stop = GEN_SETTINGS[spec.name]
     if opts["max_new_tokens"] is not None:
@@ -713,9 +713,9 @@ def _run_generate(model, tokenizer, spec, docs: list[GenDoc], opts):
 
 
 def _run_humaneval(model, tokenizer, spec, docs: list[GenDoc], opts):
-    from ..generation import generate_texts
-    from .sandbox import run_programs
-    from .scoring import default_add_bos
+    from imtune.evaluation.generation import generate_texts
+    from imtune.evaluation.sandbox import run_programs
+    from imtune.evaluation.scoring import default_add_bos
 
     n = max(1, int(opts["n_samples"]))
     max_new, stop = GEN_SETTINGS["humaneval"]

@@ -1,0 +1,408 @@
+"""`imtune compare`: train one model per objective on identical data, evaluate each, and report the verdict.
+
+Flow (each step cached under the output directory, so a rerun reuses finished work):
+    split (data/train.jsonl, data/heldout.jsonl) → advise → train one run per objective (same seed, data order and
+    hyper-parameters; interrupted runs resume) → evaluate (held-out and train output loss per example, memorisation
+    BLEU, optional benchmarks) → results.json → report.md / report.html + plots.
+
+The verdict rests on paired per-example differences of held-out output loss (the same held-out examples are scored
+by every model), with a bootstrap 95% interval; a difference whose interval contains 0 is reported as not resolved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imtune.errors import ImtuneError
+from imtune.io_utils import atomic_write_json, atomic_write_jsonl
+
+N_BOOT = 2000
+BOOT_SEED = 1234
+
+
+@dataclass
+class CompareConfig:
+    data: str
+    out: str
+    model: str = "smollm2-135m"
+    objectives: tuple[str, ...] = ("it", "im")
+    val_data: str | None = None
+    val_fraction: float = 0.1
+    n_train: int | None = None  # subsample the training split (after the held-out split) for quick runs
+    n_val: int | None = None
+    seed: int = 42
+    evals: tuple[str, ...] = ("loss", "memorisation")  # plus benchmark task names
+    eval_limit: int | None = 50  # per benchmark task
+    memorisation_n: int = 32
+    max_new_tokens: int = 128
+    eval_batch_size: int = 8
+    train_overrides: dict = field(default_factory=dict)  # any TrainConfig field
+    data_format: str | None = None
+    skip_invalid: bool = False
+    progress: bool = True
+
+    def validate(self) -> CompareConfig:
+        from imtune.masking.objectives import parse_objective
+
+        if len(self.objectives) < 2:
+            raise ImtuneError("--objectives needs at least two objectives to compare, e.g. it,im")
+        specs = [parse_objective(o).spec for o in self.objectives]
+        if len(set(specs)) != len(specs):
+            raise ImtuneError(f"--objectives has duplicates: {','.join(specs)}")
+        if not 0 < self.val_fraction < 1 and not self.val_data:
+            raise ImtuneError("--val-fraction must be in (0, 1)")
+        for name in ("n_train", "n_val", "eval_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ImtuneError(f"--{name.replace('_', '-')} must be at least 1")
+        return self
+
+
+def slug(objective: str) -> str:
+    return objective.replace(":", "_").replace("@", "-")
+
+
+def _log(msg: str) -> None:
+    print(f"[imtune compare] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- split -------------------------------------------------------------------------------------------------------
+
+def make_split(cfg: CompareConfig, out: Path) -> tuple[Path, Path, dict]:
+    """Deterministic train/held-out split written once; a rerun with other split settings is refused."""
+    from imtune.records.loading import load_dataset
+
+    spec = {"data": str(Path(cfg.data).resolve()), "val_data": cfg.val_data and str(Path(cfg.val_data).resolve()),
+            "val_fraction": cfg.val_fraction, "n_train": cfg.n_train, "n_val": cfg.n_val, "seed": cfg.seed,
+            "data_format": cfg.data_format}
+    d = out / "data"
+    train_p, val_p, spec_p = d / "train.jsonl", d / "heldout.jsonl", d / "split.json"
+    if spec_p.exists():
+        old = json.loads(spec_p.read_text())
+        if old.get("spec") != spec:
+            raise ImtuneError(f"{out} holds a comparison made with other data/split settings; "
+                              "use a new --out directory")
+        return train_p, val_p, old
+    res = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid)
+    records = res.records
+    rng = random.Random(cfg.seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    if cfg.val_data:
+        val = load_dataset(cfg.val_data, format=cfg.data_format, skip_invalid=cfg.skip_invalid).records
+        train = [records[i] for i in order]
+    else:
+        n_val = cfg.n_val or max(1, round(len(records) * cfg.val_fraction))
+        if n_val >= len(records):
+            raise ImtuneError(f"{cfg.data}: {len(records)} records are too few to hold out {n_val}")
+        val = [records[i] for i in order[:n_val]]
+        train = [records[i] for i in order[n_val:]]
+    if cfg.n_val:
+        val = val[: cfg.n_val]
+    if cfg.n_train:
+        train = train[: cfg.n_train]
+    atomic_write_jsonl(train_p, (r.to_dict() for r in train))
+    atomic_write_jsonl(val_p, (r.to_dict() for r in val))
+    info = {"spec": spec, "n_train": len(train), "n_heldout": len(val), "skipped_invalid": len(res.skipped)}
+    atomic_write_json(spec_p, info)
+    return train_p, val_p, info
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+def _train_config(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path, run_dir: Path):
+    from imtune.config import TrainConfig
+
+    base = {"epochs": 2, "progress": cfg.progress}
+    base.update(cfg.train_overrides)
+    base.update({"model": cfg.model, "data": str(train_p), "val_data": str(val_p), "objective": objective,
+                 "seed": cfg.seed, "out": str(run_dir), "val_fraction": 0.0})
+    return TrainConfig.from_dict(base, source="compare").validate()
+
+
+def _run_done(run_dir: Path, tcfg) -> bool:
+    marker = run_dir / "compare_done.json"
+    if not marker.exists():
+        return False
+    return json.loads(marker.read_text()).get("config") == _config_key(tcfg)
+
+
+def _config_key(tcfg) -> str:
+    d = tcfg.to_dict()
+    for k in ("progress", "resume", "overwrite"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_run(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path, out: Path) -> Path:
+    from imtune.training.recipe import train
+
+    run_dir = out / "runs" / slug(objective)
+    tcfg = _train_config(cfg, objective, train_p, val_p, run_dir)
+    if _run_done(run_dir, tcfg):
+        _log(f"{objective}: reusing finished run in {run_dir}")
+        return run_dir
+    has_ckpt = run_dir.exists() and any(run_dir.glob("checkpoint*"))
+    if has_ckpt:
+        _log(f"{objective}: resuming the interrupted run in {run_dir}")
+        tcfg = tcfg.replace(resume="latest")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        tcfg = tcfg.replace(overwrite=True)  # a run that died before its first checkpoint: start it over
+    _log(f"{objective}: training → {run_dir}")
+    train(tcfg)
+    atomic_write_json(run_dir / "compare_done.json", {"config": _config_key(tcfg), "objective": objective})
+    return run_dir
+
+
+def common_training_set(train_p: Path, tokenizer, objectives, tcfg) -> tuple[Path, int | None]:
+    """Examples every objective can train on. Truncation can leave an example with no weighted token under `it`
+    (its output cut away) but not under `im`; training IT and IM on different example sets would confound the
+    comparison, so such examples are removed for all runs. Returns the path to train on and the kept count (None
+    when nothing was removed)."""
+    from imtune.masking.encoding import encode_with_report
+
+    recs = _records(train_p)
+    dropped: set[str] = set()
+    for o in objectives:
+        _, rep = encode_with_report(recs, tokenizer, o, tcfg.template, tcfg.max_length, tcfg.truncation_side)
+        dropped.update(rep.dropped_no_weight)
+    if not dropped:
+        return train_p, None
+    kept = [r for r in recs if r.id not in dropped]
+    if not kept:
+        raise ImtuneError(f"no training example keeps a weighted token under every objective at max length "
+                          f"{tcfg.max_length}; raise --max-length")
+    common = train_p.with_name("train_common.jsonl")
+    atomic_write_jsonl(common, (r.to_dict() for r in kept))
+    return common, len(kept)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+def _cached(path: Path, params: dict, compute):
+    """Evaluation result cache: reuse `path` when it was computed with the same params."""
+    if path.exists():
+        d = json.loads(path.read_text())
+        if d.get("params") == params:
+            return d["result"]
+    result = compute()
+    atomic_write_json(path, {"params": params, "result": result})
+    return result
+
+
+def _records(p: Path):
+    from imtune.records.loading import load_records
+
+    return load_records(p)
+
+
+def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: Path, val_p: Path,
+                   template: str, with_generation: bool = True) -> dict:
+    from imtune.evaluation.loss_probe import per_example_loss, summarise
+    from imtune.models import load_model, load_tokenizer
+
+    state: dict = {}
+
+    def model_tok():
+        if not state:
+            state["tok"] = load_tokenizer(model_ref)
+            state["model"] = load_model(model_ref)
+            state["model"].eval()
+        return state["model"], state["tok"]
+
+    max_len = int(cfg.train_overrides.get("max_length", 2048))
+    results: dict = {}
+    val_recs, train_recs = _records(val_p), _records(train_p)
+    if "loss" in cfg.evals:
+        for split, recs in (("heldout", val_recs), ("train", train_recs)):
+            params = {"split": split, "n": len(recs), "template": template, "max_length": max_len, "v": 1}
+
+            def compute(recs=recs):
+                m, t = model_tok()
+                rows = per_example_loss(m, t, recs, objective="it", template=template, max_length=max_len,
+                                        batch_size=cfg.eval_batch_size, progress=cfg.progress)
+                return {"rows": rows, "summary": summarise(rows)}
+
+            results[f"loss_{split}"] = _cached(eval_dir / f"loss_{split}.json", params, compute)
+    if "memorisation" in cfg.evals and with_generation:
+        from imtune.evaluation.chat_generation import generate_chat, split_last_turn
+        from imtune.evaluation.memorisation import memorisation_scores
+
+        recs = train_recs[: cfg.memorisation_n]
+        params = {"n": len(recs), "max_new_tokens": cfg.max_new_tokens, "template": template, "v": 1}
+
+        def compute_mem():
+            m, t = model_tok()
+            prompts, refs = zip(*(split_last_turn(r) for r in recs), strict=True)
+            outs = generate_chat(m, t, list(prompts), template=template, max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.eval_batch_size, progress=cfg.progress)
+            scores = memorisation_scores(outs, list(refs))
+            scores["examples"] = [{"id": r.id, "output": o} for r, o in zip(recs, outs, strict=True)]
+            return scores
+
+        results["memorisation"] = _cached(eval_dir / "memorisation.json", params, compute_mem)
+    tasks = [e for e in cfg.evals if e not in ("loss", "memorisation")]
+    if tasks:
+        from imtune.evaluation import run_tasks
+
+        params = {"tasks": tasks, "limit": cfg.eval_limit, "v": 1}
+
+        def compute_bench():
+            m, t = model_tok()
+            return run_tasks(m, t, tasks, limit=cfg.eval_limit)
+
+        results["benchmarks"] = _cached(eval_dir / "benchmarks.json", params, compute_bench)
+    return results
+
+
+# ---- statistics --------------------------------------------------------------------------------------------------
+
+def paired_difference(a: dict[str, float], b: dict[str, float], n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+    """Mean of b − a over the examples both scored, with a percentile bootstrap 95% CI (pure, deterministic)."""
+    ids = [i for i in a if i in b]
+    if not ids:
+        return {"n": 0, "mean": None, "ci95": [None, None], "resolved": False}
+    d = np.asarray([b[i] - a[i] for i in ids], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"n": len(ids), "mean": float(d.mean()), "ci95": [float(lo), float(hi)],
+            "resolved": bool(lo > 0 or hi < 0), "share_b_lower": float((d < 0).mean())}
+
+
+def _loss_map(ev: dict, split: str) -> dict[str, float]:
+    rows = ev.get(f"loss_{split}", {}).get("rows", [])
+    return {str(r["id"]): float(r["loss"]) for r in rows}
+
+
+def verdict(objectives: list[str], evals: dict[str, dict], advice: dict | None) -> dict:
+    """Who won on held-out output loss, by how much, and whether the bootstrap interval resolves it."""
+    base = objectives[0]
+    means = {o: evals[o].get("loss_heldout", {}).get("summary", {}).get("mean") for o in objectives}
+    train_means = {o: evals[o].get("loss_train", {}).get("summary", {}).get("mean") for o in objectives}
+    gaps = {o: (means[o] - train_means[o]) if means[o] is not None and train_means[o] is not None else None
+            for o in objectives}
+    diffs = {o: paired_difference(_loss_map(evals[base], "heldout"), _loss_map(evals[o], "heldout"))
+             for o in objectives[1:]}
+    scored = {o: m for o, m in means.items() if m is not None}
+    winner = min(scored, key=scored.get) if scored else None
+    if winner is None:
+        headline = "No held-out loss was measured, so there is no verdict."
+        resolved = False
+    elif winner == base:
+        others = [diffs[o] for o in objectives[1:]]
+        resolved = all(d["resolved"] for d in others)
+        closest = min(objectives[1:], key=lambda o: diffs[o]["mean"])
+        d = diffs[closest]
+        headline = (f"{base.upper()} {'wins' if resolved else 'is ahead'}: held-out output loss {means[base]:.4f} vs {means[closest]:.4f} for "
+                    f"{closest} ({closest} − {base} = {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
+                    f"{d['ci95'][1]:+.4f}]; " + ("the interval excludes 0)." if d["resolved"] else
+                                                 "the interval includes 0: not resolved at this size)."))
+    else:
+        d = diffs[winner]
+        resolved = d["resolved"]
+        headline = (f"{winner.upper()} {'wins' if resolved else 'is ahead'}: held-out output loss {means[winner]:.4f} vs {means[base]:.4f} for "
+                    f"{base} ({winner} − {base} = {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
+                    f"{d['ci95'][1]:+.4f}]; " + ("the interval excludes 0)." if resolved else
+                                                 "the interval includes 0: not resolved at this size)."))
+    out = {"baseline": base, "winner": winner, "resolved": resolved, "headline": headline,
+           "heldout_loss_mean": means, "train_loss_mean": train_means, "overfitting_gap": gaps,
+           "paired_diff_vs_baseline": diffs}
+    if advice:
+        measured = ("IM better" if winner and winner != base and resolved else
+                    "IT better" if winner == base and resolved else "no clear difference")
+        out["advisor"] = {"recommendation": advice.get("recommendation"),
+                          "predicted": advice.get("predicted_im_minus_it"), "measured": measured,
+                          "agrees": advice.get("predicted_im_minus_it") == measured}
+    return out
+
+
+# ---- orchestration -----------------------------------------------------------------------------------------------
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Run (or resume) the whole comparison and write results.json, report.md, report.html and plots."""
+    from imtune.analysis.advise import advise
+    from imtune.evaluation.loss_probe import default_template
+    from imtune.models import load_tokenizer, model_info
+    from imtune.analysis.report import write_report
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_p, val_p, split = make_split(cfg, out)
+    _log(f"split: {split['n_train']} train / {split['n_heldout']} held-out examples → {out / 'data'}")
+    objectives = list(cfg.objectives)
+    tcfg0 = _train_config(cfg, objectives[0], train_p, val_p, out / "runs" / slug(objectives[0]))
+    tok = load_tokenizer(cfg.model)
+    template = tcfg0.template
+    adv, stats = advise(_records(train_p), tok, template=template, max_length=tcfg0.max_length)
+    atomic_write_json(out / "advice.json", {"advice": adv.to_dict(), "stats": stats})
+    _log(f"advisor: recommends {adv.recommendation} ({adv.confidence}); predicted {adv.predicted_im_minus_it}")
+
+    train_p, n_common = common_training_set(train_p, tok, objectives, tcfg0)
+    if n_common is not None:
+        split = {**split, "n_train_common": n_common}
+        _log(f"{split['n_train'] - n_common} training example(s) keep no weighted token under some objective "
+             f"(truncation at {tcfg0.max_length}); every run trains on the {n_common} that all objectives keep")
+    runs = {o: train_run(cfg, o, train_p, val_p, out) for o in objectives}
+    evals = {}
+    _log("evaluating the starting model (held-out loss only)")
+    evals_base = evaluate_model(CompareConfig(**{**asdict(cfg), "evals": ("loss",)}), cfg.model,
+                                out / "base" / "eval", train_p, val_p, template, with_generation=False)
+    for o, run_dir in runs.items():
+        _log(f"evaluating {o}")
+        evals[o] = evaluate_model(cfg, str(run_dir), run_dir / "eval", train_p, val_p,
+                                  default_template(str(run_dir), None))
+    history = {o: _read_metrics(run_dir) for o, run_dir in runs.items()}
+    result = {
+        "config": {**asdict(cfg), "objectives": objectives, "evals": list(cfg.evals)},
+        "model": model_info(cfg.model),
+        "split": split,
+        "train_config": {k: v for k, v in tcfg0.to_dict().items() if k not in ("objective", "out", "data")},
+        "advice": adv.to_dict(),
+        "stats": stats,
+        "verdict": verdict(objectives, evals, adv.to_dict()),
+        "base": {"heldout_loss": evals_base.get("loss_heldout", {}).get("summary"),
+                 "train_loss": evals_base.get("loss_train", {}).get("summary")},
+        "runs": {o: {"dir": str(runs[o]), "history": history[o],
+                     "evals": _strip_rows(evals[o])} for o in objectives},
+    }
+    atomic_write_json(out / "results.json", result)
+    paths = write_report(result, evals, out)
+    _log(f"report: {paths['html']}")
+    return result
+
+
+def _strip_rows(ev: dict) -> dict:
+    """results.json keeps summaries; per-example rows stay in each run's eval/ folder."""
+    out = {}
+    for k, v in ev.items():
+        if k.startswith("loss_"):
+            out[k] = v["summary"]
+        elif k == "memorisation":
+            out[k] = {kk: vv for kk, vv in v.items() if kk not in ("sentence_bleu", "rougeL", "examples")}
+        else:
+            out[k] = v
+    return out
+
+
+def _read_metrics(run_dir: Path) -> dict:
+    p = run_dir / "metrics.jsonl"
+    train, evals = [], []
+    if p.exists():
+        for line in p.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "eval_loss" in row:
+                evals.append((row.get("step"), row["eval_loss"]))
+            elif "loss" in row:
+                train.append((row.get("step"), row["loss"]))
+    return {"train_loss": train, "eval_loss": evals}

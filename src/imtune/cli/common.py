@@ -1,0 +1,51 @@
+"""Flags spelled the same in every subcommand."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="alias (smollm2-135m, gemma3-270m), local model directory, or .gguf file "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom model code from the model directory (off by default)")
+
+
+def add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="data file: .jsonl, .json, .csv or .parquet")
+    p.add_argument("--data-format", dest="data_format", default=None,
+                   choices=["messages", "sharegpt", "alpaca", "prompt_completion"],
+                   help="force the record schema instead of auto-detecting it")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip bad records (and report which) instead of stopping at the first one")
+
+
+def add_objective(p: argparse.ArgumentParser, default: str = "im") -> None:
+    p.add_argument("--objective", default=default,
+                   help="it | im | im-all | weighted:λ[:ρ]; suffix @last to train only the last assistant turn "
+                        f"(default: {default})")
+    p.add_argument("--template", default="tulu",
+                   help="tulu (the paper's), chatml, alpaca, or tokenizer (the model's own chat template); "
+                        "default: tulu")
+    p.add_argument("--max-length", dest="max_length", type=int, default=2048,
+                   help="truncate examples to this many tokens (default: 2048)")
+    p.add_argument("--truncation-side", dest="truncation_side", choices=["right", "left"], default="right",
+                   help="which end to cut when an example is longer than --max-length (default: right)")
+
+
+def load_data(args):
+    """Load records per the common flags, printing a one-line note about skipped records."""
+    import sys
+
+    from imtune.records.loading import load_dataset
+
+    res = load_dataset(args.data, format=args.data_format, skip_invalid=args.skip_invalid)
+    if res.skipped:
+        shown = "; ".join(e.format() for e in res.skipped[:5])
+        more = f" (+{len(res.skipped) - 5} more)" if len(res.skipped) > 5 else ""
+        print(f"skipped {len(res.skipped)} invalid record(s): {shown}{more}", file=sys.stderr)
+    return res.records

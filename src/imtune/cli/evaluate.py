@@ -1,0 +1,132 @@
+"""`imtune evaluate`: benchmark scores (MMLU, ARC, HellaSwag, GSM8K, BBH, TyDiQA, HumanEval, ...) as a table + JSON."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from imtune.cli.common import add_model
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "evaluate", help="score a model on NLP benchmarks (the paper's lm-eval suite, on bundled data)",
+        description="Multiple-choice tasks are scored by log-likelihood with lm-evaluation-harness prompts and "
+                    "metrics (acc, acc_norm); generative tasks are decoded greedily and scored by exact match, "
+                    "F1 or unit tests (HumanEval, run in a sandboxed subprocess). Prompts are raw text, also for "
+                    "chat models, as in the paper's lm-eval runs. 'imtune evaluate --tasks list' shows the tasks.")
+    add_model(p)
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated tasks, e.g. arc_easy,mmlu@5,bbh:navigate; groups: all, loglikelihood, "
+                        "generative; 'list' prints them")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per task (for quick CPU runs)")
+    p.add_argument("--num-fewshot", dest="num_fewshot", type=int, default=None,
+                   help="shots for every task (default: each task's own; 'task@K' sets one task)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16,
+                   help="rows per forward pass (default: 16)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None,
+                   help="generation budget for generative tasks (default: per task, 50-512)")
+    p.add_argument("--n-samples", dest="n_samples", type=int, default=1,
+                   help="HumanEval completions per problem; >1 samples (temperature 0.8, top-p 0.95) and "
+                        "reports pass@1/10/100 up to N (default: 1, greedy)")
+    p.add_argument("--temperature", type=float, default=None, help="HumanEval sampling temperature")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--no-prompt-reuse", dest="reuse", action="store_false",
+                   help="score every choice with its own full forward pass (slower; for checking)")
+    p.add_argument("--code-timeout", dest="code_timeout", type=float, default=10.0,
+                   help="seconds per HumanEval program (default: 10)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--log-samples", dest="log_samples", action="store_true",
+                   help="include per-example prompts, predictions and targets in the JSON")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=run)
+
+
+def print_task_list(file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from imtune.evaluation.tasks import ALIASES, GROUPS, TASKS
+
+    table = Table(title="imtune evaluate tasks", show_lines=False)
+    for col in ("task", "type", "metrics", "shots", "description"):
+        table.add_column(col, overflow="fold")
+    for t in TASKS.values():
+        table.add_row(t.name, t.kind, ", ".join(t.metrics), str(t.default_fewshot), t.description)
+    con = Console(file=file or sys.stdout, width=140)
+    con.print(table)
+    con.print("groups: " + "; ".join(f"{g} ({len(v)} tasks)" for g, v in GROUPS.items()))
+    con.print("aliases: " + ", ".join(f"{a} -> {b}" for a, b in ALIASES.items()))
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.4g}"
+    return str(v)
+
+
+def print_results(results: dict, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="results")
+    for col, just in (("task", "left"), ("metric", "left"), ("value", "right"), ("± stderr", "right"),
+                      ("n", "right"), ("shots", "right")):
+        table.add_column(col, justify=just)
+    for task, res in results["results"].items():
+        first = True
+        for name, value in res["metrics"].items():
+            table.add_row(task if first else "", name, _fmt(value), _fmt(res["stderr"].get(name)),
+                          str(res["n"]) if first else "", str(res["num_fewshot"]) if first else "")
+            first = False
+    Console(file=file or sys.stdout, width=120).print(table)
+
+
+def run(args) -> int:
+    from imtune.errors import ImtuneError
+    from imtune.evaluation.tasks import parse_tasks, run_tasks
+
+    if args.tasks.strip().lower() == "list":
+        print_task_list()
+        return 0
+    specs = parse_tasks(args.tasks)  # fail on a bad name before loading a model
+    if args.limit is not None and args.limit < 1:
+        raise ImtuneError("--limit must be at least 1")
+    if args.batch_size < 1:
+        raise ImtuneError("--batch-size must be at least 1")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ImtuneError("--num-fewshot must be 0 or more")
+    if args.n_samples < 1:
+        raise ImtuneError("--n-samples must be at least 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ImtuneError("--max-new-tokens must be at least 1")
+
+    import torch
+
+    from imtune.models import load_model, load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device=device)
+
+    def done(label, res):
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in res["metrics"].items())
+        print(f"{label}: {shown} (n={res['n']}, {res['time_s']:.1f}s)", file=sys.stderr)
+
+    results = run_tasks(model, tok, [s.label for s in specs], limit=args.limit, num_fewshot=args.num_fewshot,
+                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, n_samples=args.n_samples,
+                        temperature=args.temperature, seed=args.seed, reuse=args.reuse,
+                        progress=sys.stderr.isatty(), log_samples=args.log_samples,
+                        code_timeout=args.code_timeout, on_result=done)
+    results["config"]["model"] = str(args.model)
+    results["config"]["dtype"] = args.dtype
+    print_results(results)
+    if args.out:
+        from imtune.io_utils import atomic_write_json
+
+        atomic_write_json(args.out, results)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,203 @@
+"""Load instruction data from JSONL / JSON / CSV / Parquet in any of four schemas, validated record by record.
+
+Every problem is reported as an `InputError` naming the file, the line (JSONL, and JSON/CSV where known) or record
+index, and the reason. With `skip_invalid=True` bad records are skipped and returned in `LoadResult.skipped`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imtune.records.conversation import ROLES, Conversation, Message
+from imtune.errors import ImtuneError, InputError
+
+SCHEMAS = ("messages", "sharegpt", "alpaca", "prompt_completion")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+@dataclass
+class LoadResult:
+    records: list[Conversation]
+    skipped: list[InputError] = field(default_factory=list)
+
+
+def load_records(path: str | Path, format: str | None = None, skip_invalid: bool = False) -> list[Conversation]:
+    """Load and validate a data file; raise `InputError` on the first bad record unless `skip_invalid`."""
+    return load_dataset(path, format=format, skip_invalid=skip_invalid).records
+
+
+def load_dataset(path: str | Path, format: str | None = None, skip_invalid: bool = False) -> LoadResult:
+    path = Path(path)
+    if format is not None and format not in SCHEMAS:
+        raise ImtuneError(f"unknown --format {format!r}; choose one of {', '.join(SCHEMAS)}")
+    if not path.exists():
+        raise InputError(str(path), "file not found")
+    if path.is_dir():
+        raise InputError(str(path), "is a directory, expected a data file")
+    result = LoadResult(records=[])
+    for where, raw in _iter_raw(path, skip_invalid, result.skipped):
+        try:
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+            schema = format or detect_schema(raw)
+            rid = where.get("record", where.get("line"))
+            conv = normalise(raw, schema, id_default=str(rid))
+            result.records.append(Conversation(conv.messages, conv.id, source=_where_str(path, where)))
+        except ValueError as e:
+            err = InputError(str(path), str(e), **where)
+            if not skip_invalid:
+                raise err from None
+            result.skipped.append(err)
+    if not result.records:
+        raise InputError(str(path), "no valid records" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
+    return result
+
+
+def _where_str(path: Path, where: dict) -> str:
+    return f"{path}:{where['line']}" if "line" in where else f"{path}: record {where['record']}"
+
+
+def detect_schema(raw: dict) -> str:
+    """Per record, by its distinctive key (so a record missing its second field still gets a precise reason)."""
+    if "messages" in raw:
+        return "messages"
+    if "conversations" in raw:
+        return "sharegpt"
+    if "instruction" in raw:
+        return "alpaca"
+    if "prompt" in raw:
+        return "prompt_completion"
+    raise ValueError(
+        "cannot tell the schema: expected 'messages', 'conversations', 'instruction'+'output' or "
+        f"'prompt'+'completion' fields, found {sorted(raw)[:8]}"
+    )
+
+
+def _text(raw: dict, key: str, required: bool = True) -> str:
+    if key not in raw or raw[key] is None:
+        if required:
+            raise ValueError(f"missing field '{key}'")
+        return ""
+    v = raw[key]
+    if not isinstance(v, str):
+        raise ValueError(f"field '{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def normalise(raw: dict, schema: str, id_default: str = "") -> Conversation:
+    """Turn one raw record into a validated `Conversation` (raises ValueError with the reason)."""
+    if schema == "messages":
+        msgs = raw.get("messages")
+        if not isinstance(msgs, list):
+            raise ValueError("missing field 'messages' (a list of {role, content})")
+        messages = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i}: expected {{role, content}}")
+            messages.append(_message(m["role"], m["content"], i, ROLES))
+    elif schema == "sharegpt":
+        msgs = raw.get("conversations")
+        if not isinstance(msgs, list):
+            raise ValueError("missing field 'conversations' (a list of {from, value})")
+        messages = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "from" not in m or "value" not in m:
+                raise ValueError(f"turn {i}: expected {{from, value}}")
+            role = SHAREGPT_ROLES.get(m["from"]) if isinstance(m["from"], str) else None
+            if role is None:
+                raise ValueError(f"turn {i}: unknown role {m['from']!r} (expected human, gpt or system)")
+            messages.append(_message(role, m["value"], i, ROLES))
+    elif schema == "alpaca":
+        instruction, inp, output = _text(raw, "instruction"), _text(raw, "input", False), _text(raw, "output")
+        prompt = f"{instruction}\n\n{inp}" if inp.strip() else instruction
+        messages = [_message("user", prompt, 0, ROLES, "instruction"), _message("assistant", output, 1, ROLES, "output")]
+        if raw.get("system"):
+            messages.insert(0, _message("system", _text(raw, "system"), 0, ROLES, "system"))
+    elif schema == "prompt_completion":
+        messages = [_message("user", _text(raw, "prompt"), 0, ROLES, "prompt"),
+                    _message("assistant", _text(raw, "completion"), 1, ROLES, "completion")]
+    else:  # pragma: no cover - guarded by load_dataset
+        raise ValueError(f"unknown schema {schema}")
+    if not any(m.role == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant turn")
+    rid = raw.get("id", id_default)
+    return Conversation(tuple(messages), id=str(rid))
+
+
+def _message(role, content, i: int, allowed, field_name: str | None = None) -> Message:
+    label = f"field '{field_name}'" if field_name else f"message {i}"
+    if role not in allowed:
+        raise ValueError(f"{label}: unknown role {role!r} (expected one of {', '.join(allowed)})")
+    if not isinstance(content, str):
+        raise ValueError(f"{label}: content must be a string, got {type(content).__name__}")
+    if not content.strip():
+        raise ValueError(f"{label}: empty content")
+    return Message(role, content)
+
+
+def _decode(path: Path, data: bytes, line_of_offset: bool = True) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(str(path), f"not valid UTF-8 (byte {e.start})", line=line) from None
+
+
+def _iter_raw(path: Path, skip_invalid: bool, skipped: list):
+    """Yield (where, raw_record) with where = {'line': n} or {'record': i}."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, "rb") as f:
+            for n, bline in enumerate(f, 1):
+                if not bline.strip():
+                    continue
+                try:
+                    try:
+                        line = bline.decode("utf-8-sig" if n == 1 else "utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"not valid UTF-8 (byte {e.start} of the line)") from None
+                    try:
+                        raw = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+                except ValueError as e:
+                    err = InputError(str(path), str(e), line=n)
+                    if not skip_invalid:
+                        raise err from None
+                    skipped.append(err)
+                    continue
+                yield {"line": n}, raw
+    elif suffix == ".json":
+        text = _decode(path, path.read_bytes())
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(str(path), f"malformed JSON: {e.msg} at column {e.colno}", line=e.lineno) from None
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), None) if "messages" not in data else [data]
+        if not isinstance(data, list):
+            raise InputError(str(path), "expected a JSON array of records")
+        for i, raw in enumerate(data):
+            yield {"record": i}, raw
+    elif suffix == ".csv":
+        text = _decode(path, path.read_bytes())
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for i, row in enumerate(reader):
+            # line of the record's first physical line (header is line 1)
+            yield {"record": i}, {k: v for k, v in row.items() if k is not None}
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise InputError(str(path), f"cannot read Parquet: {e}") from None
+        for i, raw in enumerate(table.to_pylist()):
+            yield {"record": i}, raw
+    else:
+        raise InputError(str(path), f"unsupported file type '{suffix}' (expected .jsonl, .json, .csv or .parquet)")

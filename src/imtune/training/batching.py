@@ -1,0 +1,186 @@
+"""Turn `Encoded` examples into model batches, and plan which examples go together.
+
+Two layouts:
+  * `collate`: right-padded [B,T] rows with an attention mask (dynamic padding to the longest example).
+  * `pack`: several examples concatenated into one [1,T] row with no attention mask and `position_ids` that
+    restart at 0 for each example. transformers >= 4.56 detects such rows in `masking_utils`
+    (`find_packed_sequence_indices`) and builds a block-diagonal causal mask for eager/sdpa/flex (flash-attention
+    derives cu_seqlens from the same position_ids), so no example attends to another. The detection is skipped
+    whenever a cache object exists, so the forward must pass `use_cache=False` (`loss.weighted_loss_sum` does);
+    `supports_packing` checks the whole thing empirically on the actual model.
+
+Planning is numpy-only and a pure function of (lengths, seed, epoch), so resuming mid-epoch needs no RNG state.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+MEGABATCH_MULT = 50  # micro-batches per length-sorted mega-batch, as in transformers' LengthGroupedSampler
+
+
+def _arrays(ex) -> tuple[list[int], list[float]]:
+    ids, w = ex.input_ids, ex.weights
+    if len(ids) != len(w):
+        raise ValueError(f"example {getattr(ex, 'id', '?')!r}: {len(ids)} input_ids but {len(w)} weights")
+    if len(ids) == 0:
+        raise ValueError(f"example {getattr(ex, 'id', '?')!r} is empty")
+    return ids, w
+
+
+def collate(examples: Sequence, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`/`attention_mask` (long) and `weights` (float32, 0 at padding and at t=0)."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    rows = [_arrays(e) for e in examples]
+    t = max(len(ids) for ids, _ in rows)
+    if pad_to_multiple_of:
+        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
+    b = len(rows)
+    input_ids = np.full((b, t), pad_token_id, dtype=np.int64)
+    mask = np.zeros((b, t), dtype=np.int64)
+    weights = np.zeros((b, t), dtype=np.float32)
+    for i, (ids, w) in enumerate(rows):
+        n = len(ids)
+        input_ids[i, :n] = ids
+        mask[i, :n] = 1
+        weights[i, :n] = w
+    weights[:, 0] = 0.0  # nothing predicts the first token
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+            "weights": torch.from_numpy(weights)}
+
+
+def pack(examples: Sequence, max_length: int) -> dict[str, torch.Tensor]:
+    """One padding-free row: `input_ids`, `position_ids`, `weights` as [1,T], and `seq_lens` [k] (long).
+
+    The first token of every example gets weight 0: it would otherwise be "predicted" from the previous example.
+    """
+    if not examples:
+        raise ValueError("cannot pack an empty list")
+    rows = [_arrays(e) for e in examples]
+    lens = [len(ids) for ids, _ in rows]
+    total = sum(lens)
+    if total > max_length:
+        raise ValueError(f"{len(rows)} examples total {total} tokens > max_length {max_length}")
+    input_ids = np.fromiter((t for ids, _ in rows for t in ids), dtype=np.int64, count=total)
+    weights = np.fromiter((x for _, w in rows for x in w), dtype=np.float32, count=total)
+    starts = np.cumsum([0] + lens[:-1])
+    weights[starts] = 0.0
+    position_ids = np.arange(total, dtype=np.int64) - np.repeat(starts, lens)
+    return {"input_ids": torch.from_numpy(input_ids)[None], "position_ids": torch.from_numpy(position_ids)[None],
+            "weights": torch.from_numpy(weights)[None], "seq_lens": torch.tensor(lens, dtype=torch.long)}
+
+
+def supports_packing(model) -> bool:
+    """True when a packed row gives the same logits as its examples run one by one, on this very model.
+
+    Runs three tiny no-grad forwards in eval mode (the model's training flags are restored afterwards).
+    """
+    from imtune.training.loss import _eval_mode, causal_lm_of
+
+    lm = causal_lm_of(model)
+    vocab = lm.config.get_text_config().vocab_size
+    try:
+        device = next(lm.parameters()).device
+    except StopIteration:
+        return False
+    a = torch.tensor([[11, 23, 35, 47, 59, 71]], device=device) % vocab
+    b = torch.tensor([[83, 95, 7, 19]], device=device) % vocab
+    ids = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None].to(device)
+    try:
+        with torch.no_grad(), _eval_mode(lm):
+            la = lm(input_ids=a, use_cache=False).logits.float()
+            lb = lm(input_ids=b, use_cache=False).logits.float()
+            lp = lm(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+    except Exception:  # any failure means "do not pack"
+        return False
+    sep = torch.cat([la, lb], 1)
+    exact = next(lm.parameters()).dtype == torch.float32
+    tol = (1e-4 if exact else 3e-2) * (1.0 + sep.abs().max())
+    return bool(((lp - sep).abs().max() <= tol).item())
+
+
+# -------------------------------------------------------------------------------------------------- planning
+
+
+def _rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(epoch)])
+
+
+def plan_batches(lengths: Sequence[int], micro_batch_size: int, *, seed: int, epoch: int,
+                 group_by_length: bool = True, shuffle: bool = True) -> list[list[int]]:
+    """Micro-batches of example indices covering every index exactly once.
+
+    With `group_by_length`: shuffle, cut into mega-batches of `MEGABATCH_MULT` micro-batches, sort each by length
+    (longest first), cut into micro-batches, shuffle the micro-batch order, then move the micro-batch with the
+    most padded tokens to the front so an out-of-memory shows at step 0 rather than hours in.
+    """
+    if micro_batch_size < 1:
+        raise ValueError("micro_batch_size must be >= 1")
+    lens = np.asarray(lengths, dtype=np.int64)
+    n = len(lens)
+    if n == 0:
+        return []
+    rng = _rng(seed, epoch)
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    if not group_by_length:
+        return [order[i:i + micro_batch_size].tolist() for i in range(0, n, micro_batch_size)]
+    mega = micro_batch_size * MEGABATCH_MULT
+    batches: list[list[int]] = []
+    for m0 in range(0, n, mega):
+        chunk = order[m0:m0 + mega]
+        chunk = chunk[np.argsort(-lens[chunk], kind="stable")]
+        batches.extend(chunk[i:i + micro_batch_size].tolist() for i in range(0, len(chunk), micro_batch_size))
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        cost = [len(bt) * int(lens[bt].max()) for bt in batches]
+        first = int(np.argmax(cost))
+        batches.insert(0, batches.pop(first))
+    return batches
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
+    """Share of padded positions when each batch is padded to its longest example."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    real = padded = 0
+    for bt in batches:
+        if len(bt):
+            ln = lens[list(bt)]
+            real += int(ln.sum())
+            padded += len(bt) * int(ln.max())
+    return 0.0 if padded == 0 else 1.0 - real / padded
+
+
+def pack_plan(lengths: Sequence[int], max_length: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """Bins of example indices, each totalling <= max_length tokens, every index exactly once.
+
+    Best-fit decreasing (O(n log n) with a sorted list of free space): examples are shuffled with (seed, epoch)
+    and then stably sorted longest first, so ties break differently each epoch; the bin order is shuffled too.
+    """
+    lens = np.asarray(lengths, dtype=np.int64)
+    if len(lens) and (lens.max() > max_length or lens.min() < 1):
+        bad = int(np.argmax((lens > max_length) | (lens < 1)))
+        raise ValueError(f"example {bad} has {int(lens[bad])} tokens; each must be 1..max_length ({max_length})")
+    rng = _rng(seed, epoch)
+    order = rng.permutation(len(lens))
+    order = order[np.argsort(-lens[order], kind="stable")]
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, bin id), sorted
+    for i in order.tolist():
+        need = int(lens[i])
+        k = bisect_left(free, (need, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+            bins[b].append(i)
+            if space - need > 0:
+                insort(free, (space - need, b))
+        else:
+            bins.append([i])
+            if max_length - need > 0:
+                insort(free, (max_length - need, len(bins) - 1))
+    return [bins[j] for j in rng.permutation(len(bins))]

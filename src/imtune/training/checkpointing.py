@@ -1,0 +1,209 @@
+"""Training checkpoints: atomic, self-describing, enough to continue a run bit for bit.
+
+A checkpoint is a directory `<out>/checkpoints/checkpoint-<step>/` holding
+
+    weights.safetensors   the trainable parameters only: every weight for full fine-tuning, the adapter for LoRA
+    optimizer.pt          AdamW state
+    scheduler.pt          LR scheduler state
+    rng_state_<rank>.pt   python, numpy, torch (and CUDA) generator states of each process
+    trainer_state.json    global step, where in the data order to continue (epoch, step in epoch), metrics rows
+                          written so far, and the config it was saved with; written last, so its presence marks a
+                          complete checkpoint
+
+It is written into `.tmp-checkpoint-<step>-<pid>/` and renamed into place, so a run killed mid-save leaves a temp
+dir that is ignored (and cleaned up) rather than a checkpoint that looks complete. DeepSpeed and FSDP shard the
+model and optimizer across processes; there `accelerator.save_state` writes those parts (documented as untested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imtune.errors import ImtuneError
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "weights.safetensors"
+_NAME = re.compile(r"checkpoint-(\d+)$")
+_TMP = ".tmp-checkpoint-"
+
+
+@dataclass
+class TrainerState:
+    global_step: int
+    epoch: int  # epoch of the next step to run
+    step_in_epoch: int  # index of the next optimizer step within that epoch's plan
+    metrics_rows: int  # lines of metrics.jsonl written up to this checkpoint
+    world_size: int
+    config: dict
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return Path(out) / CHECKPOINTS
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first."""
+    d = checkpoint_dir(out)
+    found = []
+    for p in d.iterdir() if d.is_dir() else ():
+        m = _NAME.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    """`resume` is 'latest' (newest complete checkpoint in `out`) or a checkpoint directory."""
+    if resume in ("latest", "last", "true", "True"):
+        found = list_checkpoints(out)
+        if not found:
+            raise ImtuneError(f"--resume: no checkpoint in {checkpoint_dir(out)}")
+        return found[-1]
+    p = Path(resume)
+    if not (p / STATE_FILE).is_file():
+        if (p / CHECKPOINTS).is_dir():
+            return find_checkpoint(p, "latest")
+        raise ImtuneError(f"--resume: {p} is not a complete checkpoint (no {STATE_FILE})")
+    return p
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    # named_parameters() skips the second name of tied weights, which safetensors would refuse to store twice.
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler, accelerator,
+                    sharded: bool = False, save_total_limit: int = 0) -> Path:
+    """Every process calls this (collective under DeepSpeed/FSDP); the main process owns the directory."""
+    out = Path(out)
+    final = checkpoint_dir(out) / f"checkpoint-{state.global_step:06d}"
+    # One temp name for all ranks: the pid would differ, so it is keyed by the main process' choice via the step.
+    tmp = checkpoint_dir(out) / f"{_TMP}{state.global_step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if sharded:
+        accelerator.save_state(str(tmp / "accelerate_state"))
+    elif accelerator.is_main_process:
+        _write_weights(tmp, accelerator.unwrap_model(model))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_state(tmp, state)
+        if final.exists():  # same step saved twice (e.g. a resumed run): the newer one wins
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        prune(out, save_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_weights(tmp: Path, model) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_trainable_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def write_state(tmp: Path, state: TrainerState) -> None:
+    # Written last: its presence is what marks the checkpoint complete.
+    (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prune(out: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0 keeps all); also remove temp dirs left by killed saves."""
+    d = checkpoint_dir(out)
+    for p in d.glob(f"{_TMP}*") if d.is_dir() else ():
+        shutil.rmtree(p, ignore_errors=True)
+    if keep > 0:
+        for p in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_state(ckpt: Path) -> TrainerState:
+    try:
+        d = json.loads((Path(ckpt) / STATE_FILE).read_text(encoding="utf-8"))
+        return TrainerState(**d)
+    except (OSError, ValueError, TypeError) as e:
+        raise ImtuneError(f"{ckpt}: unreadable {STATE_FILE} ({e})") from None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator, sharded: bool = False) -> TrainerState:
+    """Restore weights, optimizer, scheduler and this process' RNG state; returns where to continue."""
+    ckpt = Path(ckpt)
+    state = read_state(ckpt)
+    if sharded:
+        accelerator.load_state(str(ckpt / "accelerate_state"))
+    else:
+        _load_weights(ckpt, accelerator.unwrap_model(model))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
+    rank = accelerator.process_index
+    rng_file = ckpt / f"rng_state_{rank}.pt"
+    if not rng_file.is_file():
+        # Resuming on more processes than saved: fall back to rank 0's streams (data order is unaffected).
+        rng_file = ckpt / "rng_state_0.pt"
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def _load_weights(ckpt: Path, model) -> None:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt / WEIGHTS_FILE))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(sd) != trainable:
+        missing, extra = sorted(trainable - set(sd)), sorted(set(sd) - trainable)
+        raise ImtuneError(f"{ckpt}: checkpoint does not match the model being trained (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}); was it saved with other --lora / --model settings?")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, t in sd.items():
+            params[n].copy_(t)
