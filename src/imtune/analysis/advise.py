@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
+
 # Cut points (heuristic, see module doc). Ratio = mean instruction tokens / mean output tokens.
 RATIO_HIGH = 1.0  # instructions at least as long as outputs (Code-Alpaca/Flan-like data)
 RATIO_LOW = 0.3  # outputs over ~3x longer than instructions (LIMA-like long-form answers)
@@ -86,7 +88,7 @@ def advise_from_stats(stats: dict) -> Advice:
                               "large_n": LARGE_N})
 
 
-def advise(records, tokenizer, template: str = "tulu", max_length: int = 2048) -> tuple[Advice, dict]:
+def advise(records, tokenizer, template: str = DEFAULT_TEMPLATE, max_length: int = DEFAULT_MAX_LENGTH) -> tuple[Advice, dict]:
     from imtune.analysis.stats import dataset_stats
 
     stats = dataset_stats(records, tokenizer, template=template, max_length=max_length)

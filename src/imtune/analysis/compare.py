@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
 from imtune.errors import ImtuneError
 from imtune.io_utils import atomic_write_json, atomic_write_jsonl
 
@@ -31,7 +32,7 @@ BOOT_SEED = 1234
 class CompareConfig:
     data: str
     out: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     objectives: tuple[str, ...] = ("it", "im")
     val_data: str | None = None
     val_fraction: float = 0.1
@@ -217,7 +218,7 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
             state["model"].eval()
         return state["model"], state["tok"]
 
-    max_len = int(cfg.train_overrides.get("max_length", 2048))
+    max_len = int(cfg.train_overrides.get("max_length", DEFAULT_MAX_LENGTH))
     results: dict = {}
     val_recs, train_recs = _records(val_p), _records(train_p)
     if "loss" in cfg.evals:
@@ -329,9 +330,9 @@ def verdict(objectives: list[str], evals: dict[str, dict], advice: dict | None) 
 def run_compare(cfg: CompareConfig) -> dict:
     """Run (or resume) the whole comparison and write results.json, report.md, report.html and plots."""
     from imtune.analysis.advise import advise
+    from imtune.analysis.report import write_report
     from imtune.evaluation.loss_probe import default_template
     from imtune.models import load_tokenizer, model_info
-    from imtune.analysis.report import write_report
 
     cfg.validate()
     out = Path(cfg.out)

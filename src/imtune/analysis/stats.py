@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from imtune.records.conversation import Conversation
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from imtune.masking.encoding import encode
 from imtune.masking.templates import ASSISTANT, SYSTEM, TEMPLATE, USER
+from imtune.records.conversation import Conversation
 
 
 def _dist(x: np.ndarray) -> dict:
@@ -18,8 +19,8 @@ def _dist(x: np.ndarray) -> dict:
             "max": int(x.max()), "total": int(x.sum())}
 
 
-def dataset_stats(records: Sequence[Conversation], tokenizer, template: str | None = "tulu",
-                  max_length: int | None = 2048) -> dict:
+def dataset_stats(records: Sequence[Conversation], tokenizer, template: str | None = DEFAULT_TEMPLATE,
+                  max_length: int | None = DEFAULT_MAX_LENGTH) -> dict:
     """Token-level statistics of one tokenisation of every example (template included, no truncation)."""
     enc = encode(records, tokenizer, objective="im-all", template=template, max_length=None, keep_empty=True)
     instr, out, total, markup = (np.zeros(len(enc), np.int64) for _ in range(4))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from imtune.cli.common import add_data, add_model, load_data
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 
 
 def add_parser(sub):
@@ -14,9 +15,10 @@ def add_parser(sub):
                                    "with the figures behind it.")
     add_data(p)
     add_model(p)
-    p.add_argument("--template", default="tulu", help="template used for token counts (default: tulu)")
-    p.add_argument("--max-length", dest="max_length", type=int, default=2048,
-                   help="report examples this length would truncate/drop (default: 2048)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help=f"template used for token counts (default: {DEFAULT_TEMPLATE})")
+    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help=f"report examples this length would truncate/drop (default: {DEFAULT_MAX_LENGTH})")
     p.add_argument("--json", action="store_true", help="print JSON (advice + statistics)")
     p.set_defaults(func=run)
 

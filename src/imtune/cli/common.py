@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_MODEL = "smollm2-135m"
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -24,15 +24,15 @@ def add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="skip bad records (and report which) instead of stopping at the first one")
 
 
-def add_objective(p: argparse.ArgumentParser, default: str = "im") -> None:
+def add_objective(p: argparse.ArgumentParser, default: str = DEFAULT_OBJECTIVE) -> None:
     p.add_argument("--objective", default=default,
                    help="it | im | im-all | weighted:λ[:ρ]; suffix @last to train only the last assistant turn "
                         f"(default: {default})")
-    p.add_argument("--template", default="tulu",
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help="tulu (the paper's), chatml, alpaca, or tokenizer (the model's own chat template); "
-                        "default: tulu")
-    p.add_argument("--max-length", dest="max_length", type=int, default=2048,
-                   help="truncate examples to this many tokens (default: 2048)")
+                        f"default: {DEFAULT_TEMPLATE}")
+    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help=f"truncate examples to this many tokens (default: {DEFAULT_MAX_LENGTH})")
     p.add_argument("--truncation-side", dest="truncation_side", choices=["right", "left"], default="right",
                    help="which end to cut when an example is longer than --max-length (default: right)")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from imtune.config import add_config_arguments
 from imtune.cli.common import add_data
+from imtune.config import DEFAULT_MODEL, add_config_arguments
 
 # Fields compare owns itself (or sets per run); every other TrainConfig field is a flag here too.
 OWN = ("data", "data_format", "skip_invalid", "objective", "out", "val_data", "val_fraction", "resume", "overwrite",
@@ -24,7 +24,7 @@ def add_parser(sub):
                "--epochs 2 --out runs/lima-cmp")
     p.add_argument("config", nargs="?", default=None, help="optional training YAML (see imtune train)")
     add_data(p)
-    p.add_argument("--model", default="smollm2-135m", help="model to fine-tune (default: smollm2-135m)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to fine-tune (default: {DEFAULT_MODEL})")
     p.add_argument("--objectives", default="it,im", help="comma-separated objectives; the first is the baseline "
                                                          "(default: it,im)")
     p.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
@@ -53,8 +53,8 @@ def config_from_args(args):
     from dataclasses import fields
 
     from imtune.analysis.compare import CompareConfig
-    from imtune.config import TrainConfig
     from imtune.cli.train import resolve_config_path
+    from imtune.config import TrainConfig
 
     overrides = {}
     if args.config:

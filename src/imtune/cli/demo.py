@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from imtune.config import DEFAULT_MODEL
+
 # Sized for about 10 minutes on 2 CPU cores (see README); every value can be overridden with imtune compare.
 # SmolLM2-135M trains at ~130 tokens/s in fp32 on 2 quiet cores (no fast bf16 here), hence the small sizes;
 # with set-up and the one-time GGUF conversion a fresh `make demo` takes about 10 minutes.
@@ -16,7 +18,7 @@ def add_parser(sub):
                        description="Runs imtune compare on the bundled LIMA data with the default model, sized to "
                                    "finish in about 10 minutes on 2 CPU cores, and prints where the report is.")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo; rerun to resume)")
-    p.add_argument("--model", default="smollm2-135m", help="model (default: smollm2-135m)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
     p.set_defaults(func=run)
 
 

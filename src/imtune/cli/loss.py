@@ -6,6 +6,7 @@ import sys
 
 from imtune.cli.common import add_data, add_model, load_data
 from imtune.cli.generate import add_runtime, add_template
+from imtune.config import DEFAULT_MAX_LENGTH
 
 
 def add_parser(sub):
@@ -22,15 +23,16 @@ def add_parser(sub):
                    help="which tokens count: it (output only, the paper's probe), im, im-all, weighted:λ[:ρ], "
                         "optionally @last (default: it)")
     add_template(p)
-    p.add_argument("--max-length", dest="max_length", type=int, default=2048,
+    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
                    help="truncate examples to this many tokens; examples left with no weighted token are "
-                        "excluded and reported (default: 2048)")
+                        f"excluded and reported (default: {DEFAULT_MAX_LENGTH})")
     add_runtime(p)
     p.add_argument("--out", default="losses.jsonl", help="per-example JSONL output (default: losses.jsonl)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from imtune.cli.generate import load_model_and_tokenizer
     from imtune.errors import ImtuneError
     from imtune.evaluation.loss_probe import (
         default_template,
@@ -40,7 +42,6 @@ def run(args) -> int:
     )
     from imtune.io_utils import atomic_write_json, atomic_write_jsonl
     from imtune.masking.objectives import parse_objective
-    from imtune.cli.generate import load_model_and_tokenizer
 
     parse_objective(args.objective)  # a typo should fail before the model loads, not after
     records = load_data(args)

@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 
+from imtune.config import DEFAULT_MODEL
 from imtune.errors import ImtuneError
 
 # (module, command) in help order; each module has add_parser(subparsers) and run(args) -> int | None.
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imtune",
         description="Instruction tuning with exact control over which tokens carry loss: IT (output only), "
                     "IM (instruction + output, the NeurIPS 2024 'Instruction Modelling'), or anything between.",
-        epilog="Run 'imtune <command> --help' for a command's options. Models: smollm2-135m (default), "
+        epilog=f"Run 'imtune <command> --help' for a command's options. Models: {DEFAULT_MODEL} (default), "
                "gemma3-270m, a local directory, or a .gguf file.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from imtune.cli.common import add_data, add_model, load_data
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 
 
 def add_parser(sub):
@@ -14,16 +15,17 @@ def add_parser(sub):
                                    "many examples --max-length would cut or drop.")
     add_data(p)
     add_model(p)
-    p.add_argument("--template", default="tulu", help="template used for token counts (default: tulu)")
-    p.add_argument("--max-length", dest="max_length", type=int, default=2048,
-                   help="report how many examples this length would truncate/drop (default: 2048)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help=f"template used for token counts (default: {DEFAULT_TEMPLATE})")
+    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help=f"report how many examples this length would truncate/drop (default: {DEFAULT_MAX_LENGTH})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from imtune.models import load_tokenizer
     from imtune.analysis.stats import dataset_stats
+    from imtune.models import load_tokenizer
 
     records = load_data(args)
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imtune.records.conversation import Conversation
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from imtune.errors import ImtuneError
+from imtune.records.conversation import Conversation
 
-DEFAULT_TEMPLATE = "tulu"
 CONFIG_NAME = "imtune_config.yaml"
 N_BOOT = 2000
 BOOT_SEED = 0
@@ -84,7 +84,7 @@ class LossReport:
 
 
 def per_example_loss(model, tokenizer, records, *, objective="it", template: str | None = None,
-                     max_length: int | None = 2048, batch_size: int = 8, truncation_side: str = "right",
+                     max_length: int | None = DEFAULT_MAX_LENGTH, batch_size: int = 8, truncation_side: str = "right",
                      progress: bool = True) -> list[dict]:
     """`[{"id", "tokens", "loss"}]` in input order; examples with no weighted token are left out.
 
@@ -98,7 +98,7 @@ def per_example_loss(model, tokenizer, records, *, objective="it", template: str
 
 
 def per_example_loss_with_report(model, tokenizer, records, *, objective="it", template: str | None = None,
-                                 max_length: int | None = 2048, batch_size: int = 8, truncation_side: str = "right",
+                                 max_length: int | None = DEFAULT_MAX_LENGTH, batch_size: int = 8, truncation_side: str = "right",
                                  progress: bool = True) -> LossReport:
     import torch
     from tqdm.auto import tqdm

@@ -33,6 +33,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
+from imtune.config import DEFAULT_MAX_LENGTH
+
 Request = tuple[str, str]
 
 
@@ -75,9 +77,9 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = Fals
     return ctx, cont
 
 
-def max_length_of(model, tokenizer=None, default: int = 2048) -> int:
+def max_length_of(model, tokenizer=None, default: int = DEFAULT_MAX_LENGTH) -> int:
     """Longest input, found as lm-eval's HFLM does: the model config's position limit, else the tokenizer's
-    model_max_length (unless it is the 'unset' sentinel), else 2048."""
+    model_max_length (unless it is the 'unset' sentinel), else DEFAULT_MAX_LENGTH."""
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "text_config", None) or cfg
     for attr in ("n_positions", "max_position_embeddings", "n_ctx"):

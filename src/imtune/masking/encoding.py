@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imtune.records.conversation import Conversation
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE, DEFAULT_TRUNCATION_SIDE
 from imtune.errors import ImtuneError, InputError
 from imtune.masking.fast_tokenize import TokenBatch, fast_encoder
 from imtune.masking.objectives import Objective, parse_objective
 from imtune.masking.templates import ASSISTANT, EOS, SEGMENTS, Rendered, render, resolve_template
 from imtune.masking.threads import ForkSafePool
+from imtune.records.conversation import Conversation
 
 
 class Encoded:
@@ -59,16 +60,18 @@ class EncodeReport:
         return len(self.dropped_no_weight)
 
 
-def encode(records: Iterable[Conversation], tokenizer, objective: str | Objective = "im", template: str | None = "tulu",
-           max_length: int = 2048, truncation_side: str = "right", batch_size: int = 512,
+def encode(records: Iterable[Conversation], tokenizer, objective: str | Objective = DEFAULT_OBJECTIVE,
+           template: str | None = DEFAULT_TEMPLATE, max_length: int = DEFAULT_MAX_LENGTH,
+           truncation_side: str = DEFAULT_TRUNCATION_SIDE, batch_size: int = 512,
            keep_empty: bool = False) -> list[Encoded]:
     """Render, tokenise once with offsets, weight. Examples with no weighted token left are dropped."""
     return encode_with_report(records, tokenizer, objective, template, max_length, truncation_side, batch_size,
                               keep_empty)[0]
 
 
-def encode_with_report(records: Iterable[Conversation], tokenizer, objective="im", template="tulu", max_length=2048,
-                       truncation_side="right", batch_size=512, keep_empty=False):
+def encode_with_report(records: Iterable[Conversation], tokenizer, objective=DEFAULT_OBJECTIVE,
+                       template=DEFAULT_TEMPLATE, max_length=DEFAULT_MAX_LENGTH,
+                       truncation_side=DEFAULT_TRUNCATION_SIDE, batch_size=512, keep_empty=False):
     obj = parse_objective(objective)
     tpl = resolve_template(template, tokenizer)
     if truncation_side not in ("right", "left"):

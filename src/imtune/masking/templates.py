@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from imtune.records.conversation import Conversation
+from imtune.config import DEFAULT_TEMPLATE
 from imtune.errors import ImtuneError
+from imtune.records.conversation import Conversation
 
 SEGMENTS = ("template", "system", "user", "assistant", "eos")
 TEMPLATE, SYSTEM, USER, ASSISTANT, EOS = range(5)
@@ -48,7 +49,7 @@ class _Builder:
         return "".join(self.parts)
 
 
-def render(conv: Conversation, tokenizer, template: str = "tulu") -> Rendered:
+def render(conv: Conversation, tokenizer, template: str = DEFAULT_TEMPLATE) -> Rendered:
     """Render for training (the whole conversation)."""
     if template == "tulu":
         return _render_tulu(conv, _eos(tokenizer))
@@ -64,7 +65,7 @@ def render(conv: Conversation, tokenizer, template: str = "tulu") -> Rendered:
 def resolve_template(template: str | None, tokenizer) -> str:
     """`None`/'auto' means the tokenizer's own chat template when it has one, else `tulu`."""
     if template in (None, "auto"):
-        return "tokenizer" if getattr(tokenizer, "chat_template", None) else "tulu"
+        return "tokenizer" if getattr(tokenizer, "chat_template", None) else DEFAULT_TEMPLATE
     if template in ("tokenizer", "chat_template") and not getattr(tokenizer, "chat_template", None):
         raise ImtuneError("the tokenizer has no chat template; pick --template tulu, chatml or alpaca")
     if template not in NAMED_TEMPLATES + ("tokenizer", "chat_template"):
@@ -72,7 +73,7 @@ def resolve_template(template: str | None, tokenizer) -> str:
     return template
 
 
-def render_prompt(messages: list[dict], tokenizer, template: str = "tulu") -> str:
+def render_prompt(messages: list[dict], tokenizer, template: str = DEFAULT_TEMPLATE) -> str:
     """Text that ends where the assistant's next reply should begin (for generation)."""
     if template in ("tokenizer", "chat_template", "auto"):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
