@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from imtune.cli.main import main
+from imtune.evaluation import humaneval as H
 from imtune.evaluation import tasks as T
 from imtune.evaluation.scoring import encode_pair, loglikelihood
 
@@ -51,7 +52,7 @@ def test_other_files_parse():
         assert all(s.startswith("Q: ") and T.extract_bbh_answer(s) for s in shots)
     tydi = T.load_tydiqa()
     assert len(tydi) == 440 and all(r["answers"] and r["context"] for r in tydi)
-    he = T.load_humaneval()
+    he = H.load_humaneval()
     assert len(he) == 164 and all(p["entry_point"] in p["prompt"] for p in he)
 
 
@@ -107,18 +108,18 @@ def test_bbh_answer_extraction():
 
 
 def test_pass_at_k_estimator():
-    assert T.pass_at_k(10, 3, 1) == pytest.approx(0.3)
-    assert T.pass_at_k(5, 1, 2) == pytest.approx(1 - 6 / 10)  # 1 - C(4,2)/C(5,2)
-    assert T.pass_at_k(10, 8, 3) == 1.0
-    assert T.pass_at_k(10, 0, 5) == 0.0
+    assert H.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert H.pass_at_k(5, 1, 2) == pytest.approx(1 - 6 / 10)  # 1 - C(4,2)/C(5,2)
+    assert H.pass_at_k(10, 8, 3) == 1.0
+    assert H.pass_at_k(10, 0, 5) == 0.0
     rng = random.Random(0)
     for _ in range(50):
         n = rng.randint(1, 60)
         c, k = rng.randint(0, n), rng.randint(1, n)
         exact = 1 - math.comb(n - c, k) / math.comb(n, k)
-        assert T.pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+        assert H.pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
     with pytest.raises(ValueError):
-        T.pass_at_k(2, 1, 5)
+        H.pass_at_k(2, 1, 5)
 
 
 def test_mean_stderr():
@@ -163,9 +164,9 @@ def test_prompt_formats_follow_lm_eval():
 def test_humaneval_canonical_solutions_pass_in_the_sandbox():
     from imtune.evaluation.sandbox import run_programs
 
-    probs = T.load_humaneval()[:6]
-    good = [T.humaneval_program(p, p["canonical_solution"]) for p in probs]
-    bad = [T.humaneval_program(probs[0], "    return None\n")]
+    probs = H.load_humaneval()[:6]
+    good = [H.humaneval_program(p, p["canonical_solution"]) for p in probs]
+    bad = [H.humaneval_program(probs[0], "    return None\n")]
     res = run_programs(good + bad, workers=2, timeout=30)
     assert [r.status for r in res] == ["passed"] * 6 + ["failed"]
 

