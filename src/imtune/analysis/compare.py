@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
 from imtune.errors import ImtuneError
 from imtune.io_utils import atomic_write_json, atomic_write_jsonl
-
-N_BOOT = 2000
-BOOT_SEED = 1234
+from imtune.statistics import paired_difference
 
 
 @dataclass
@@ -79,6 +75,7 @@ def _log(msg: str) -> None:
 def make_split(cfg: CompareConfig, out: Path) -> tuple[Path, Path, dict]:
     """Deterministic train/held-out split written once; a rerun with other split settings is refused."""
     from imtune.records.loading import load_dataset
+    from imtune.records.split import holdout_split, n_heldout
 
     spec = {"data": str(Path(cfg.data).resolve()), "val_data": cfg.val_data and str(Path(cfg.val_data).resolve()),
             "val_fraction": cfg.val_fraction, "n_train": cfg.n_train, "n_val": cfg.n_val, "seed": cfg.seed,
@@ -92,23 +89,13 @@ def make_split(cfg: CompareConfig, out: Path) -> tuple[Path, Path, dict]:
                               "use a new --out directory")
         return train_p, val_p, old
     res = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid)
-    records = res.records
-    rng = random.Random(cfg.seed)
-    order = list(range(len(records)))
-    rng.shuffle(order)
     if cfg.val_data:
         val = load_dataset(cfg.val_data, format=cfg.data_format, skip_invalid=cfg.skip_invalid).records
-        train = [records[i] for i in order]
+        val = val[: cfg.n_val] if cfg.n_val else val
+        train, _ = holdout_split(res.records, 0, cfg.seed, n_train=cfg.n_train, source=cfg.data)
     else:
-        n_val = cfg.n_val or max(1, round(len(records) * cfg.val_fraction))
-        if n_val >= len(records):
-            raise ImtuneError(f"{cfg.data}: {len(records)} records are too few to hold out {n_val}")
-        val = [records[i] for i in order[:n_val]]
-        train = [records[i] for i in order[n_val:]]
-    if cfg.n_val:
-        val = val[: cfg.n_val]
-    if cfg.n_train:
-        train = train[: cfg.n_train]
+        n_val = cfg.n_val or n_heldout(len(res.records), cfg.val_fraction)
+        train, val = holdout_split(res.records, n_val, cfg.seed, n_train=cfg.n_train, source=cfg.data)
     atomic_write_jsonl(train_p, (r.to_dict() for r in train))
     atomic_write_jsonl(val_p, (r.to_dict() for r in val))
     info = {"spec": spec, "n_train": len(train), "n_heldout": len(val), "skipped_invalid": len(res.skipped)}
@@ -264,19 +251,6 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
 
 
 # ---- statistics --------------------------------------------------------------------------------------------------
-
-def paired_difference(a: dict[str, float], b: dict[str, float], n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
-    """Mean of b − a over the examples both scored, with a percentile bootstrap 95% CI (pure, deterministic)."""
-    ids = [i for i in a if i in b]
-    if not ids:
-        return {"n": 0, "mean": None, "ci95": [None, None], "resolved": False}
-    d = np.asarray([b[i] - a[i] for i in ids], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"n": len(ids), "mean": float(d.mean()), "ci95": [float(lo), float(hi)],
-            "resolved": bool(lo > 0 or hi < 0), "share_b_lower": float((d < 0).mean())}
-
 
 def _loss_map(ev: dict, split: str) -> dict[str, float]:
     rows = ev.get(f"loss_{split}", {}).get("rows", [])

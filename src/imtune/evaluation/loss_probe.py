@@ -12,10 +12,9 @@ not trained with would mostly measure the template mismatch.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import numpy as np
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
 from imtune.errors import ImtuneError
 from imtune.records.conversation import Conversation
+from imtune.statistics import bootstrap_mean_ci
 
 CONFIG_NAME = "imtune_config.yaml"
-N_BOOT = 2000
-BOOT_SEED = 0
 
 
 # ---------------------------------------------------------------------------------------------------- templates
@@ -204,28 +202,6 @@ def _batch_loss(model, batch, pad_id: int, device, keep_ok: bool):
 
 
 # ---------------------------------------------------------------------------------------------------- summary
-
-
-def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = BOOT_SEED,
-                      level: float = 0.95) -> list[float]:
-    """Percentile bootstrap CI of the mean, `[lo, hi]`; a fixed seed makes it reproducible."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return [math.nan, math.nan]
-    if x.size == 1:
-        return [float(x[0]), float(x[0])]
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot, dtype=np.float64)
-    # Resample in chunks so n_boot x n indices never need to be held at once for large n.
-    chunk = max(1, min(n_boot, 4_000_000 // x.size))
-    for s in range(0, n_boot, chunk):
-        k = min(chunk, n_boot - s)
-        means[s:s + k] = x[rng.integers(0, x.size, size=(k, x.size))].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    # Quantile interpolation can land a hair inside the sample mean when the bootstrap distribution is degenerate.
-    m = float(x.mean())
-    return [float(min(lo, m)), float(max(hi, m))]
 
 
 def summarise(rows: Iterable[dict | float]) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from imtune.errors import ImtuneError
-from imtune.evaluation.loss_probe import bootstrap_mean_ci
+from imtune.statistics import bootstrap_mean_ci
 
 
 def memorisation_scores(outputs: Sequence[str], references: Sequence[str]) -> dict:

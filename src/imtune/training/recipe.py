@@ -119,14 +119,10 @@ def load_split(cfg: TrainConfig) -> tuple[list, list]:
     records = load(cfg.data)
     val_records = load(cfg.val_data) if cfg.val_data else []
     if cfg.val_fraction:
-        # Split by a seeded permutation of record positions: the same records are held out for every objective.
-        order = np.random.default_rng(cfg.seed).permutation(len(records))
-        n_val = max(1, round(len(records) * cfg.val_fraction))
-        if n_val >= len(records):
-            raise ImtuneError(f"val_fraction {cfg.val_fraction:g} leaves no training data ({len(records)} records)")
-        held = set(order[:n_val].tolist())
-        val_records = [r for i, r in enumerate(records) if i in held]
-        records = [r for i, r in enumerate(records) if i not in held]
+        from imtune.records.split import holdout_split, n_heldout
+
+        records, val_records = holdout_split(records, n_heldout(len(records), cfg.val_fraction), cfg.seed,
+                                             source=f"{cfg.data} (val_fraction {cfg.val_fraction:g})")
     return records, val_records
 
 

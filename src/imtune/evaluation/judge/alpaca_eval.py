@@ -19,7 +19,6 @@ reported so a length effect can at least be seen).
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -258,18 +257,13 @@ class AlpacaEvalResult:
 
 def win_rate_stats(scores: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean (percent), standard error of the mean and a percentile-bootstrap 95% interval."""
-    import numpy as np
+    from imtune.statistics import bootstrap_mean_ci, mean_stderr
 
-    x = np.asarray(scores, dtype=float)
-    n = len(x)
-    if n == 0:
+    if len(scores) == 0:
         return {"win_rate": None, "standard_error": None, "ci95": None}
-    mean = float(x.mean())
-    se = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    rng = np.random.default_rng(seed)
-    boots = x[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"win_rate": 100 * mean, "standard_error": 100 * se, "ci95": [100 * float(lo), 100 * float(hi)]}
+    mean, se = mean_stderr(scores)
+    lo, hi = bootstrap_mean_ci(scores, n_boot=n_boot, seed=seed)
+    return {"win_rate": 100 * mean, "standard_error": 100 * se, "ci95": [100 * lo, 100 * hi]}
 
 
 def judge_pairs(client: JudgeClient, pairs: Sequence[dict], progress: bool | None = None,
