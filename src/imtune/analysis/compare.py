@@ -17,7 +17,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
 from imtune.errors import ImtuneError
 from imtune.io_utils import atomic_write_json, atomic_write_jsonl
