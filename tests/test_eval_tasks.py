@@ -13,6 +13,8 @@ from imtune.cli.main import main
 from imtune.evaluation import humaneval as H
 from imtune.evaluation import tasks as T
 from imtune.evaluation.scoring import encode_pair, loglikelihood
+from imtune.evaluation.tasks import metrics as M
+from imtune.evaluation.tasks import prompts as P
 
 # ------------------------------------------------------------------------------------------------ loaders
 
@@ -44,7 +46,7 @@ def test_other_files_parse():
     assert len(tqa) == 817
     assert all(sum(r["mc1"][1]) == 1 and 0 < sum(r["mc2"][1]) < len(r["mc2"][1]) for r in tqa)
     gsm = T.load_gsm8k()
-    assert len(gsm) == 1319 and all(T._normalise_number(r["target"]).lstrip("-").isdigit() for r in gsm)
+    assert len(gsm) == 1319 and all(M._normalise_number(r["target"]).lstrip("-").isdigit() for r in gsm)
     assert len(T.bbh_subtasks()) == 27 and len(T.load_bbh()) == 6511
     for sub in T.bbh_subtasks():
         desc, shots = T.load_bbh_prompt(sub)
@@ -146,7 +148,7 @@ def test_prompt_formats_follow_lm_eval():
     hs = T.build_mc_docs(T.TaskSpec("hellaswag"), 1, 0)[0]
     assert hs.contexts[0] == ("Pole vault: Pole vault is a sport where you run with a pole and stop and swing "
                               "your body. A few women")
-    assert T._hellaswag_preprocess("Do it [title] Now [step] go  on ") == "Do it. Now go on"
+    assert P._hellaswag_preprocess("Do it [title] Now [step] go  on ") == "Do it. Now go on"
     wg = T.build_mc_docs(T.TaskSpec("winogrande"), 1, 0)[0]
     assert wg.contexts[0].endswith("so Sarah") and wg.contexts[1].endswith("so Maria")
     assert wg.continuations == [" always got the easier cases."] * 2
