@@ -124,12 +124,6 @@ def test_pass_at_k_estimator():
         H.pass_at_k(2, 1, 5)
 
 
-def test_mean_stderr():
-    m, se = T.mean_stderr([1.0, 0.0, 1.0, 0.0])
-    assert m == 0.5 and se == pytest.approx(math.sqrt((1 / 3) / 4))
-    assert T.mean_stderr([1.0]) == (1.0, None)
-
-
 # ------------------------------------------------------------------------------------------------ prompt formats
 
 def test_prompt_formats_follow_lm_eval():

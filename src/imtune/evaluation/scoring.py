@@ -129,27 +129,62 @@ def loglikelihood(model, tokenizer, requests: Sequence[Request], batch_size: int
     `batch_size` counts rows per forward pass; with `reuse`, a row holds all the requests sharing a context.
     Rows are processed longest first, so an out-of-memory error shows up on the first batch, not the last.
     """
+    if add_bos is None:
+        add_bos = default_add_bos(model)
+    pairs = [encode_pair(tokenizer, context, continuation, add_bos=add_bos) for context, continuation in requests]
+    return loglikelihood_tokens(model, pairs, batch_size, reuse=reuse,
+                                max_length=max_length or max_length_of(model, tokenizer), progress=progress)
+
+
+def loglikelihood_tokens(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 16, *,
+                         reuse: bool = True, max_length: int | None = None,
+                         progress: bool = False) -> list[tuple[float, bool]]:
+    """`loglikelihood` for requests that are already token ids: (context ids, continuation ids), the context
+    non-empty (it predicts the first continuation token). lm-eval backends and rolling windows enter here."""
     import torch
     from tqdm.auto import tqdm
 
-    if not requests:
+    if not pairs:
         return []
-    if add_bos is None:
-        add_bos = default_add_bos(model)
     if max_length is None:
-        max_length = max_length_of(model, tokenizer)
-    limit = _packing_ok(model) if reuse else 0
-
-    # 1. Tokenise and truncate like lm-eval; group requests by their (truncated) context tokens.
+        max_length = max_length_of(model)
+    # Truncate like lm-eval: context + continuation keeps its last max_length + 1 tokens.
     items: list[tuple[tuple[int, ...], list[int]]] = []
-    for context, continuation in requests:
-        ctx, cont = encode_pair(tokenizer, context, continuation, add_bos=add_bos)
+    for ctx, cont in pairs:
+        cont = list(cont)
         if len(cont) > max_length:
             raise ValueError(f"continuation of {len(cont)} tokens exceeds the model's {max_length}-token context")
-        whole = (ctx + cont)[-(max_length + 1):]
+        if cont and not ctx:
+            raise ValueError("a request with an empty context has nothing to predict its first token from")
+        whole = (list(ctx) + cont)[-(max_length + 1):]
         items.append((tuple(whole[:len(whole) - len(cont)]), cont))
+    batches = _plan_batches(items, _packing_ok(model) if reuse else 0, batch_size)
+    results: list[tuple[float, bool] | None] = [(0.0, True) if not cont else None for _, cont in items]
 
-    rows: list[tuple[tuple[int, ...], list[int]]] = []  # (context tokens, request indices)
+    keep_mode = _keep_supported(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    bar = tqdm(total=len(items), desc="scoring", unit="req", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for packed, batch in batches:
+                _score_batch(model, batch, items, results, device, dtype, keep_mode, packed=packed)
+                bar.update(sum(len(idx) for _, idx in batch))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]
+
+
+def _plan_batches(items, limit: int | None, batch_size: int) -> list[tuple[bool, list]]:
+    """Rows (context tokens, request indices) grouped into (packed?, rows) batches, longest first.
+
+    Requests with equal context tokens share a row unless packing is off (`limit` 0) or the row would exceed
+    `limit` tokens."""
+    rows: list[tuple[tuple[int, ...], list[int]]] = []
     if limit == 0:
         rows = [(items[i][0], [i]) for i in range(len(items))]
     else:
@@ -189,27 +224,7 @@ def loglikelihood(model, tokenizer, requests: Sequence[Request], batch_size: int
         if cur:
             batches.append((kind, cur))
     batches.sort(key=lambda kb: -row_len(kb[1][0]))
-    results: list[tuple[float, bool] | None] = [None] * len(requests)
-    for i, (_, cont) in enumerate(items):
-        if not cont:
-            results[i] = (0.0, True)
-
-    keep_mode = _keep_supported(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    bar = tqdm(total=len(requests), desc="scoring", unit="req", disable=not progress, leave=False)
-    try:
-        with torch.inference_mode():
-            for packed, batch in batches:
-                _score_batch(model, batch, items, results, device, dtype, keep_mode, packed=packed)
-                bar.update(sum(len(idx) for _, idx in batch))
-    finally:
-        bar.close()
-        if was_training:
-            model.train()
-    return results  # type: ignore[return-value]
+    return batches
 
 
 def _score_batch(model, batch, items, results, device, dtype, keep_mode: str, packed: bool) -> None:

@@ -30,7 +30,7 @@ _EXPORTS = {
     "data": ("DATA", "MC_FILES", "bbh_subtasks", "load_bbh", "load_bbh_prompt", "load_gsm8k", "load_mc", "load_mmlu",
              "load_truthfulqa", "load_tydiqa", "mmlu_subjects"),
     "metrics": ("bbh_correct", "extract_bbh_answer", "extract_gsm8k_answer", "gsm8k_correct", "mc2_score",
-                "mc_predictions", "mean_stderr", "normalize_answer", "squad_em", "squad_f1"),
+                "mc_predictions", "normalize_answer", "squad_em", "squad_f1"),
     "prompts": ("GEN_SETTINGS", "GSM8K_COT_EXEMPLARS", "TRUTHFULQA_PREAMBLE", "TYDIQA_INSTRUCTION", "GenDoc", "MCDoc",
                 "bbh_prompt", "build_gen_docs", "build_mc_docs", "gsm8k_prompt", "mmlu_prompt", "tydiqa_prompt"),
     "registry": ("ALIASES", "GROUPS", "TASKS", "TaskInfo", "TaskSpec", "list_tasks", "parse_tasks"),

@@ -109,15 +109,3 @@ def squad_f1(prediction: str, gold: str) -> float:
 
 def squad_em(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and standard error of the mean (sample standard deviation / sqrt(n))."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), None
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)

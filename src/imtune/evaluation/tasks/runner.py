@@ -16,7 +16,6 @@ from imtune.evaluation.tasks.metrics import (
     gsm8k_correct,
     mc2_score,
     mc_predictions,
-    mean_stderr,
     squad_em,
     squad_f1,
 )
@@ -29,6 +28,7 @@ from imtune.evaluation.tasks.prompts import (
     first_n,
 )
 from imtune.evaluation.tasks.registry import TASKS, TaskSpec, parse_tasks
+from imtune.statistics import mean_stderr
 
 
 def _summarise(per_doc: dict[str, list[float]], groups: list[str] | None = None) -> tuple[dict, dict, dict]:
