@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import imtune
-
 from imtune.masking.objectives import parse_objective
 
 _OBJECTIVE_TEXT = {

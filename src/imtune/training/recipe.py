@@ -1,8 +1,14 @@
 """The training recipe: one readable flow from a `TrainConfig` to a saved model.
 
-    config -> data (load, split, encode with the objective's weights) -> model (+LoRA, +reference for KL)
-           -> for each optimizer step: normaliser from the plan -> forward/backward per micro-batch -> clip -> step
-           -> metrics, checkpoints, evaluation -> final model, tokenizer, model card
+    set up    config -> data (load, split, encode with the objective's weights; `training.data`)
+              -> model (+LoRA, +reference for KL), optimizer, schedule (`training.components`)
+    plan      which examples form each micro-batch and optimizer step (`training.data.Plan`)
+    step      normaliser from the plan -> forward/backward per micro-batch -> clip -> optimizer step
+    evaluate  output-only loss on the held-out set at each epoch end
+    checkpoint  at epoch ends and every `save_steps` (`training.checkpointing`)
+    save      final model, tokenizer, model card and metrics (`training.outputs`)
+
+`Recipe` holds the run's state; `_train` calls its steps in that order.
 
 Loss normalisation. A step's loss is sum(w_t * CE_t) over every micro-batch of the step, on every process, divided
 by the step's total weight (`loss_normalization: weight`) or by its number of tokens with non-zero weight
@@ -20,26 +26,32 @@ pass so that DDP's gradient all-reduce still happens on every process.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from imtune.training import checkpointing
 from imtune.config import TrainConfig
 from imtune.errors import ImtuneError
+from imtune.training import checkpointing
+from imtune.training.components import build_model, build_optimizer, lr_lambda
+from imtune.training.data import Plan, encode_sets, load_records, make_batch
+from imtune.training.outputs import (
+    CONFIG_FILE,
+    MetricsLog,
+    check_output_dir,
+    clear_dir,
+    config_yaml,
+    note,
+    save_final,
+    saved_config,
+)
 
-CONFIG_FILE = "imtune_config.yaml"
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tensorboard"
+__all__ = ["CHAT_TEMPLATES", "TrainResult", "lr_lambda", "train"]
 # Settings a resumed run must share with the checkpoint, or the data order / parameters would not line up.
 MUST_MATCH = ("model", "data", "data_format", "objective", "template", "max_length", "truncation_side", "seed",
               "micro_batch_size", "group_by_length", "packing", "val_data", "val_fraction", "lora", "lora_r",
@@ -86,319 +98,6 @@ class TrainResult:
     config: TrainConfig | None = None
 
 
-@dataclass
-class Split:
-    """Encoded examples plus per-example totals the step normaliser is built from."""
-
-    examples: list
-    lengths: np.ndarray
-    weight_sums: np.ndarray  # float64
-    n_weighted: np.ndarray
-
-
-def _split(examples) -> Split:
-    return Split(examples, np.array([len(e) for e in examples], dtype=np.int64),
-                 np.array([math.fsum(e.weights) for e in examples], dtype=np.float64),
-                 np.array([sum(1 for w in e.weights if w > 0) for e in examples], dtype=np.int64))
-
-
-# ---------------------------------------------------------------------------------------------------------- data
-
-
-def load_split(cfg: TrainConfig) -> tuple[list, list]:
-    """Training and held-out records (not yet tokenised)."""
-    from imtune.records.loading import load_dataset
-
-    def load(path):
-        res = load_dataset(path, format=cfg.data_format, skip_invalid=cfg.skip_invalid)
-        if res.skipped:
-            _note(f"skipped {len(res.skipped)} invalid record(s) in {path}: {res.skipped[0].format()}"
-                  + (" ..." if len(res.skipped) > 1 else ""))
-        return res.records
-
-    records = load(cfg.data)
-    val_records = load(cfg.val_data) if cfg.val_data else []
-    if cfg.val_fraction:
-        from imtune.records.split import holdout_split, n_heldout
-
-        records, val_records = holdout_split(records, n_heldout(len(records), cfg.val_fraction), cfg.seed,
-                                             source=f"{cfg.data} (val_fraction {cfg.val_fraction:g})")
-    return records, val_records
-
-
-def encode_split(cfg: TrainConfig, tokenizer, records, val_records) -> tuple[Split, Split | None, dict]:
-    from imtune.masking.encoding import encode_with_report
-
-    enc_args = dict(template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side)
-    train, rep = encode_with_report(records, tokenizer, cfg.objective, **enc_args)
-    if not train:
-        raise ImtuneError(f"{cfg.data}: no example has a token with non-zero weight under objective {cfg.objective}")
-    summary = {"train_examples": len(train), "truncated": rep.n_truncated, "dropped_no_weight": rep.n_dropped}
-    val = None
-    if val_records:
-        # Held-out loss is always output-only, so runs with different training objectives are comparable.
-        val_enc, _ = encode_with_report(val_records, tokenizer, "it", **enc_args)
-        if val_enc:
-            val = _split(val_enc)
-            summary["val_examples"] = len(val_enc)
-    split = _split(train)
-    summary["train_tokens"] = int(split.lengths.sum())
-    summary["weighted_tokens"] = int(split.n_weighted.sum())
-    return split, val, summary
-
-
-class Plan:
-    """Which examples form each micro-batch and each optimizer step, per epoch; identical on every process."""
-
-    def __init__(self, cfg: TrainConfig, data: Split, accumulation: int, world_size: int):
-        self.cfg, self.data = cfg, data
-        self.per_step = accumulation * world_size
-        self._cache: dict[int, list[list[list[int]]]] = {}
-
-    def micro_batches(self, epoch: int) -> list[list[int]]:
-        from imtune.training.batching import pack_plan, plan_batches
-
-        lengths = self.data.lengths.tolist()
-        if self.cfg.packing:
-            rows = pack_plan(lengths, self.cfg.max_length, seed=self.cfg.seed, epoch=epoch)
-            # A packed micro-batch is micro_batch_size packed rows, flattened into one sequence.
-            mbs = self.cfg.micro_batch_size
-            return [[i for row in rows[k:k + mbs] for i in row] for k in range(0, len(rows), mbs)]
-        return plan_batches(lengths, self.cfg.micro_batch_size, seed=self.cfg.seed, epoch=epoch,
-                            group_by_length=self.cfg.group_by_length, shuffle=True)
-
-    def steps(self, epoch: int) -> list[list[list[int]]]:
-        if epoch not in self._cache:
-            mbs = self.micro_batches(epoch)
-            self._cache = {epoch: [mbs[i:i + self.per_step] for i in range(0, len(mbs), self.per_step)]}
-        return self._cache[epoch]
-
-    def total_steps(self) -> int:
-        if self.cfg.max_steps:
-            return self.cfg.max_steps
-        return sum(len(self.steps(e)) for e in range(self.cfg.epochs))
-
-    def normaliser(self, step: list[list[int]]) -> float:
-        idx = [i for mb in step for i in mb]
-        src = self.data.weight_sums if self.cfg.loss_normalization == "weight" else self.data.n_weighted
-        return float(math.fsum(src[idx].tolist()))
-
-
-def make_batch(cfg: TrainConfig, examples, pad_token_id: int, device, packed: bool) -> dict:
-    from imtune.training.batching import collate, pack
-
-    if packed:
-        b = pack(examples, cfg.max_length * cfg.micro_batch_size)
-        b.pop("seq_lens", None)
-    else:
-        b = collate(examples, pad_token_id)
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------- model
-
-
-def build_model(cfg: TrainConfig, accelerator):
-    """The model to train, plus the KL reference model (or None). Frozen reference = the starting weights."""
-    from imtune.models import load_model
-
-    model = load_model(cfg.model, dtype="float32", trust_remote_code=cfg.trust_remote_code)
-    if cfg.attn_implementation:
-        try:
-            model.set_attn_implementation(cfg.attn_implementation)
-        except (ValueError, ImportError) as e:
-            raise ImtuneError(f"attn_implementation {cfg.attn_implementation!r}: {e}") from None
-    ref = None
-    if cfg.kl_coef > 0 and not cfg.lora:
-        # Copied before any hook is attached, so the reference never sees NEFTune noise.
-        ref = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_target_modules.strip()
-        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
-        try:
-            model = get_peft_model(model, lcfg)
-        except ValueError as e:
-            raise ImtuneError(f"lora_target_modules {cfg.lora_target_modules!r}: {e}") from None
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "config"):
-        model.config.use_cache = False
-    return model, ref
-
-
-def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            # Matrices decay; biases and norm gains do not (the usual AdamW convention).
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel (CPU and CUDA) is what HF Trainer uses by default on recent torch; same maths, one pass.
-    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=fused or None)
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return f
-
-
-# ---------------------------------------------------------------------------------------------------------- output
-
-
-def _note(msg: str) -> None:
-    print(f"imtune train: {msg}", file=sys.stderr, flush=True)
-
-
-def check_output_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ImtuneError(f"out: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.resume:
-        if not cfg.overwrite:
-            raise ImtuneError(f"out: {out} is not empty; pass --overwrite to replace it or --resume to continue")
-        if not ((out / CONFIG_FILE).exists() or (out / checkpointing.CHECKPOINTS).exists()):
-            raise ImtuneError(f"out: refusing to --overwrite {out}: it does not look like an imtune output "
-                              f"directory (no {CONFIG_FILE})")
-    return out
-
-
-def _clear_dir(out: Path) -> None:
-    for p in out.iterdir():
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-
-
-def saved_config(cfg: TrainConfig) -> dict:
-    # resume/overwrite describe one invocation, not the run: re-using the file should start a run, not resume one.
-    return cfg.replace(resume=None, overwrite=False).to_dict()
-
-
-def save_final(cfg: TrainConfig, out: Path, model, tokenizer, accelerator, card: str, sharded: bool) -> None:
-    """Write model, tokenizer and card to a temp dir, then rename the files into `out` (config.json and README
-    last, so a directory that looks loadable is complete)."""
-    state_dict = accelerator.get_state_dict(model) if sharded else None
-    if not accelerator.is_main_process:
-        return
-    from imtune.io_utils import atomic_write_text
-
-    unwrapped = accelerator.unwrap_model(model)
-    tmp = out / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if cfg.lora and cfg.merge:
-            unwrapped = unwrapped.merge_and_unload()
-            state_dict = None
-        if hasattr(unwrapped, "config"):
-            unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        tok = copy.copy(tokenizer)  # load_tokenizer memoises: never mutate the shared instance
-        if cfg.template in CHAT_TEMPLATES:
-            tok.chat_template = CHAT_TEMPLATES[cfg.template]
-        tok.save_pretrained(str(tmp))
-        names = sorted(p.name for p in tmp.iterdir())
-        last = [n for n in ("adapter_config.json", "config.json") if n in names]
-        for n in [n for n in names if n not in last] + last:
-            dst = out / n
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            os.replace(tmp / n, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_text(out / "README.md", card)
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard, main process only."""
-
-    def __init__(self, out: Path, active: bool, keep_rows: int | None, purge_step: int | None):
-        self.active, self.rows = active, []
-        self.path = out / METRICS_FILE
-        self.f = self.tb = None
-        if not active:
-            return
-        if keep_rows is not None and self.path.exists():
-            # Rows written after the checkpoint belong to the part of the run that is being redone.
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_rows]
-            self.path.write_text("".join(lines), encoding="utf-8")
-            self.rows = [json.loads(x) for x in lines]
-        self.f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / TB_DIR), purge_step=purge_step)
-        except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
-            self.tb = None
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        if not self.active:
-            return
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            tag = "eval" if "eval_loss" in row else "train"
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{tag}/{k}", v, row["step"])
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-# ---------------------------------------------------------------------------------------------------------- loop
-
-
-def evaluate(model, val: Split, cfg: TrainConfig, accelerator, pad_id: int, autocast) -> dict:
-    """Output-only loss on the held-out split: sum(w * CE) / sum(w) over all of it, sharded over processes."""
-    from imtune.training.batching import plan_batches
-    from imtune.training.loss import weighted_loss_sum
-
-    batches = plan_batches(val.lengths.tolist(), cfg.micro_batch_size, seed=0, epoch=0, group_by_length=True,
-                           shuffle=False)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    n_rounds = math.ceil(len(batches) / world)
-    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for r in range(n_rounds):
-            k = r * world + rank
-            # Every process runs the same number of forwards (collectives in DDP/FSDP); extra ones count zero.
-            mb = batches[k] if k < len(batches) else batches[0]
-            batch = make_batch(cfg, [val.examples[i] for i in mb], pad_id, accelerator.device, packed=False)
-            with autocast():
-                o = weighted_loss_sum(model, batch, chunk_size=cfg.loss_chunk_size)
-            if k < len(batches):
-                sums += torch.tensor([o.ce_sum, o.weight_sum], dtype=torch.float64, device=sums.device)
-    model.train(was_training)
-    sums = accelerator.reduce(sums, "sum") if world > 1 else sums
-    ce, w = sums.tolist()
-    return {"eval_loss": ce / w if w else float("nan"), "eval_weighted_tokens": w}
-
-
 def train(config: TrainConfig | dict | str | os.PathLike) -> TrainResult:
     """Train per `config` (a TrainConfig, a dict of its fields, or a YAML path); see the module doc."""
     from transformers.utils import logging as hf_logging
@@ -414,199 +113,276 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> TrainResult:
 
 
 def _train(config) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    recipe = Recipe(TrainConfig.coerce(config).validate())
+    recipe.set_up()
+    recipe.start()
+    recipe.train_loop()
+    return recipe.save()
 
-    from imtune.training.loss import neftune_hook, weighted_loss_sum
-    from imtune.training.model_card import render_model_card
-    from imtune.models import load_tokenizer
 
-    t_start = time.time()
-    cfg = TrainConfig.coerce(config).validate()
+class Recipe:
+    """One training run. Steps, in the order `_train` calls them: set_up, start, train_loop (plan, step,
+    evaluate, checkpoint), save."""
 
-    # ---- everything that can fail on bad input happens before the output directory is touched
-    out = check_output_dir(cfg)
-    # cpu=True on a machine without an accelerator lets a multi-process launch (`accelerate launch --multi_gpu`,
-    # torchrun) run as MULTI_CPU over gloo instead of as independent single processes.
-    accelerator = Accelerator(cpu=not _has_accelerator())
-    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    accumulation = cfg.accumulation_steps(world)
-    ckpt = checkpointing.find_checkpoint(out, cfg.resume) if cfg.resume else None
-    ckpt_state = checkpointing.read_state(ckpt) if ckpt else None
-    if ckpt_state:
-        _check_resume_compatible(cfg, ckpt_state, accumulation * world * cfg.micro_batch_size)
-    records, val_records = load_split(cfg)
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_data, val_data, data_summary = encode_split(cfg, tokenizer, records, val_records)
-    set_seed(cfg.seed)
-    model, ref_model = build_model(cfg, accelerator)
-    packed = False
-    if cfg.packing:
-        from imtune.training.batching import supports_packing
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.t_start = time.time()
+        self.global_step = self.start_epoch = self.start_in_epoch = 0
+        self.tokens_seen = 0
+        self.last_row: dict = {}
+        self.eval_rows: list[dict] = []
 
-        packed = supports_packing(model)
-        if not packed:
-            _note(f"packing is off: {type(model).__name__} does not honour position_ids across packed examples")
-            cfg = cfg.replace(packing=False)
-    plan = Plan(cfg, train_data, accumulation, world)
-    total_steps = plan.total_steps()
-    optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    neftune = neftune_hook(model, cfg.neftune_alpha) if cfg.neftune_alpha > 0 else None
-    # The scheduler stays unprepared: accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device_type = accelerator.device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if cfg.precision == "bf16" \
-        else contextlib.nullcontext
-    pad_id = tokenizer.pad_token_id
+    # ---- set up: everything that can fail on bad input happens before the output directory is touched --------------
+    def set_up(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
-    # ---- restore or start the output directory
-    global_step, start_epoch, start_in_epoch, keep_rows = 0, 0, 0, None
-    if ckpt:
-        st = checkpointing.load_checkpoint(ckpt, model, optimizer, scheduler, accelerator, sharded=sharded)
-        global_step, start_epoch, start_in_epoch, keep_rows = st.global_step, st.epoch, st.step_in_epoch, \
-            st.metrics_rows
-        if is_main:
-            _note(f"resuming from {ckpt} (step {global_step}, epoch {start_epoch + 1}, "
-                  f"step {start_in_epoch} of it)")
-    if is_main:
-        if cfg.overwrite and not cfg.resume and out.is_dir():
-            _clear_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        from imtune.io_utils import atomic_write_text
+        cfg = self.cfg
+        self.out = check_output_dir(cfg)
+        # cpu=True on a machine without an accelerator lets a multi-process launch (`accelerate launch --multi_gpu`,
+        # torchrun) run as MULTI_CPU over gloo instead of as independent single processes.
+        acc = self.accelerator = Accelerator(cpu=not _has_accelerator())
+        self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
+        self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        self.accumulation = cfg.accumulation_steps(self.world)
+        self.ckpt = checkpointing.find_checkpoint(self.out, cfg.resume) if cfg.resume else None
+        if self.ckpt:
+            _check_resume_compatible(cfg, checkpointing.read_state(self.ckpt),
+                                     self.accumulation * self.world * cfg.micro_batch_size)
+        self._set_up_data()
+        self._set_up_model()
 
-        atomic_write_text(out / CONFIG_FILE, _yaml(saved_config(cfg)))
-    accelerator.wait_for_everyone()
-    log = MetricsLog(out, is_main, keep_rows, purge_step=global_step + 1 if ckpt else None)
+    def _set_up_data(self) -> None:
+        from imtune.models import load_tokenizer
 
-    if is_main:
+        cfg = self.cfg
+        records, val_records = load_records(cfg, note)
+        self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_data, self.val_data, self.data_summary = encode_sets(cfg, self.tokenizer, records, val_records)
+
+    def _set_up_model(self) -> None:
+        from accelerate.utils import set_seed
+
+        from imtune.training.loss import neftune_hook
+
+        cfg = self.cfg
+        set_seed(cfg.seed)
+        model, self.ref_model = build_model(cfg, self.accelerator)
+        self.packed = False
+        if cfg.packing:
+            from imtune.training.batching import supports_packing
+
+            self.packed = supports_packing(model)
+            if not self.packed:
+                note(f"packing is off: {type(model).__name__} does not honour position_ids across packed examples")
+                cfg = self.cfg = cfg.replace(packing=False)
+        self.plan = Plan(cfg, self.train_data, self.accumulation, self.world)
+        self.total_steps = self.plan.total_steps()
+        optimizer = build_optimizer(cfg, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
+        self.neftune = neftune_hook(model, cfg.neftune_alpha) if cfg.neftune_alpha > 0 else None
+        # The scheduler stays unprepared: accelerate would step it once per process.
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        device_type = self.accelerator.device.type
+        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if cfg.precision == "bf16" \
+            else contextlib.nullcontext
+
+    # ---- start: restore the checkpoint, or open a fresh output directory ----------------------------------------------
+    def start(self) -> None:
+        cfg, keep_rows = self.cfg, None
+        if self.ckpt:
+            st = checkpointing.load_checkpoint(self.ckpt, self.model, self.optimizer, self.scheduler,
+                                               self.accelerator, sharded=self.sharded)
+            self.global_step, self.start_epoch, self.start_in_epoch = st.global_step, st.epoch, st.step_in_epoch
+            keep_rows = st.metrics_rows
+            if self.is_main:
+                note(f"resuming from {self.ckpt} (step {self.global_step}, epoch {self.start_epoch + 1}, "
+                     f"step {self.start_in_epoch} of it)")
+        if self.is_main:
+            from imtune.io_utils import atomic_write_text
+
+            if cfg.overwrite and not cfg.resume and self.out.is_dir():
+                clear_dir(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / CONFIG_FILE, config_yaml(saved_config(cfg)))
+        self.accelerator.wait_for_everyone()
+        self.log = MetricsLog(self.out, self.is_main, keep_rows,
+                              purge_step=self.global_step + 1 if self.ckpt else None)
+        self.eval_rows = [r for r in self.log.rows if "eval_loss" in r]
+        self.tokens_seen = sum(r.get("tokens", 0) for r in self.log.rows if "loss" in r)
+        if self.is_main:
+            self._announce_plan()
+
+    def _announce_plan(self) -> None:
         from imtune.training.batching import padding_fraction
 
-        pad = padding_fraction(plan.micro_batches(start_epoch), train_data.lengths.tolist()) if not packed else 0.0
-        _note(f"{len(train_data.examples)} training examples"
-              + (f", {len(val_data.examples)} held out" if val_data else "")
-              + f"; {total_steps} steps of {cfg.micro_batch_size} x {accumulation} accumulation x {world} "
-                f"process(es); objective {cfg.objective}; padding {pad:.1%}")
+        cfg, data = self.cfg, self.train_data
+        pad = 0.0 if self.packed else padding_fraction(self.plan.micro_batches(self.start_epoch),
+                                                       data.lengths.tolist())
+        note(f"{len(data.examples)} training examples"
+             + (f", {len(self.val_data.examples)} held out" if self.val_data else "")
+             + f"; {self.total_steps} steps of {cfg.micro_batch_size} x {self.accumulation} accumulation x "
+               f"{self.world} process(es); objective {cfg.objective}; padding {pad:.1%}")
 
-    progress = _progress_bar(total_steps, global_step, enabled=is_main and cfg.progress)
-    model.train()
-    last_row: dict = {}
-    eval_rows: list[dict] = [r for r in log.rows if "eval_loss" in r]
-    tokens_seen = sum(r.get("tokens", 0) for r in log.rows if "loss" in r)
-    stopped_at_epoch_end = False
-    try:
-        epoch = start_epoch
-        while global_step < total_steps:
-            steps = plan.steps(epoch)
-            first = start_in_epoch if epoch == start_epoch else 0
-            for s in range(first, len(steps)):
-                if global_step >= total_steps:
-                    break
-                t0 = time.perf_counter()
-                step_mbs = steps[s]
-                norm = plan.normaliser(step_mbs)
-                mine = step_mbs[rank::world]
-                scale = world / norm
-                stats = torch.zeros(3, dtype=torch.float64)  # loss_sum, ce_sum, kl_sum over this process
-                for i, mb in enumerate(mine or step_mbs[:1]):
-                    batch = make_batch(cfg, [train_data.examples[j] for j in mb], pad_id, accelerator.device,
-                                       packed)
-                    last = i == max(len(mine), 1) - 1
-                    sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                    if sharded:
-                        accelerator.gradient_state._set_sync_gradients(last)
-                    with sync:
-                        with autocast():
-                            o = weighted_loss_sum(model, batch, chunk_size=cfg.loss_chunk_size,
-                                                  kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, ref_model=ref_model,
-                                                  ref_adapter_disabled=cfg.lora and cfg.kl_coef > 0)
-                        real = 1.0 if mine else 0.0  # a stand-in pass contributes nothing
-                        accelerator.backward(o.loss_sum * (scale * real))
-                    stats += torch.tensor([float(o.loss_sum.detach()) * real, o.ce_sum * real, o.kl_sum * real],
-                                          dtype=torch.float64)
-                if world > 1:
-                    stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu()
-                loss_total, ce_total, kl_total = stats.tolist()
-                loss = loss_total / norm
-                grad_norm = accelerator.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad],
-                    cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not sharded):
-                    optimizer.zero_grad(set_to_none=True)
-                    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-                    good = checkpointing.list_checkpoints(out)
-                    raise ImtuneError(f"step {global_step + 1}: {what}; training stopped before applying it "
-                                      f"(last good checkpoint: {good[-1] if good else 'none'}); try a lower --lr "
-                                      f"or --precision fp32")
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                dt = time.perf_counter() - t0
+    # ---- the loop: plan -> step -> evaluate -> checkpoint ------------------------------------------------------------
+    def train_loop(self) -> None:
+        cfg = self.cfg
+        progress = _progress_bar(self.total_steps, self.global_step, enabled=self.is_main and cfg.progress)
+        self.model.train()
+        ended_epoch = False
+        try:
+            epoch = self.start_epoch
+            while self.global_step < self.total_steps:
+                steps = self.plan.steps(epoch)
+                first = self.start_in_epoch if epoch == self.start_epoch else 0
+                for s in range(first, min(len(steps), first + self.total_steps - self.global_step)):
+                    row = self.step(steps[s], round(epoch + (s + 1) / len(steps), 4))
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                                         refresh=False)
+                    ended_epoch = s == len(steps) - 1
+                    if ended_epoch and self.val_data is not None:
+                        self.evaluate(epoch + 1)
+                    if ended_epoch or (cfg.save_steps and self.global_step % cfg.save_steps == 0):
+                        self.checkpoint(*((epoch + 1, 0) if ended_epoch else (epoch, s + 1)))
+                epoch += 1
+            if self.val_data is not None and not ended_epoch and self.global_step > 0:
+                self.evaluate(self.last_row.get("epoch", epoch))
+        finally:
+            progress.close()
+            self.log.close()
+            if self.neftune is not None:
+                self.neftune.remove()
 
-                idx = [j for mb in step_mbs for j in mb]
-                n_tok = int(train_data.lengths[idx].sum())
-                tokens_seen += n_tok
-                padded = sum(len(mb) * int(train_data.lengths[mb].max()) for mb in step_mbs) if not packed else n_tok
-                row = {"step": global_step, "epoch": round(epoch + (s + 1) / len(steps), 4), "loss": loss,
-                       "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tok / dt, "tokens": n_tok,
-                       "weighted_tokens": int(train_data.n_weighted[idx].sum()),
-                       "weight_sum": float(train_data.weight_sums[idx].sum()),
-                       "padding_fraction": 1.0 - n_tok / padded if padded else 0.0, "step_time_s": dt}
-                if cfg.kl_coef > 0:
-                    row["ce_loss"], row["kl"] = ce_total / norm, kl_total / norm
-                last_row = row
-                if global_step % cfg.logging_steps == 0 or global_step == total_steps:
-                    log.write(row)
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{n_tok / dt:,.0f}", refresh=False)
+    def step(self, step_mbs: list[list[int]], epoch: float) -> dict:
+        """One optimizer step over the plan's micro-batches `step_mbs` (this process takes its share)."""
+        t0 = time.perf_counter()
+        norm = self.plan.normaliser(step_mbs)
+        loss_total, ce_total, kl_total = self._forward_backward(step_mbs, norm)
+        loss = loss_total / norm
+        grad_norm = self.accelerator.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad],
+            self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not self.sharded):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            good = checkpointing.list_checkpoints(self.out)
+            raise ImtuneError(f"step {self.global_step + 1}: {what}; training stopped before applying it "
+                              f"(last good checkpoint: {good[-1] if good else 'none'}); try a lower --lr "
+                              f"or --precision fp32")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        row = self._step_row(step_mbs, epoch, loss, lr, grad_norm, time.perf_counter() - t0)
+        if self.cfg.kl_coef > 0:
+            row["ce_loss"], row["kl"] = ce_total / norm, kl_total / norm
+        self.last_row = row
+        if self.global_step % self.cfg.logging_steps == 0 or self.global_step == self.total_steps:
+            self.log.write(row)
+        return row
 
-                epoch_end = s == len(steps) - 1
-                stopped_at_epoch_end = epoch_end
-                if epoch_end and val_data is not None:
-                    ev = {"step": global_step, "epoch": epoch + 1,
-                          **evaluate(model, val_data, cfg, accelerator, pad_id, autocast)}
-                    eval_rows.append(ev)
-                    log.write(ev)
-                if epoch_end or (cfg.save_steps and global_step % cfg.save_steps == 0):
-                    pos = (epoch + 1, 0) if epoch_end else (epoch, s + 1)
-                    state = checkpointing.TrainerState(global_step, pos[0], pos[1], len(log.rows), world,
-                                                       saved_config(cfg))
-                    checkpointing.save_checkpoint(out, state, model, optimizer, scheduler, accelerator,
-                                                  sharded=sharded, save_total_limit=cfg.save_total_limit)
-            epoch += 1
-        if val_data is not None and not stopped_at_epoch_end and global_step > 0:
-            ev = {"step": global_step, "epoch": round(last_row.get("epoch", epoch), 4),
-                  **evaluate(model, val_data, cfg, accelerator, pad_id, autocast)}
-            eval_rows.append(ev)
-            log.write(ev)
-    finally:
-        progress.close()
-        log.close()
-        if neftune is not None:
-            neftune.remove()
+    def _forward_backward(self, step_mbs: list[list[int]], norm: float) -> tuple[float, float, float]:
+        """Accumulate this process' gradients for the step; returns (loss, CE, KL) sums over all processes."""
+        from imtune.training.loss import weighted_loss_sum
 
-    # ---- final outputs
-    history = [r for r in log.rows if "loss" in r]
-    final = {"train_loss": history[-1]["loss"] if history else None, "steps": global_step,
-             "epochs": round(history[-1]["epoch"], 4) if history else 0, "tokens": tokens_seen,
-             "runtime_s": round(time.time() - t_start, 2)}
-    if eval_rows:
-        final["eval_loss"] = eval_rows[-1]["eval_loss"]
-    card = render_model_card(saved_config(cfg), base_model=cfg.model, data_summary=data_summary,
-                             final_metrics=final, adapter=cfg.lora and not cfg.merge)
-    save_final(cfg, out, model, tokenizer, accelerator, card, sharded)
-    accelerator.wait_for_everyone()
-    if is_main:
-        from imtune.io_utils import atomic_write_json
+        cfg, acc, world = self.cfg, self.accelerator, self.world
+        mine = step_mbs[self.rank::world]
+        scale = world / norm
+        stats = torch.zeros(3, dtype=torch.float64)  # loss_sum, ce_sum, kl_sum over this process
+        for i, mb in enumerate(mine or step_mbs[:1]):
+            batch = make_batch(cfg, [self.train_data.examples[j] for j in mb], self.pad_id, acc.device, self.packed)
+            last = i == max(len(mine), 1) - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+            if self.sharded:
+                acc.gradient_state._set_sync_gradients(last)
+            with sync:
+                with self.autocast():
+                    o = weighted_loss_sum(self.model, batch, chunk_size=cfg.loss_chunk_size, kl_coef=cfg.kl_coef,
+                                          kl_type=cfg.kl_type, ref_model=self.ref_model,
+                                          ref_adapter_disabled=cfg.lora and cfg.kl_coef > 0)
+                real = 1.0 if mine else 0.0  # a stand-in pass contributes nothing
+                acc.backward(o.loss_sum * (scale * real))
+            stats += torch.tensor([float(o.loss_sum.detach()) * real, o.ce_sum * real, o.kl_sum * real],
+                                  dtype=torch.float64)
+        if world > 1:
+            stats = acc.reduce(stats.to(acc.device), "sum").cpu()
+        return tuple(stats.tolist())
 
-        atomic_write_json(out / "final_metrics.json", final)
-        _note(f"done: {global_step} steps, train loss {final['train_loss']:.4f}"
-              + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + f"; saved to {out}")
-    return TrainResult(out, final, history, eval_rows, cfg)
+    def _step_row(self, step_mbs, epoch: float, loss: float, lr: float, grad_norm: float, dt: float) -> dict:
+        data = self.train_data
+        idx = [j for mb in step_mbs for j in mb]
+        n_tok = int(data.lengths[idx].sum())
+        self.tokens_seen += n_tok
+        padded = n_tok if self.packed else sum(len(mb) * int(data.lengths[mb].max()) for mb in step_mbs)
+        return {"step": self.global_step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": n_tok / dt, "tokens": n_tok, "weighted_tokens": int(data.n_weighted[idx].sum()),
+                "weight_sum": float(data.weight_sums[idx].sum()),
+                "padding_fraction": 1.0 - n_tok / padded if padded else 0.0, "step_time_s": dt}
+
+    def evaluate(self, epoch: float) -> dict:
+        """Output-only loss on the held-out set: sum(w * CE) / sum(w) over all of it, sharded over processes."""
+        from imtune.training.batching import plan_batches
+        from imtune.training.loss import weighted_loss_sum
+
+        cfg, acc, val, model = self.cfg, self.accelerator, self.val_data, self.model
+        batches = plan_batches(val.lengths.tolist(), cfg.micro_batch_size, seed=0, epoch=0, group_by_length=True,
+                               shuffle=False)
+        sums = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for r in range(math.ceil(len(batches) / self.world)):
+                k = r * self.world + self.rank
+                # Every process runs the same number of forwards (collectives in DDP/FSDP); extra ones count zero.
+                mb = batches[k] if k < len(batches) else batches[0]
+                batch = make_batch(cfg, [val.examples[i] for i in mb], self.pad_id, acc.device, packed=False)
+                with self.autocast():
+                    o = weighted_loss_sum(model, batch, chunk_size=cfg.loss_chunk_size)
+                if k < len(batches):
+                    sums += torch.tensor([o.ce_sum, o.weight_sum], dtype=torch.float64, device=sums.device)
+        model.train(was_training)
+        ce, w = (acc.reduce(sums, "sum") if self.world > 1 else sums).tolist()
+        row = {"step": self.global_step, "epoch": epoch, "eval_loss": ce / w if w else float("nan"),
+               "eval_weighted_tokens": w}
+        self.eval_rows.append(row)
+        self.log.write(row)
+        return row
+
+    def checkpoint(self, epoch: int, step_in_epoch: int) -> Path:
+        """Save everything needed to continue at (epoch, step_in_epoch) of the plan."""
+        state = checkpointing.TrainerState(self.global_step, epoch, step_in_epoch, len(self.log.rows), self.world,
+                                           saved_config(self.cfg))
+        return checkpointing.save_checkpoint(self.out, state, self.model, self.optimizer, self.scheduler,
+                                             self.accelerator, sharded=self.sharded,
+                                             save_total_limit=self.cfg.save_total_limit)
+
+    # ---- save: final model, tokenizer, card and metrics --------------------------------------------------------------
+    def save(self) -> TrainResult:
+        from imtune.training.model_card import render_model_card
+
+        cfg, out = self.cfg, self.out
+        history = [r for r in self.log.rows if "loss" in r]
+        final = {"train_loss": history[-1]["loss"] if history else None, "steps": self.global_step,
+                 "epochs": round(history[-1]["epoch"], 4) if history else 0, "tokens": self.tokens_seen,
+                 "runtime_s": round(time.time() - self.t_start, 2)}
+        if self.eval_rows:
+            final["eval_loss"] = self.eval_rows[-1]["eval_loss"]
+        card = render_model_card(saved_config(cfg), base_model=cfg.model, data_summary=self.data_summary,
+                                 final_metrics=final, adapter=cfg.lora and not cfg.merge)
+        save_final(cfg, out, self.model, self.tokenizer, self.accelerator, card, self.sharded,
+                   CHAT_TEMPLATES.get(cfg.template))
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            from imtune.io_utils import atomic_write_json
+
+            atomic_write_json(out / "final_metrics.json", final)
+            note(f"done: {self.global_step} steps, train loss {final['train_loss']:.4f}"
+                 + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + f"; saved to {out}")
+        return TrainResult(out, final, history, self.eval_rows, cfg)
 
 
 def _check_resume_compatible(cfg: TrainConfig, st: checkpointing.TrainerState, global_batch: int) -> None:
@@ -624,13 +400,6 @@ def _check_resume_compatible(cfg: TrainConfig, st: checkpointing.TrainerState, g
 def _has_accelerator() -> bool:
     acc = getattr(torch, "accelerator", None)
     return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
-
-
-def _yaml(d: dict) -> str:
-    import yaml
-
-    return "# Resolved imtune training config: `imtune train THIS_FILE --out NEW_DIR` repeats the run.\n" + \
-        yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
