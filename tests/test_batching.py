@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imtune.training.batching import collate, pack, pack_plan, padding_fraction, plan_batches, supports_packing
+from imtune.training.batching import (
+    collate,
+    pack,
+    pack_plan,
+    padding_fraction,
+    plan_batches,
+    supports_packing,
+)
 
 
 class Ex:

@@ -3,11 +3,11 @@ import json
 import pytest
 
 from imtune.cli.main import main
-from imtune.records.conversation import Conversation
 from imtune.errors import ImtuneError
 from imtune.evaluation import chat_generation
 from imtune.evaluation.chat_generation import generate_chat, split_last_turn, stop_strings
 from imtune.masking.templates import render_prompt
+from imtune.records.conversation import Conversation
 
 PROMPTS = [
     [{"role": "user", "content": "Write a poem about the sea."}],

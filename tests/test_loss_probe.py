@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from imtune.cli.main import main
-from imtune.records.conversation import Conversation
-from imtune.masking.encoding import encode
 from imtune.evaluation import loss_probe
 from imtune.evaluation.loss_probe import (
     default_template,
@@ -16,6 +14,8 @@ from imtune.evaluation.loss_probe import (
     summarise,
     summary_path,
 )
+from imtune.masking.encoding import encode
+from imtune.records.conversation import Conversation
 
 
 def _conv(i, *msgs):

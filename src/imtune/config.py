@@ -55,6 +55,8 @@ class TrainConfig:
     template: str = _f(DEFAULT_TEMPLATE, "tulu (the paper's), chatml, alpaca, or tokenizer (the model's own chat template)")
     max_length: int = _f(DEFAULT_MAX_LENGTH, "truncate examples to this many tokens")
     truncation_side: str = _f(DEFAULT_TRUNCATION_SIDE, "which end of an over-long example to cut")
+    allow_special_tokens_in_content: bool = _f(
+        False, "let special-token text typed inside a message (e.g. <|im_end|>) become the special token")
     val_data: str | None = _f(None, "held-out data file, evaluated each epoch on output-only (it) loss")
     val_fraction: float = _f(0.0, "hold out this fraction of --data instead (split deterministically by --seed)")
 

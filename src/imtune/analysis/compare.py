@@ -158,7 +158,8 @@ def common_training_set(train_p: Path, tokenizer, objectives, tcfg) -> tuple[Pat
     recs = _records(train_p)
     dropped: set[str] = set()
     for o in objectives:
-        _, rep = encode_with_report(recs, tokenizer, o, tcfg.template, tcfg.max_length, tcfg.truncation_side)
+        _, rep = encode_with_report(recs, tokenizer, o, tcfg.template, tcfg.max_length, tcfg.truncation_side,
+                                    allow_special_tokens_in_content=tcfg.allow_special_tokens_in_content)
         dropped.update(rep.dropped_no_weight)
     if not dropped:
         return train_p, None

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from imtune.records.conversation import Conversation
 from imtune.errors import ImtuneError
 from imtune.evaluation.loss_probe import default_template, model_ref_of
+from imtune.records.conversation import Conversation
 
 
 def stop_strings(template: str, tokenizer) -> list[str]:

@@ -16,10 +16,17 @@ import numpy as np
 
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE, DEFAULT_TRUNCATION_SIDE
 from imtune.errors import ImtuneError, InputError
-from imtune.masking.fast_tokenize import TokenBatch, fast_encoder
 from imtune.masking.objectives import Objective, parse_objective
-from imtune.masking.templates import ASSISTANT, EOS, SEGMENTS, Rendered, render, resolve_template
-from imtune.masking.threads import ForkSafePool
+from imtune.masking.templates import (
+    ASSISTANT,
+    EOS,
+    SEGMENTS,
+    SYSTEM,
+    USER,
+    Rendered,
+    render,
+    resolve_template,
+)
 from imtune.records.conversation import Conversation
 
 
@@ -54,90 +61,131 @@ class EncodeReport:
     n_kept: int = 0
     n_truncated: int = 0
     dropped_no_weight: list[str] = field(default_factory=list)  # ids left with no weighted token
+    truncated_to_nothing: list[str] = field(default_factory=list)  # of those, ids that had one before truncation
+    trailing_user: list[str] = field(default_factory=list)  # ids of conversations that end on a user turn
+    special_in_content: list[str] = field(default_factory=list)  # ids with special-token text in content (allowed)
 
     @property
     def n_dropped(self) -> int:
         return len(self.dropped_no_weight)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenBatch:
+    """Several texts' tokens in flat arrays: text i owns ids[bounds[i]:bounds[i+1]] and the same rows of offsets."""
+
+    ids: np.ndarray
+    offsets: np.ndarray  # (n_tokens, 2) character offsets into each token's own text
+    bounds: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+
 def encode(records: Iterable[Conversation], tokenizer, objective: str | Objective = DEFAULT_OBJECTIVE,
            template: str | None = DEFAULT_TEMPLATE, max_length: int = DEFAULT_MAX_LENGTH,
            truncation_side: str = DEFAULT_TRUNCATION_SIDE, batch_size: int = 512,
-           keep_empty: bool = False) -> list[Encoded]:
+           keep_empty: bool = False, allow_special_tokens_in_content: bool = False) -> list[Encoded]:
     """Render, tokenise once with offsets, weight. Examples with no weighted token left are dropped."""
     return encode_with_report(records, tokenizer, objective, template, max_length, truncation_side, batch_size,
-                              keep_empty)[0]
+                              keep_empty, allow_special_tokens_in_content)[0]
 
 
 def encode_with_report(records: Iterable[Conversation], tokenizer, objective=DEFAULT_OBJECTIVE,
                        template=DEFAULT_TEMPLATE, max_length=DEFAULT_MAX_LENGTH,
-                       truncation_side=DEFAULT_TRUNCATION_SIDE, batch_size=512, keep_empty=False):
+                       truncation_side=DEFAULT_TRUNCATION_SIDE, batch_size=512, keep_empty=False,
+                       allow_special_tokens_in_content=False) -> tuple[list[Encoded], EncodeReport]:
+    """`encode`, plus what happened to the data: truncated, dropped, trailing user turns, special tokens in content.
+
+    Special-token text typed inside a message (e.g. "<|im_end|>") is tokenised by the tokenizer as the special token;
+    that silently changes what the model learns, so it stops with an `InputError` naming the record unless
+    `allow_special_tokens_in_content` is set.
+    """
     obj = parse_objective(objective)
     tpl = resolve_template(template, tokenizer)
     if truncation_side not in ("right", "left"):
         raise ImtuneError("truncation_side must be 'right' or 'left'")
     if max_length is not None and max_length < 2:
         raise ImtuneError("max_length must be at least 2")
+    _require_fast(tokenizer)
     seg_w = np.asarray(obj.segment_weights(), dtype=np.float32)
-    backend = _backend(tokenizer)
-    fast = fast_encoder(tokenizer)  # exact tiktoken twin of `backend`, or None (see fast_tokenize)
-    if fast is not None:
-        def tokenize(texts, add_special):
-            return fast.encode_batch(texts, add_special)
-    else:
-        def tokenize(texts, add_special):
-            return hf_token_batch(backend, texts, add_special)
-    report = EncodeReport()
-    out: list[tuple[int, Encoded]] = []
+    special = _special_ids(tokenizer)
     records = list(records)
-    report.n_input = len(records)
-    step = max(1, min(batch_size, _PIPELINE_CHUNK))
-
-    def start(b0):
-        """Render a chunk and hand its tokenisation to the worker thread (tokenizers release the GIL)."""
-        batch = records[b0:b0 + step]
+    report = EncodeReport(n_input=len(records))
+    out: list[tuple[int, Encoded]] = []
+    for b0 in range(0, len(records), max(1, batch_size)):
+        batch = records[b0:b0 + max(1, batch_size)]
         rendered = [_render_checked(c, tokenizer, tpl) for c in batch]
-        jobs = []
         for add_special in (False, True):
             idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
-            if idx:
-                jobs.append((idx, _PIPELINE.get().submit(tokenize, [rendered[i].text for i in idx], add_special)))
-        return b0, batch, rendered, jobs
-
-    def finish(b0, batch, rendered, jobs):
-        for idx, fut in jobs:
-            tb = fut.result()
+            if not idx:
+                continue
+            convs = [batch[i] for i in idx]
+            tb = tokenize_batch(tokenizer, [rendered[i].text for i in idx], add_special)
             codes, turns = batch_token_segments([rendered[i] for i in idx], tb)
-            for k, e, any_weight in _weigh_batch([batch[i] for i in idx], tb, codes, turns, seg_w, obj, max_length,
-                                                 truncation_side):
-                if e.truncated:
-                    report.n_truncated += 1
+            for k, pos in _special_in_content(tb, codes, special):
+                if not allow_special_tokens_in_content:
+                    raise _special_token_error(convs[k], b0 + idx[k], tokenizer.convert_ids_to_tokens(int(tb.ids[pos])),
+                                               int(turns[pos]))
+                report.special_in_content.append(convs[k].id)
+            for k, e, any_weight, had_weight in _weigh_batch(convs, tb, codes, turns, seg_w, obj, max_length,
+                                                             truncation_side):
+                report.n_truncated += e.truncated
                 if not keep_empty and not any_weight:
                     report.dropped_no_weight.append(e.id)
+                    if had_weight:
+                        report.truncated_to_nothing.append(e.id)
                     continue
                 out.append((b0 + idx[k], e))
-
-    # Software pipeline: chunk k+1 is rendered and tokenised while chunk k is weighed.
-    pending: list = []
-    try:
-        for b0 in range(0, len(records), step):
-            pending.append(start(b0))
-            if len(pending) > 1:
-                finish(*pending.pop(0))
-        while pending:
-            finish(*pending.pop(0))
-    finally:
-        for _, _, _, jobs in pending:
-            for _, fut in jobs:
-                fut.cancel()
+    report.trailing_user = [c.id for c in records if c.messages and c.messages[-1].role == "user"]
     out.sort(key=lambda t: t[0])
     encoded = [e for _, e in out]
     report.n_kept = len(encoded)
     return encoded, report
 
 
-_PIPELINE_CHUNK = 256
-_PIPELINE = ForkSafePool(1, "imtune-encode")
+def tokenize_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> TokenBatch:
+    """The model's own fast (Rust) tokenizer on all `texts` in one batched call, with character offsets."""
+    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                    return_attention_mask=False, return_token_type_ids=False, truncation=False, verbose=False)
+    ids_l, off_l = enc["input_ids"], enc["offset_mapping"]
+    bounds = np.zeros(len(ids_l) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in ids_l], out=bounds[1:])
+    n = int(bounds[-1])
+    ids = np.fromiter((t for x in ids_l for t in x), dtype=np.int64, count=n)
+    off = np.fromiter((v for x in off_l for o in x for v in o), dtype=np.int64, count=2 * n).reshape(-1, 2)
+    return TokenBatch(ids, off, bounds)
+
+
+def _require_fast(tokenizer) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ImtuneError("a fast (Rust) tokenizer is needed for offset mapping; this one is a slow Python tokenizer")
+
+
+def _special_ids(tokenizer) -> np.ndarray:
+    """Ids of special tokens. Non-special added tokens (e.g. "<think>") are meant to be typed in text: not these."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(t, "special", False):
+            ids.add(int(i))
+    return np.asarray(sorted(ids), dtype=np.int64)
+
+
+def _special_in_content(tb: TokenBatch, codes: np.ndarray, special: np.ndarray) -> list[tuple[int, int]]:
+    """(text index, first such token) for each text of `tb` with a special token whose characters are content."""
+    content = (codes == SYSTEM) | (codes == USER) | (codes == ASSISTANT)
+    hit = np.flatnonzero(content & np.isin(tb.ids, special) & (tb.offsets[:, 1] > tb.offsets[:, 0]))
+    texts = np.searchsorted(tb.bounds, hit, side="right") - 1
+    first = np.unique(texts, return_index=True)[1]
+    return list(zip(texts[first].tolist(), hit[first].tolist(), strict=True))
+
+
+def _special_token_error(conv: Conversation, index: int, token: str, message: int) -> InputError:
+    who = f" (id {conv.id!r})" if conv.id else ""
+    reason = (f"record{who}: {conv.messages[message].role} message {message + 1} contains the text of the special "
+              f"token {token!r}, which the tokenizer would turn into the special token itself; remove it, or allow "
+              "it explicitly (allow_special_tokens_in_content / --allow-special-tokens-in-content)")
+    return InputError(conv.source or "data", reason, record=None if conv.source else index)
 
 
 def _render_checked(conv: Conversation, tokenizer, tpl: str) -> Rendered:
@@ -145,13 +193,6 @@ def _render_checked(conv: Conversation, tokenizer, tpl: str) -> Rendered:
         return render(conv, tokenizer, tpl)
     except ValueError as e:
         raise InputError(conv.source or "data", str(e), record=None if conv.source else conv.id) from None
-
-
-def _backend(tokenizer):
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_batch"):
-        raise ImtuneError("a fast (Rust) tokenizer is needed for offset mapping; this one is a slow Python tokenizer")
-    return backend
 
 
 def char_segments(rendered: Rendered) -> tuple[np.ndarray, np.ndarray]:
@@ -185,17 +226,6 @@ def token_segments(rendered: Rendered, offsets: Sequence[tuple[int, int]]) -> tu
     tok_codes[empty] = 0
     tok_turns[empty] = -1
     return tok_codes.astype(np.int8), tok_turns.astype(np.int32)
-
-
-def hf_token_batch(backend, texts: list[str], add_special_tokens: bool) -> TokenBatch:
-    """The HF backend's ids and offsets for `texts`, in the flat layout of `fast_tokenize.TokenBatch`."""
-    encs = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-    bounds = np.zeros(len(encs) + 1, dtype=np.int64)
-    np.cumsum([len(e.ids) for e in encs], out=bounds[1:])
-    ids = np.fromiter((t for e in encs for t in e.ids), dtype=np.int64, count=int(bounds[-1]))
-    off = np.fromiter((x for e in encs for o in e.offsets for x in o), dtype=np.int64,
-                      count=2 * int(bounds[-1])).reshape(-1, 2)
-    return TokenBatch(ids, off, bounds)
 
 
 def batch_token_segments(rendered: Sequence[Rendered], tb: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -309,6 +339,7 @@ def _weigh_batch(convs, tb: TokenBatch, codes, turns, seg_w, obj: Objective, max
         earlier = ((codes == ASSISTANT) | (codes == EOS)) & (turns != np.repeat(last, n_full))
         weights[earlier] = np.float32(obj.prompt_weight)
     start, end = bounds[:-1].copy(), bounds[1:].copy()
+    had_w = _any_weight(weights, np.minimum(start + 1, end), end)  # before truncation (the first token is never predicted)
     if max_length is not None:
         cut = n_full > max_length
         if truncation_side == "right":
@@ -319,10 +350,15 @@ def _weigh_batch(convs, tb: TokenBatch, codes, turns, seg_w, obj: Objective, max
         cut = np.zeros(n, dtype=bool)
     nonempty = end > start
     weights[start[nonempty]] = 0.0  # nothing predicts the first token
+    any_w = _any_weight(weights, start, end)
+    ids, wl = tb.ids.tolist(), weights.tolist()
+    for k, (a, b, nf, tr, aw, hw) in enumerate(zip(start.tolist(), end.tolist(), n_full.tolist(), cut.tolist(),
+                                                   any_w.tolist(), had_w.tolist(), strict=True)):
+        yield k, Encoded(ids[a:b], wl[a:b], codes[a:b], turns[a:b], convs[k].id, nf, tr), aw, hw
+
+
+def _any_weight(weights: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """For each [start, end) range of `weights`: does it hold a positive weight?"""
     has_w = np.zeros(len(weights) + 1, dtype=np.int64)
     np.cumsum(weights > 0, out=has_w[1:])
-    any_w = (has_w[end] - has_w[start]) > 0
-    ids, wl = tb.ids.tolist(), weights.tolist()
-    for k, (a, b, nf, tr, aw) in enumerate(zip(start.tolist(), end.tolist(), n_full.tolist(), cut.tolist(),
-                                               any_w.tolist(), strict=True)):
-        yield k, Encoded(ids[a:b], wl[a:b], codes[a:b], turns[a:b], convs[k].id, nf, tr), aw
+    return (has_w[end] - has_w[start]) > 0

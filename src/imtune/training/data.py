@@ -59,7 +59,8 @@ def encode_sets(cfg: TrainConfig, tokenizer, records, val_records) -> tuple[Enco
     """(training set, held-out set or None, data summary for the log and the model card)."""
     from imtune.masking.encoding import encode_with_report
 
-    enc_args = dict(template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side)
+    enc_args = dict(template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side,
+                    allow_special_tokens_in_content=cfg.allow_special_tokens_in_content)
     train, rep = encode_with_report(records, tokenizer, cfg.objective, **enc_args)
     if not train:
         raise ImtuneError(f"{cfg.data}: no example has a token with non-zero weight under objective {cfg.objective}")
