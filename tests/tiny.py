@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from imtune.masking.templates import CHAT_TEMPLATES
+
+# The chatml template exactly as imtune renders it (one source: masking/templates.py).
+CHATML_TEMPLATE = CHAT_TEMPLATES["chatml"]
 
 _CORPUS = """The quick brown fox jumps over the lazy dog. Instruction tuning trains a language model on prompts and
 responses. Write a poem about the sea. Explain why the sky is blue. def add(a, b): return a + b
@@ -50,3 +50,27 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 600, h
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return model, tok
+
+
+def put_in_hub_cache(hf_home: str | Path, repo_id: str, files_dir: str | Path, commit: str = "0" * 39 + "1") -> Path:
+    """Lay the files of `files_dir` out as huggingface_hub's cache does for `repo_id` at `commit` (blobs named by
+    content hash, snapshot entries as relative symlinks, refs/main), so `HF_HOME=hf_home` finds it offline."""
+    import hashlib
+    import os
+
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(files_dir).rglob("*")):
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snap / f.relative_to(files_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap

@@ -23,6 +23,7 @@ _LAZY = {
     "parse_objective": ("masking.objectives", "parse_objective"),
     "load_tokenizer": ("models", "load_tokenizer"),
     "load_model": ("models", "load_model"),
+    "load_for_inference": ("models", "load_for_inference"),
     "resolve_model": ("models", "resolve_model"),
     "train": ("training.recipe", "train"),
     "TrainConfig": ("config", "TrainConfig"),

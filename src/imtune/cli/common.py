@@ -7,12 +7,20 @@ import argparse
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE
 
 
+MODEL_HELP = ("Hugging Face Hub id (ORG/NAME, fetched once into the standard HF cache), alias (smollm2-135m, "
+              "gemma3-270m), local model directory, or .gguf file")
+
+
 def add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="alias (smollm2-135m, gemma3-270m), local model directory, or .gguf file "
-                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})")
+    add_revision(p)
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom model code from the model directory (off by default)")
+
+
+def add_revision(p) -> None:
+    p.add_argument("--revision", default=None,
+                   help="with a Hub id: branch, tag or commit to use (default: main)")
 
 
 def add_data(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -104,13 +104,10 @@ def run(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ImtuneError("--max-new-tokens must be at least 1")
 
-    import torch
+    from imtune.models import load_for_inference
 
-    from imtune.models import load_model, load_tokenizer
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device=device)
+    model, tok, _ = load_for_inference(args.model, dtype=args.dtype, device=args.device,
+                                       trust_remote_code=args.trust_remote_code, revision=args.revision)
 
     def done(label, res):
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in res["metrics"].items())

@@ -26,16 +26,13 @@ def add_n(p) -> None:
 
 
 def load_model_and_tokenizer(args):
-    import torch
-
     from imtune.errors import ImtuneError
-    from imtune.models import load_model, load_tokenizer
+    from imtune.models import load_for_inference
 
     if getattr(args, "batch_size", 1) < 1:
         raise ImtuneError("--batch-size must be at least 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else None)
-    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device=device)
+    model, tok, _ = load_for_inference(args.model, dtype=args.dtype, device=args.device,
+                                       trust_remote_code=args.trust_remote_code, revision=args.revision)
     return model, tok
 
 

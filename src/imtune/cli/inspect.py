@@ -41,7 +41,7 @@ def run(args) -> int:
         if args.n < 1:
             raise ImtuneError("--n must be at least 1")
         records = records[: args.n]
-    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
     enc, rep = encode_with_report(records, tok, obj, args.template, args.max_length, args.truncation_side,
                                   keep_empty=True)
     if args.out_format == "text":

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from imtune.cli.common import add_revision
 from imtune.errors import ImtuneError
 
 EXAMPLES = """examples:
@@ -41,6 +42,7 @@ def _add_judge_options(p: argparse.ArgumentParser) -> None:
 
 def _add_generation_options(p: argparse.ArgumentParser, what: str) -> None:
     g = p.add_argument_group(f"generating {what} with --model")
+    add_revision(g)
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom model code from the model directory (off by default)")
     g.add_argument("--template", default=None,
@@ -68,7 +70,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--outputs", help="model outputs: .jsonl or .json of {instruction, output}")
-    src.add_argument("--model", help="generate the outputs with this model (alias, directory or .gguf) first")
+    src.add_argument("--model", help="generate the outputs with this model (Hub id, alias, directory or .gguf) first")
     a.add_argument("--reference", choices=["1.0", "2.0"], default="1.0",
                    help="1.0: text-davinci-003, 2.0: gpt-4-1106-preview (default: 1.0)")
     a.add_argument("--limit", type=int, default=None, help="only the first N instructions")
@@ -85,7 +87,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--answers", help="answers: .jsonl of {question_id, turns: [a1, a2]}")
-    src.add_argument("--model", help="generate the answers with this model (alias, directory or .gguf) first")
+    src.add_argument("--model", help="generate the answers with this model (Hub id, alias, directory or .gguf) first")
     m.add_argument("--limit", type=int, default=None, help="only the first N questions")
     m.add_argument("--out", default="judge_results/mt_bench", help="output directory (default: judge_results/mt_bench)")
     _add_judge_options(m)
@@ -121,18 +123,15 @@ def make_client(args):
 
 def make_generator(args):
     """conversations -> replies with the model named by --model, on a GPU when there is one."""
-    import torch
 
     from imtune.evaluation.chat_generation import generate_chat
-    from imtune.models import load_model, load_tokenizer
+    from imtune.models import load_for_inference
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ImtuneError("--max-new-tokens and --batch-size must be >= 1")
-    device = "cuda" if torch.cuda.is_available() else None
-    dtype = args.dtype or ("bfloat16" if device and torch.cuda.is_bf16_supported() else "float32")
-    print(f"loading {args.model} ({dtype}, {device or 'cpu'})", file=sys.stderr)
-    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code, device=device)
+    model, tok, device = load_for_inference(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                            revision=args.revision)
+    print(f"loaded {args.model} ({str(model.dtype).removeprefix('torch.')}, {device})", file=sys.stderr)
 
     def generate(conversations):
         return generate_chat(model, tok, conversations, template=args.template, max_new_tokens=args.max_new_tokens,

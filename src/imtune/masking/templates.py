@@ -51,12 +51,8 @@ class _Builder:
 
 def render(conv: Conversation, tokenizer, template: str = DEFAULT_TEMPLATE) -> Rendered:
     """Render for training (the whole conversation)."""
-    if template == "tulu":
-        return _render_tulu(conv, _eos(tokenizer))
-    if template == "chatml":
-        return _render_chatml(conv)
-    if template == "alpaca":
-        return _render_alpaca(conv, _eos(tokenizer))
+    if template in NAMED:
+        return _render_named(conv, NAMED[template], tokenizer)
     if template in ("auto", "chat_template", "tokenizer"):
         return _render_chat_template(conv, tokenizer)
     raise ImtuneError(f"unknown template {template!r}: choose tokenizer, {', '.join(NAMED_TEMPLATES)}")
@@ -97,57 +93,79 @@ def _eos(tokenizer) -> str:
     return eos
 
 
-def _render_tulu(conv: Conversation, eos: str) -> Rendered:
-    # open-instruct's _concat_messages: contents stripped, EOS after assistant, whole text .strip()ed at the end.
+@dataclass(frozen=True, slots=True)
+class NamedTemplate:
+    """A named template as data: the Python renderer and the Jinja saved with a trained tokenizer are both generated
+    from it, so prompts at inference render exactly as in training."""
+    headers: dict  # role -> markup before the content
+    strip: bool  # contents are .strip()ped (open-instruct's convention)
+    end: str | None  # markup right after every message's content; None: the tokenizer's EOS after assistant turns
+    sep: str  # markup between messages
+    sep_after_last: bool
+    preamble: str = ""  # markup opening a conversation whose first message is not a system message
+    add_special_tokens: bool = True
+
+
+NAMED = {
+    # open-instruct's _concat_messages (the paper's format).
+    "tulu": NamedTemplate({r: f"<|{r}|>\n" for r in ROLE_CODE}, strip=True, end=None, sep="\n", sep_after_last=False),
+    "chatml": NamedTemplate({r: f"<|im_start|>{r}\n" for r in ROLE_CODE}, strip=False, end="<|im_end|>", sep="\n",
+                            sep_after_last=True, add_special_tokens=False),
+    "alpaca": NamedTemplate({"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"},
+                            strip=True, end=None, sep="\n\n", sep_after_last=False, preamble=ALPACA_PREAMBLE),
+}
+assert tuple(NAMED) == NAMED_TEMPLATES
+
+
+def _render_named(conv: Conversation, spec: NamedTemplate, tokenizer) -> Rendered:
+    eos = _eos(tokenizer) if spec.end is None else spec.end
+    msgs = conv.messages
     b = _Builder()
-    n = len(conv.messages)
-    for i, m in enumerate(conv.messages):
-        b.add(f"<|{m.role}|>\n")
-        b.add(m.content.strip(), ROLE_CODE[m.role], i)
+    if not msgs or msgs[0].role != "system":
+        b.add(spec.preamble)
+    for i, m in enumerate(msgs):
+        b.add(spec.headers[m.role])
+        b.add(m.content.strip() if spec.strip else m.content, ROLE_CODE[m.role], i)
         if m.role == "assistant":
             b.add(eos, EOS, i)
-        if i < n - 1:
-            b.add("\n")
-    return Rendered(b.text(), tuple(b.spans), add_special_tokens=True)
+        elif spec.end is not None:
+            b.add(spec.end)
+        if spec.sep_after_last or i < len(msgs) - 1:
+            b.add(spec.sep)
+    return Rendered(b.text(), tuple(b.spans), add_special_tokens=spec.add_special_tokens)
 
 
-def _render_chatml(conv: Conversation) -> Rendered:
-    b = _Builder()
-    for i, m in enumerate(conv.messages):
-        b.add(f"<|im_start|>{m.role}\n")
-        b.add(m.content, ROLE_CODE[m.role], i)
-        b.add("<|im_end|>", EOS if m.role == "assistant" else TEMPLATE, i)
-        b.add("\n")
-    return Rendered(b.text(), tuple(b.spans), add_special_tokens=False)
+def _jinja_str(s: str) -> str:
+    # Jinja string literals are decoded with unicode-escape.
+    return "'" + s.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
-def _render_alpaca(conv: Conversation, eos: str) -> Rendered:
-    b = _Builder()
-    msgs = conv.messages
-    start = 0
-    if msgs and msgs[0].role == "system":
-        b.add(msgs[0].content.strip(), SYSTEM, 0)
-        b.add("\n\n")
-        start = 1
-    else:
-        b.add(ALPACA_PREAMBLE)
-    for i in range(start, len(msgs)):
-        m = msgs[i]
-        if m.role == "user":
-            b.add("### Instruction:\n")
-            b.add(m.content.strip(), USER, i)
-            b.add("\n\n")
-        elif m.role == "assistant":
-            b.add("### Response:\n")
-            b.add(m.content.strip(), ASSISTANT, i)
-            b.add(eos, EOS, i)
-            b.add("\n\n")
-        else:
-            b.add(m.content.strip(), SYSTEM, i)
-            b.add("\n\n")
-    text = b.text()
-    stripped = text.rstrip()
-    return Rendered(stripped, tuple(b.spans), add_special_tokens=True)
+def _jinja_out(s: str) -> str:
+    return "{{ " + _jinja_str(s) + " }}" if s else ""
+
+
+def chat_template_jinja(name: str) -> str:
+    """The Jinja chat template that renders exactly what `render(conv, tok, name)` renders."""
+    spec = NAMED[name]
+    role = "message['role']"
+    headers = "".join(f"{'{% if' if i == 0 else '{% elif'} {role} == {_jinja_str(r)} %}}{_jinja_out(h)}"
+                      for i, (r, h) in enumerate(spec.headers.items()))
+    headers += "{% else %}{{ raise_exception('unknown role: ' + " + role + ") }}{% endif %}"
+    end = ("{% if " + role + " == 'assistant' %}{{ eos_token }}{% endif %}" if spec.end is None
+           else _jinja_out(spec.end))
+    sep = _jinja_out(spec.sep) if spec.sep_after_last else "{% if not loop.last %}" + _jinja_out(spec.sep) + \
+        "{% endif %}"
+    gen_sep = "" if spec.sep_after_last else "{% if messages %}" + _jinja_out(spec.sep) + "{% endif %}"
+    preamble = ("{% if not messages or messages[0]['role'] != 'system' %}" + _jinja_out(spec.preamble)
+                + "{% endif %}") if spec.preamble else ""
+    content = "message['content'] | trim" if spec.strip else "message['content']"
+    return (preamble + "{% for message in messages %}" + headers + "{{ " + content + " }}" + end + sep
+            + "{% endfor %}{% if add_generation_prompt %}" + gen_sep + _jinja_out(spec.headers["assistant"])
+            + "{% endif %}")
+
+
+# Stored with a tokenizer trained under a named template (training/recipe.py), and used by tests/tiny.py.
+CHAT_TEMPLATES = {name: chat_template_jinja(name) for name in NAMED}
 
 
 _PH = "\u27e6imtune\u00b7{}\u27e7"

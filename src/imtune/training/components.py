@@ -15,7 +15,8 @@ def build_model(cfg: TrainConfig, accelerator):
     """The model to train, plus the KL reference model (or None). Frozen reference = the starting weights."""
     from imtune.models import load_model
 
-    model = load_model(cfg.model, dtype="float32", trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, dtype="float32", trust_remote_code=cfg.trust_remote_code,
+                       revision=cfg.revision)
     if cfg.attn_implementation:
         try:
             model.set_attn_implementation(cfg.attn_implementation)

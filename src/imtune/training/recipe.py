@@ -37,6 +37,7 @@ import torch
 
 from imtune.config import TrainConfig
 from imtune.errors import ImtuneError
+from imtune.masking.templates import CHAT_TEMPLATES
 from imtune.training import checkpointing
 from imtune.training.components import build_model, build_optimizer, lr_lambda
 from imtune.training.data import Plan, encode_sets, load_records, make_batch
@@ -53,40 +54,10 @@ from imtune.training.outputs import (
 
 __all__ = ["CHAT_TEMPLATES", "TrainResult", "lr_lambda", "train"]
 # Settings a resumed run must share with the checkpoint, or the data order / parameters would not line up.
-MUST_MATCH = ("model", "data", "data_format", "objective", "template", "max_length", "truncation_side", "seed",
-              "micro_batch_size", "group_by_length", "packing", "val_data", "val_fraction", "lora", "lora_r",
+MUST_MATCH = ("model", "revision", "data", "data_format", "objective", "template", "max_length", "truncation_side",
+              "seed", "micro_batch_size", "group_by_length", "packing", "val_data", "val_fraction", "lora", "lora_r",
               "lora_target_modules")
 
-# Jinja equivalents of imtune's named templates, stored with the saved tokenizer so that apply_chat_template
-# renders prompts exactly as in training.
-CHAT_TEMPLATES = {
-    "tulu": (
-        "{% for message in messages %}"
-        "{{ '<|' + message['role'] + '|>\n' + (message['content'] | trim) }}"
-        "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-        "{% if not loop.last %}{{ '\n' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '\n<|assistant|>\n' }}{% endif %}"
-    ),
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "alpaca": (
-        "{% if messages[0]['role'] == 'system' %}{{ (messages[0]['content'] | trim) + '\n\n' }}"
-        "{% else %}{{ 'Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.\n\n' }}{% endif %}"
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '### Instruction:\n' + (message['content'] | trim) + '\n\n' }}"
-        "{% elif message['role'] == 'assistant' %}"
-        "{{ '### Response:\n' + (message['content'] | trim) + eos_token + '\n\n' }}"
-        "{% elif not loop.first %}{{ (message['content'] | trim) + '\n\n' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
-    ),
-}
 
 
 @dataclass
@@ -157,7 +128,7 @@ class Recipe:
 
         cfg = self.cfg
         records, val_records = load_records(cfg, note)
-        self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
         self.pad_id = self.tokenizer.pad_token_id
         self.train_data, self.val_data, self.data_summary = encode_sets(cfg, self.tokenizer, records, val_records)
 
