@@ -6,7 +6,6 @@ import argparse
 
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE
 
-
 MODEL_HELP = ("Hugging Face Hub id (ORG/NAME, fetched once into the standard HF cache), alias (smollm2-135m, "
               "gemma3-270m), local model directory, or .gguf file")
 
