@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from imtune.records.loading import load_dataset, load_records
 from imtune.errors import InputError
+from imtune.records.loading import load_dataset, load_records
 
 from .conftest import data_file
 

@@ -7,13 +7,17 @@ index, and the reason. With `skip_invalid=True` bad records are skipped and retu
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
+import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imtune.records.conversation import ROLES, Conversation, Message
 from imtune.errors import ImtuneError, InputError
+from imtune.records.conversation import ROLES, Conversation, Message
 
 SCHEMAS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -35,27 +39,110 @@ def load_dataset(path: str | Path, format: str | None = None, skip_invalid: bool
     path = Path(path)
     if format is not None and format not in SCHEMAS:
         raise ImtuneError(f"unknown --format {format!r}; choose one of {', '.join(SCHEMAS)}")
-    if not path.exists():
-        raise InputError(str(path), "file not found")
-    if path.is_dir():
-        raise InputError(str(path), "is a directory, expected a data file")
+    _check_regular_file(path)
     result = LoadResult(records=[])
-    for where, raw in _iter_raw(path, skip_invalid, result.skipped):
-        try:
-            if not isinstance(raw, dict):
-                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-            schema = format or detect_schema(raw)
-            rid = where.get("record", where.get("line"))
-            conv = normalise(raw, schema, id_default=str(rid))
-            result.records.append(Conversation(conv.messages, conv.id, source=_where_str(path, where)))
-        except ValueError as e:
-            err = InputError(str(path), str(e), **where)
-            if not skip_invalid:
-                raise err from None
-            result.skipped.append(err)
+    try:
+        for where, raw in _iter_raw(path, skip_invalid, result.skipped):
+            _add_record(result, path, where, raw, format, skip_invalid)
+    except OSError as e:  # e.g. permission denied, or a device that fails to read
+        raise InputError(str(path), f"cannot read the file: {e.strerror or e}") from None
     if not result.records:
         raise InputError(str(path), "no valid records" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
     return result
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse what is not a readable regular file before opening it: a FIFO would block forever."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(str(path), "symlink loop (the link points, directly or not, back to itself)") from None
+        if e.errno == errno.ENOENT and path.is_symlink():
+            raise InputError(str(path), f"broken symlink (to {os.readlink(path)}, which does not exist)") from None
+        if e.errno == errno.ENOENT:
+            raise InputError(str(path), "file not found") from None
+        raise InputError(str(path), f"cannot read the file: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(str(path), "is a directory, expected a data file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) \
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file"
+        raise InputError(str(path), f"is {kind}, not a regular file")
+
+
+def _add_record(result: LoadResult, path: Path, where: dict, raw, format: str | None, skip_invalid: bool) -> None:
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        _check_parsed(raw)
+        schema = format or detect_schema(raw)
+        rid = where.get("record", where.get("line"))
+        conv = normalise(raw, schema, id_default=str(rid))
+        result.records.append(Conversation(conv.messages, conv.id, source=_where_str(path, where)))
+    except ValueError as e:
+        err = InputError(str(path), str(e), **where)
+        if not skip_invalid:
+            raise err from None
+        result.skipped.append(err)
+
+
+class _JSONObject(dict):
+    """A parsed JSON object that remembers keys it saw twice (plain json keeps the last one silently)."""
+    __slots__ = ("duplicates",)
+
+
+def _object_pairs(pairs) -> _JSONObject:
+    obj = _JSONObject()
+    obj.duplicates = []
+    for k, v in pairs:
+        if k in obj:
+            obj.duplicates.append(k)
+        obj[k] = v
+    return obj
+
+
+class _HugeInt:
+    """An integer literal too long for int() (Python refuses > 4300 digits): reported with its record."""
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _parse_int(s: str):
+    limit = sys.get_int_max_str_digits()
+    return _HugeInt(len(s)) if limit and len(s) > limit else int(s)
+
+
+def _check_parsed(raw) -> None:
+    stack = [raw]  # iterative: a record may legally nest deeper than Python's recursion limit allows
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _HugeInt):
+            raise ValueError(f"integer with {node.digits} digits (more than Python reads: {sys.get_int_max_str_digits()})")
+        if isinstance(node, dict):
+            if getattr(node, "duplicates", None):
+                raise ValueError(f"duplicate key {node.duplicates[0]!r} in a JSON object (which value is meant?)")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _parse_json(text: str):
+    """json.loads with imtune's checks; every failure is a ValueError with a one-line reason."""
+    try:
+        return json.loads(text, object_pairs_hook=_object_pairs, parse_int=_parse_int)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(_json_reason(e)) from None
+
+
+def _json_reason(e: Exception) -> str:
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    return f"unreadable JSON value: {str(e).split(';')[0]}"  # e.g. an integer of more than 4300 digits
 
 
 def _where_str(path: Path, where: dict) -> str:
@@ -137,6 +224,11 @@ def _message(role, content, i: int, allowed, field_name: str | None = None) -> M
         raise ValueError(f"{label}: content must be a string, got {type(content).__name__}")
     if not content.strip():
         raise ValueError(f"{label}: empty content")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800" from a JSON escape: not text at all
+        raise ValueError(f"{label}: content has a lone surrogate {content[e.start]!r} at character {e.start} "
+                         f"(not valid Unicode)") from None
     return Message(role, content)
 
 
@@ -161,10 +253,7 @@ def _iter_raw(path: Path, skip_invalid: bool, skipped: list):
                         line = bline.decode("utf-8-sig" if n == 1 else "utf-8")
                     except UnicodeDecodeError as e:
                         raise ValueError(f"not valid UTF-8 (byte {e.start} of the line)") from None
-                    try:
-                        raw = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+                    raw = _parse_json(line)
                 except ValueError as e:
                     err = InputError(str(path), str(e), line=n)
                     if not skip_invalid:
@@ -175,9 +264,11 @@ def _iter_raw(path: Path, skip_invalid: bool, skipped: list):
     elif suffix == ".json":
         text = _decode(path, path.read_bytes())
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_object_pairs, parse_int=_parse_int)
         except json.JSONDecodeError as e:
             raise InputError(str(path), f"malformed JSON: {e.msg} at column {e.colno}", line=e.lineno) from None
+        except (ValueError, RecursionError) as e:
+            raise InputError(str(path), _json_reason(e)) from None
         if isinstance(data, dict):
             data = next((v for v in data.values() if isinstance(v, list)), None) if "messages" not in data else [data]
         if not isinstance(data, list):
@@ -185,10 +276,7 @@ def _iter_raw(path: Path, skip_invalid: bool, skipped: list):
         for i, raw in enumerate(data):
             yield {"record": i}, raw
     elif suffix == ".csv":
-        text = _decode(path, path.read_bytes())
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        for i, row in enumerate(reader):
-            # line of the record's first physical line (header is line 1)
+        for i, row in enumerate(_csv_rows(path)):
             yield {"record": i}, {k: v for k, v in row.items() if k is not None}
     elif suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
@@ -201,3 +289,20 @@ def _iter_raw(path: Path, skip_invalid: bool, skipped: list):
             yield {"record": i}, raw
     else:
         raise InputError(str(path), f"unsupported file type '{suffix}' (expected .jsonl, .json, .csv or .parquet)")
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    text = _decode(path, path.read_bytes())
+    # csv's default field limit (131,072 characters) is no property of the data: a long response is fine. No field
+    # can be longer than the file, so that is the limit while this file is read.
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, len(text) + 1))
+    rows: list[dict] = []
+    try:
+        for row in csv.DictReader(io.StringIO(text, newline="")):
+            rows.append(row)
+    except csv.Error as e:
+        raise InputError(str(path), f"malformed CSV: {e}", record=len(rows)) from None
+    finally:
+        csv.field_size_limit(old)
+    return rows
