@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from imtune.training.batching import (
     collate,
+    collate_prefix_rows,
     pack,
     pack_plan,
     padding_fraction,
@@ -148,3 +149,17 @@ def test_pack_plan_bins_feed_pack():
     rows = [pack([exs[i] for i in b], 48) for b in plan]
     assert sum(r["seq_lens"].numel() for r in rows) == len(exs)
     assert all(r["input_ids"].shape[1] <= 48 for r in rows)
+
+
+def test_collate_prefix_rows_layout():
+    rows = [([1, 2, 3], [[4, 5], [], [6]]), ([7], [[8, 9, 10]])]
+    b = collate_prefix_rows(rows, 0, shared=True)
+    assert b["seg_starts"] == [[3, 5, 5], [1]]
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 0, 0]]
+    allowed = (b["attention_mask"][:, 0] == 0).int().tolist()
+    assert allowed[0] == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                          [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]  # [6] never sees [4, 5]
+    assert allowed[1][4] == [0, 0, 0, 0, 1, 0] and allowed[1][5] == [0, 0, 0, 0, 0, 1]  # padding sees itself
+    plain = collate_prefix_rows(rows, 0, shared=False)
+    assert "position_ids" not in plain and plain["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]

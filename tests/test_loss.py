@@ -1,4 +1,5 @@
-"""weighted_loss_sum against the plain full-logits computation, KL terms, NEFTune."""
+"""The token log-prob engine against the plain full-logits computation: weighted_loss_sum (training), score_weighted
+(held-out / per-example loss), score_tokens on prefix-shared rows (benchmarks); KL terms, NEFTune."""
 
 import copy
 
@@ -9,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imtune.training import loss as L
-from imtune.training.batching import collate, pack
+from imtune.training.batching import collate, collate_prefix_rows, pack
+from imtune.training.logprobs import score_tokens, score_weighted
 from imtune.training.loss import neftune_hook, reference_weighted_ce, weighted_loss_sum
 
 
@@ -203,7 +205,9 @@ def test_logit_transforms_match_reference(kind, impl):
 
 
 def test_unknown_logit_postprocessing_is_refused(model, monkeypatch):
-    monkeypatch.setattr(L, "_logit_transform", lambda lm: L._LogitTransform(scale=3.0))
+    from imtune.training import logprobs
+
+    monkeypatch.setattr(logprobs, "_logit_transform", lambda lm: logprobs._LogitTransform(scale=3.0))
     with pytest.raises(NotImplementedError, match="post-processing"):
         weighted_loss_sum(model, collate([Ex([5, 6, 7, 8], [0, 1, 1, 1])], 0))
 
@@ -385,3 +389,55 @@ def test_neftune_applies_inside_weighted_loss_sum(model):
         model.eval()
         assert weighted_loss_sum(model, batch).loss_sum.item() == clean
     assert noisy != clean
+
+
+# ---------------------------------------------------------------------------------------- the evaluation side
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(1, 20), min_size=1, max_size=4), chunk=st.integers(1, 40),
+       p_zero=st.sampled_from([0.0, 0.5, 0.95]), seed=st.integers(0, 2**16))
+def test_score_weighted_per_row_matches_reference_and_training_loss(base, lengths, chunk, p_zero, seed):
+    model = base.eval()
+    gen = torch.Generator().manual_seed(seed)
+    exs = random_examples(gen, model.config.vocab_size, lengths, p_zero)
+    batch = collate(exs, pad_token_id=0)
+    scores = score_weighted(model, batch, chunk_size=chunk)
+    ce, w, n = scores.per_row(len(exs))
+    for i, e in enumerate(exs):  # each example alone, unpadded, full logits
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits
+        ref = reference_weighted_ce(logits, torch.tensor([e.input_ids]), torch.tensor([e.weights]))
+        assert ce[i].item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+        assert w[i].item() == pytest.approx(sum(e.weights[1:]), rel=1e-6)
+        assert n[i].item() == sum(x > 0 for x in e.weights[1:])
+    with torch.no_grad():
+        train_side = weighted_loss_sum(model, batch, chunk_size=chunk)
+    assert scores.ce_sum == pytest.approx(train_side.ce_sum, abs=1e-4, rel=1e-5)
+    assert scores.weight_sum == pytest.approx(train_side.weight_sum, rel=1e-6)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.lists(st.integers(5, 400), min_size=1, max_size=8),
+                               st.lists(st.lists(st.integers(5, 400), min_size=1, max_size=5), min_size=1,
+                                        max_size=3)), min_size=1, max_size=3),
+       shared=st.booleans())
+def test_score_tokens_on_prefix_rows_equals_each_continuation_alone(base, rows, shared):
+    """Continuations that share their context in one row score as if each followed the context alone."""
+    model = base.eval()
+    if not shared:  # a plain causal row is only right with at most one multi-token continuation
+        rows = [(ctx, [conts[0]] + [c[:1] for c in conts[1:]]) for ctx, conts in rows]
+    batch = collate_prefix_rows([(ctx, [c[:-1] for c in conts]) for ctx, conts in rows], 0, shared=shared)
+    r, c, y, want, greedy = [], [], [], [], []
+    for b, ((ctx, conts), starts) in enumerate(zip(rows, batch.pop("seg_starts"), strict=True)):
+        for cont, s in zip(conts, starts, strict=True):
+            r += [b] * len(cont)
+            c += [len(ctx) - 1] + list(range(s, s + len(cont) - 1))
+            y += cont
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1:]
+            want += logits.log_softmax(-1).gather(1, torch.tensor(cont)[:, None]).squeeze(1).tolist()
+            greedy += (logits.argmax(-1) == torch.tensor(cont)).tolist()
+    got = score_tokens(model, batch, *(torch.tensor(v) for v in (r, c, y)), chunk_size=3)
+    torch.testing.assert_close(got.logprob, torch.tensor(want), atol=1e-4, rtol=1e-4)
+    assert got.greedy.tolist() == greedy and got.rows.tolist() == r

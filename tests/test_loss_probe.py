@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from imtune.cli.main import main
-from imtune.evaluation import loss_probe
 from imtune.evaluation.loss_probe import (
     default_template,
     per_example_loss,
@@ -63,11 +62,47 @@ def test_matches_naive_full_logits_for_any_batch_size(tiny_model, tiny_tok, obje
             assert r["tokens"] == ref[r["id"]][1]
 
 
-def test_full_logits_fallback_gives_same_losses(tiny_model, tiny_tok, monkeypatch):
+class _NoLogitsToKeep(torch.nn.Module):
+    """A wrapper (like DDP: the model under `.module`) whose forward does not take `logits_to_keep`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return self.module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=use_cache)
+
+
+def test_full_logits_fallback_gives_same_losses(tiny_model, tiny_tok):
     fast = per_example_loss(tiny_model, tiny_tok, RECORDS, batch_size=3, progress=False)
-    monkeypatch.setattr(loss_probe, "_accepts_logits_to_keep", lambda model: False)
-    slow = per_example_loss(tiny_model, tiny_tok, RECORDS, batch_size=3, progress=False)
+    slow = per_example_loss(_NoLogitsToKeep(tiny_model), tiny_tok, RECORDS, batch_size=3, progress=False)
     np.testing.assert_allclose([r["loss"] for r in fast], [r["loss"] for r in slow], atol=1e-6)
+
+
+def test_training_eval_loss_equals_the_probe(tiny_dir, tiny_tok, tmp_path):
+    """The held-out loss `imtune train` logs is the probe's token-weighted mean on the same examples and model."""
+    from transformers import AutoModelForCausalLM
+
+    from imtune.training.recipe import train
+
+    def write(path, recs):
+        path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in recs))
+        return str(path)
+
+    val = RECORDS[2:]
+    res = train({"model": str(tiny_dir), "data": write(tmp_path / "t.jsonl", RECORDS[:2] * 2),
+                 "val_data": write(tmp_path / "v.jsonl", val), "epochs": 1, "lr": 1e-3, "micro_batch_size": 2,
+                 "max_length": 64, "template": "chatml", "out": str(tmp_path / "run")})
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run")).eval()
+    rows = per_example_loss(model, tiny_tok, val, objective="it", max_length=64, progress=False)
+    assert len(rows) == len(val)
+    pooled = sum(r["loss"] * r["tokens"] for r in rows) / sum(r["tokens"] for r in rows)
+    assert res.eval_history[-1]["step"] == res.metrics["steps"]  # evaluated on the model that was saved
+    assert res.metrics["eval_loss"] == pytest.approx(pooled, rel=1e-6, abs=1e-6)
+    untrained = per_example_loss(AutoModelForCausalLM.from_pretrained(str(tiny_dir)), tiny_tok, val,
+                                 objective="it", max_length=64, progress=False)
+    assert abs(np.mean([r["loss"] for r in untrained]) - np.mean([r["loss"] for r in rows])) > 1e-3
 
 
 def test_tokens_count_weighted_tokens(tiny_model, tiny_tok):

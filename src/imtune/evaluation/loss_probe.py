@@ -98,8 +98,6 @@ def per_example_loss(model, tokenizer, records, *, objective="it", template: str
 def per_example_loss_with_report(model, tokenizer, records, *, objective="it", template: str | None = None,
                                  max_length: int | None = DEFAULT_MAX_LENGTH, batch_size: int = 8, truncation_side: str = "right",
                                  progress: bool = True) -> LossReport:
-    import torch
-    from tqdm.auto import tqdm
 
     from imtune.masking.encoding import encode_with_report
     from imtune.masking.objectives import parse_objective
@@ -115,9 +113,21 @@ def per_example_loss_with_report(model, tokenizer, records, *, objective="it", t
     if not encoded:
         return report
 
+    losses, counts = _score(model, tokenizer, encoded, batch_size, progress)
+    report.rows = [{"id": e.id, "tokens": int(counts[i]), "loss": float(losses[i])} for i, e in enumerate(encoded)]
+    return report
+
+
+def _score(model, tokenizer, encoded, batch_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example Σ w·CE / Σ w and weighted-token count, through the engine the training loss uses."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from imtune.training.batching import collate
+    from imtune.training.logprobs import score_weighted
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    keep_ok = _accepts_logits_to_keep(model)
     # Longest first: least padding per batch, and an out-of-memory error shows on the first batch, not the last.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     losses = np.zeros(len(encoded), dtype=np.float64)
@@ -129,17 +139,16 @@ def per_example_loss_with_report(model, tokenizer, records, *, objective="it", t
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch_losses, batch_counts, keep_ok = _batch_loss(model, [encoded[i] for i in idx], pad_id, device,
-                                                                  keep_ok)
-                losses[idx] = batch_losses
-                counts[idx] = batch_counts
+                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+                ce, w, n = score_weighted(model, batch).per_row(len(idx))
+                losses[idx] = (ce / w).numpy()
+                counts[idx] = n.numpy()
                 bar.update(len(idx))
     finally:
         bar.close()
         if was_training:
             model.train()
-    report.rows = [{"id": e.id, "tokens": int(counts[i]), "loss": float(losses[i])} for i, e in enumerate(encoded)]
-    return report
+    return losses, counts
 
 
 def _as_conversation(r, i: int) -> Conversation:
@@ -148,57 +157,6 @@ def _as_conversation(r, i: int) -> Conversation:
     if isinstance(r, dict) and isinstance(r.get("messages"), list):
         return Conversation.from_messages(r["messages"], id=str(r.get("id", i)))
     raise ImtuneError(f"record {i}: expected a Conversation or a dict with 'messages', got {type(r).__name__}")
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _batch_loss(model, batch, pad_id: int, device, keep_ok: bool):
-    """Per-example weighted mean CE for one batch; returns (losses, counts, whether logits_to_keep worked)."""
-    import torch
-    import torch.nn.functional as F
-
-    n, width = len(batch), max(len(e) for e in batch)
-    # Right padding: with the attention mask, real tokens see exactly what they would see unpadded.
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, width), dtype=torch.long)
-    w = torch.zeros((n, width), dtype=torch.float32)
-    for j, e in enumerate(batch):
-        ids[j, :len(e)] = torch.tensor(e.input_ids, dtype=torch.long)
-        attn[j, :len(e)] = 1
-        w[j, :len(e)] = torch.tensor(e.weights, dtype=torch.float32)
-    # Weight w[t] belongs to predicting token t, which the hidden state at t-1 does (weights[0] is always 0).
-    target_mask = w > 0
-    keep = torch.zeros_like(target_mask)
-    keep[:, :-1] = target_mask[:, 1:]
-    rows = keep.nonzero(as_tuple=True)[0]  # row-major, the order hidden[keep] flattens to
-    targets = ids[:, 1:][target_mask[:, 1:]]
-    weights = w[:, 1:][target_mask[:, 1:]]
-    ids_d, attn_d = ids.to(device), attn.to(device)
-
-    logits = None
-    if keep_ok:
-        # A boolean logits_to_keep makes the model gather the hidden states at the weighted positions before its
-        # LM head (and apply any logit softcapping/scaling itself), so no [B, T, vocab] tensor is ever built.
-        out = model(input_ids=ids_d, attention_mask=attn_d, use_cache=False, logits_to_keep=keep.to(device))
-        logits = out.logits
-        if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
-            keep_ok, logits = False, None  # this architecture ignores or reshapes the mask: use full logits
-    if logits is None:
-        out = model(input_ids=ids_d, attention_mask=attn_d, use_cache=False)
-        logits = out.logits[keep.to(device)]
-    ce = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="none").double().cpu()
-    wsum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, weights.double())
-    lsum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, weights.double() * ce)
-    counts = torch.zeros(n, dtype=torch.int64).index_add_(0, rows, torch.ones_like(rows))
-    return (lsum / wsum).numpy(), counts.numpy(), keep_ok
 
 
 # ---------------------------------------------------------------------------------------------------- summary

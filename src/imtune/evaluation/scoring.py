@@ -16,8 +16,9 @@ token, with a 4D attention mask in which every continuation sees the context and
 that restart after the context for each continuation. The context is therefore run once per question, and a
 single-token continuation (MMLU's " A".." D") adds nothing to the row at all: its log-prob is read from the
 context's last position, so such a row is an ordinary causal sequence and runs with the model's own mask.
-Logits are computed only at the positions that are scored (`logits_to_keep`), which keeps the vocabulary
-projection small. Packing was chosen over a shared KV cache because it batches rows of different lengths with
+The rows are laid out by `training.batching.collate_prefix_rows` and scored by the token log-prob engine
+(`training.logprobs.score_tokens`), which applies the vocabulary projection only at the scored positions, the
+engine that also gives the training and held-out losses. Packing was chosen over a shared KV cache because it batches rows of different lengths with
 plain right padding and needs no cache copies per choice; bench/eval_scoring.py measures all three ways.
 
 lm-eval, by comparison, reuses a forward pass only when every choice is one token (its Collator groups requests
@@ -30,7 +31,6 @@ longer than the window (the custom mask replaces the model's own sliding mask).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 from imtune.config import DEFAULT_MAX_LENGTH
@@ -92,22 +92,6 @@ def max_length_of(model, tokenizer=None, default: int = DEFAULT_MAX_LENGTH) -> i
     return default
 
 
-def _keep_supported(model) -> str:
-    """How this model's forward can restrict logits to scored positions: 'mask' (2D bool), 'index', or ''."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return ""
-    if "logits_to_keep" not in params:
-        return ""
-    try:
-        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (transformers >= 5)
-
-        return "mask"
-    except ImportError:
-        return "index"
-
-
 def _packing_ok(model) -> int | None:
     """Longest packed row allowed (None: no limit), or 0 when packing is off for this model."""
     cfg = getattr(model, "config", None)
@@ -146,10 +130,28 @@ def loglikelihood_tokens(model, pairs: Sequence[tuple[Sequence[int], Sequence[in
 
     if not pairs:
         return []
-    if max_length is None:
-        max_length = max_length_of(model)
-    # Truncate like lm-eval: context + continuation keeps its last max_length + 1 tokens.
-    items: list[tuple[tuple[int, ...], list[int]]] = []
+    items = _truncate(pairs, max_length or max_length_of(model))
+    batches = _plan_batches(items, _packing_ok(model) if reuse else 0, batch_size)
+    results: list[tuple[float, bool] | None] = [(0.0, True) if not cont else None for _, cont in items]
+    was_training = model.training
+    model.eval()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    bar = tqdm(total=len(items), desc="scoring", unit="req", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for packed, batch in batches:
+                _score_batch(model, batch, items, results, dtype, packed=packed)
+                bar.update(sum(len(idx) for _, idx in batch))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]
+
+
+def _truncate(pairs, max_length: int) -> list[tuple[tuple[int, ...], list[int]]]:
+    """Like lm-eval: context + continuation keeps its last max_length + 1 tokens."""
+    items = []
     for ctx, cont in pairs:
         cont = list(cont)
         if len(cont) > max_length:
@@ -158,25 +160,7 @@ def loglikelihood_tokens(model, pairs: Sequence[tuple[Sequence[int], Sequence[in
             raise ValueError("a request with an empty context has nothing to predict its first token from")
         whole = (list(ctx) + cont)[-(max_length + 1):]
         items.append((tuple(whole[:len(whole) - len(cont)]), cont))
-    batches = _plan_batches(items, _packing_ok(model) if reuse else 0, batch_size)
-    results: list[tuple[float, bool] | None] = [(0.0, True) if not cont else None for _, cont in items]
-
-    keep_mode = _keep_supported(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    bar = tqdm(total=len(items), desc="scoring", unit="req", disable=not progress, leave=False)
-    try:
-        with torch.inference_mode():
-            for packed, batch in batches:
-                _score_batch(model, batch, items, results, device, dtype, keep_mode, packed=packed)
-                bar.update(sum(len(idx) for _, idx in batch))
-    finally:
-        bar.close()
-        if was_training:
-            model.train()
-    return results  # type: ignore[return-value]
+    return items
 
 
 def _plan_batches(items, limit: int | None, batch_size: int) -> list[tuple[bool, list]]:
@@ -227,97 +211,48 @@ def _plan_batches(items, limit: int | None, batch_size: int) -> list[tuple[bool,
     return batches
 
 
-def _score_batch(model, batch, items, results, device, dtype, keep_mode: str, packed: bool) -> None:
+def _score_batch(model, batch, items, results, dtype, packed: bool) -> None:
+    """Score one batch of rows (context, request indices) and fill in `results` for its requests."""
     import torch
 
-    seqs, pos_ids, targets = [], [], []  # targets: per row, list of (request index, [(position, token)])
+    from imtune.training.batching import collate_prefix_rows
+    from imtune.training.logprobs import score_tokens
+
+    rows, live = [], []
     for ctx, idx in batch:
-        tokens, positions = list(ctx), list(range(len(ctx)))
-        row_targets, segments = [], []
-        n = len(ctx)
-        for i in idx:
-            cont = items[i][1]
-            if not cont:
-                continue
-            seg_start = len(tokens)
-            seg = cont[:-1]
-            tokens.extend(seg)
-            positions.extend(range(n, n + len(seg)))
-            segments.append((seg_start, len(seg)))
-            # Token t of the continuation is predicted at the context's last position (t = 0) or at the segment
-            # position holding token t-1.
-            pts = [(n - 1, cont[0])] + [(seg_start + t - 1, cont[t]) for t in range(1, len(cont))]
-            row_targets.append((i, pts))
-        seqs.append((tokens, n, segments))
-        pos_ids.append(positions)
-        targets.append(row_targets)
-
-    if not any(targets):
+        idx = [i for i in idx if items[i][1]]
+        rows.append((ctx, [items[i][1][:-1] for i in idx]))
+        live.append(idx)
+    if not any(live):
         return
-    width = max(len(s[0]) for s in seqs)
-    bsz = len(seqs)
-    input_ids = torch.zeros((bsz, width), dtype=torch.long)
-    keep = torch.zeros((bsz, width), dtype=torch.bool)
-    for b, (tokens, _, _) in enumerate(seqs):
-        input_ids[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        for _, pts in targets[b]:
-            for p, _ in pts:
-                keep[b, p] = True
+    device = next(model.parameters()).device
+    b = collate_prefix_rows(rows, 0, shared=packed, mask_dtype=dtype)
+    r, c, y, owner = _targets(rows, live, items, b.pop("seg_starts"))
+    scores = score_tokens(model, {k: v.to(device) for k, v in b.items()}, r, c, y)
+    owner = owner.to(scores.logprob.device)
+    total = torch.zeros(len(items), dtype=torch.float64, device=owner.device).index_add_(
+        0, owner, scores.logprob.double())
+    missed = torch.zeros(len(items), dtype=torch.int64, device=owner.device).index_add_(
+        0, owner, (~scores.greedy).long())
+    total, missed = total.cpu().tolist(), missed.cpu().tolist()
+    for i in {i for idx in live for i in idx}:
+        results[i] = (float(total[i]), missed[i] == 0)
 
-    kwargs = {}
-    if packed:
-        allowed = torch.zeros((bsz, width, width), dtype=torch.bool)
-        position_ids = torch.zeros((bsz, width), dtype=torch.long)
-        causal = torch.ones((width, width), dtype=torch.bool).tril_()
-        for b, (tokens, n, segments) in enumerate(seqs):
-            position_ids[b, :len(tokens)] = torch.tensor(pos_ids[b], dtype=torch.long)
-            allowed[b, :n, :n] = causal[:n, :n]
-            for s, length in segments:
-                allowed[b, s:s + length, :n] = True
-                allowed[b, s:s + length, s:s + length] = causal[:length, :length]
-            # Padding attends to itself only, so no softmax row is empty (which would give NaN).
-            pad = torch.arange(len(tokens), width)
-            allowed[b, pad, pad] = True
-        mask = torch.zeros((bsz, 1, width, width), dtype=dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-        kwargs.update(attention_mask=mask.to(device), position_ids=position_ids.to(device))
-    else:
-        attn = torch.zeros((bsz, width), dtype=torch.long)
-        for b, (tokens, _, _) in enumerate(seqs):
-            attn[b, :len(tokens)] = 1
-        kwargs.update(attention_mask=attn.to(device))
 
-    if keep_mode == "mask":
-        kwargs["logits_to_keep"] = keep.to(device)
-    elif keep_mode == "index":
-        cols = keep.any(0).nonzero().flatten()
-        kwargs["logits_to_keep"] = cols.to(device)
-    out = model(input_ids=input_ids.to(device), use_cache=False, **kwargs)
-    logits = out.logits
+def _targets(rows, live, items, seg_starts):
+    """(row, position, target, request) of every scored continuation token, as four long tensors.
 
-    # Map each kept (row, position) to its row in the returned logits.
-    if keep_mode == "mask":
-        flat = logits.reshape(-1, logits.shape[-1])
-        where = torch.full((bsz, width), -1, dtype=torch.long)
-        where[keep] = torch.arange(int(keep.sum()))
+    Token t of a continuation is predicted at the context's last position (t = 0) or at its segment's position
+    holding token t-1."""
+    import torch
 
-        def logits_at(b, positions):
-            return flat[where[b, positions].to(flat.device)]
-    elif keep_mode == "index":
-        col_of = torch.full((width,), -1, dtype=torch.long)
-        col_of[cols] = torch.arange(len(cols))
-
-        def logits_at(b, positions):
-            return logits[b, col_of[positions].to(logits.device)]
-    else:
-        def logits_at(b, positions):
-            return logits[b, positions.to(logits.device)]
-
-    for b, row_targets in enumerate(targets):
-        for i, pts in row_targets:
-            positions = torch.tensor([p for p, _ in pts], dtype=torch.long)
-            toks = torch.tensor([t for _, t in pts], dtype=torch.long, device=logits.device)
-            lp = torch.log_softmax(logits_at(b, positions).float(), dim=-1)
-            total = lp.gather(-1, toks[:, None]).sum().item()
-            greedy = bool((lp.argmax(-1) == toks).all().item())
-            results[i] = (float(total), greedy)
+    r, c, y, owner = [], [], [], []
+    for b, ((ctx, _), idx, starts) in enumerate(zip(rows, live, seg_starts, strict=True)):
+        n = len(ctx)
+        for i, s in zip(idx, starts, strict=True):
+            cont = items[i][1]
+            r += [b] * len(cont)
+            c += [n - 1] + list(range(s, s + len(cont) - 1))
+            y += cont
+            owner += [i] * len(cont)
+    return tuple(torch.tensor(v, dtype=torch.long) for v in (r, c, y, owner))

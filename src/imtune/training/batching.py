@@ -1,12 +1,14 @@
 """Turn `Encoded` examples into model batches, and plan which examples go together.
 
-Two layouts:
+Three layouts, the only ones the token log-prob engine (`training.logprobs`) is fed:
   * `collate`: right-padded [B,T] rows with an attention mask (dynamic padding to the longest example).
+  * `collate_prefix_rows`: right-padded rows of one context followed by several continuations that each see the
+    context and themselves only (a 4D mask and restarting position ids), so a shared context runs once.
   * `pack`: several examples concatenated into one [1,T] row with no attention mask and `position_ids` that
     restart at 0 for each example. transformers >= 4.56 detects such rows in `masking_utils`
     (`find_packed_sequence_indices`) and builds a block-diagonal causal mask for eager/sdpa/flex (flash-attention
     derives cu_seqlens from the same position_ids), so no example attends to another. The detection is skipped
-    whenever a cache object exists, so the forward must pass `use_cache=False` (`loss.weighted_loss_sum` does);
+    whenever a cache object exists, so the forward must pass `use_cache=False` (`logprobs.forward_hidden` does);
     `supports_packing` checks the whole thing empirically on the actual model.
 
 Planning is numpy-only and a pure function of (lengths, seed, epoch), so resuming mid-epoch needs no RNG state.
@@ -37,21 +39,70 @@ def collate(examples: Sequence, pad_token_id: int, pad_to_multiple_of: int | Non
     if not examples:
         raise ValueError("cannot collate an empty batch")
     rows = [_arrays(e) for e in examples]
-    t = max(len(ids) for ids, _ in rows)
-    if pad_to_multiple_of:
-        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
-    b = len(rows)
-    input_ids = np.full((b, t), pad_token_id, dtype=np.int64)
-    mask = np.zeros((b, t), dtype=np.int64)
-    weights = np.zeros((b, t), dtype=np.float32)
-    for i, (ids, w) in enumerate(rows):
-        n = len(ids)
-        input_ids[i, :n] = ids
-        mask[i, :n] = 1
-        weights[i, :n] = w
+    input_ids, mask, width = _pad([ids for ids, _ in rows], pad_token_id, pad_to_multiple_of)
+    weights = np.zeros((len(rows), width), dtype=np.float32)
+    for i, (_, w) in enumerate(rows):
+        weights[i, :len(w)] = w
     weights[:, 0] = 0.0  # nothing predicts the first token
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
             "weights": torch.from_numpy(weights)}
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_token_id: int, multiple: int | None = None):
+    """Right-padded [B,T] ids and the 0/1 attention mask (both int64), and T."""
+    t = max(len(r) for r in rows)
+    if multiple:
+        t = -(-t // multiple) * multiple
+    input_ids = np.full((len(rows), t), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), t), dtype=np.int64)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return input_ids, mask, t
+
+
+def collate_prefix_rows(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_token_id: int, *,
+                        shared: bool, mask_dtype: torch.dtype = torch.float32) -> dict:
+    """Rows of (context, [segment, ...]) laid out as context + segment + segment ...; `seg_starts[b]` holds where
+    each segment of row b begins.
+
+    `shared=False`: a plain causal row with a 2D attention mask (right for a row with at most one non-empty
+    segment). `shared=True`: every segment attends to the context and to itself only (a 4D additive mask of
+    `mask_dtype`) and its position ids continue from the context's, as if it alone followed the context.
+    """
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    tokens, starts = [], []
+    for ctx, segs in rows:
+        t, st = list(ctx), []
+        for seg in segs:
+            st.append(len(t))
+            t.extend(seg)
+        tokens.append(t)
+        starts.append(st)
+    input_ids, mask, width = _pad(tokens, pad_token_id)
+    out = {"input_ids": torch.from_numpy(input_ids), "seg_starts": starts}
+    if not shared:
+        out["attention_mask"] = torch.from_numpy(mask)
+        return out
+    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    causal = torch.ones((width, width), dtype=torch.bool).tril_()
+    for b, ((ctx, segs), st) in enumerate(zip(rows, starts, strict=True)):
+        n = len(ctx)
+        position_ids[b, :n] = torch.arange(n)
+        allowed[b, :n, :n] = causal[:n, :n]
+        for s, seg in zip(st, segs, strict=True):
+            k = len(seg)
+            position_ids[b, s:s + k] = torch.arange(n, n + k)
+            allowed[b, s:s + k, :n] = True
+            allowed[b, s:s + k, s:s + k] = causal[:k, :k]
+        pad = torch.arange(len(tokens[b]), width)
+        allowed[b, pad, pad] = True  # padding attends to itself only, so no softmax row is empty (NaN)
+    additive = torch.zeros((len(rows), 1, width, width), dtype=mask_dtype)
+    additive.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+    out.update(attention_mask=additive, position_ids=position_ids)
+    return out
 
 
 def pack(examples: Sequence, max_length: int) -> dict[str, torch.Tensor]:
@@ -80,7 +131,7 @@ def supports_packing(model) -> bool:
 
     Runs three tiny no-grad forwards in eval mode (the model's training flags are restored afterwards).
     """
-    from imtune.training.loss import _eval_mode, causal_lm_of
+    from imtune.training.logprobs import _eval_mode, causal_lm_of
 
     lm = causal_lm_of(model)
     vocab = lm.config.get_text_config().vocab_size

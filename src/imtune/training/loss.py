@@ -1,10 +1,9 @@
-"""Exact weighted next-token loss without a [tokens × vocab] logits tensor, a KL pull toward the starting model,
-and NEFTune.
+"""The training loss: exact weighted next-token loss without a [tokens × vocab] logits tensor, a KL pull toward the
+starting model, and NEFTune.
 
-`weighted_loss_sum` runs the model once with `logits_to_keep=1` (so the top-level forward, and with it any
-DDP/peft wrapper, still runs and its hooks fire), captures the backbone's final hidden states with a forward hook,
-keeps only the positions whose *target* carries weight, and evaluates lm_head + cross-entropy on those rows in
-chunks. With a plain `nn.Linear` head (the usual case, tied or not, LoRA or full fine-tuning) a fused autograd
+`weighted_loss_sum` is the gradient-carrying side of the token log-prob engine (`training.logprobs`): one forward
+with `logits_to_keep=1` and the backbone's final hidden states captured (`forward_hidden`), only the positions whose
+*target* carries weight (`weighted_positions`), then lm_head + cross-entropy on those rows in chunks. With a plain `nn.Linear` head (the usual case, tied or not, LoRA or full fine-tuning) a fused autograd
 function computes the chunk's gradient analytically while the chunk logits are live, so backward never
 recomputes them; any other head (peft-wrapped lm_head, quantised layers) goes through per-chunk
 `torch.utils.checkpoint` instead. Either way the peak extra memory is O(chunk_size × vocab).
@@ -16,14 +15,29 @@ micro-batching, gradient accumulation and data parallelism do not change the obj
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from imtune.training.logprobs import (  # noqa: F401  (causal_lm_of, unwrap_model: public via this module too)
+    _backbone,
+    _eval_mode,
+    _head_logits,
+    _logit_transform,
+    _LogitTransform,
+    _plain_weight,
+    _run_hidden,
+    causal_lm_of,
+    forward_hidden,
+    peft_model_of,
+    unwrap_model,
+    weighted_positions,
+)
 
 KL_TYPES = ("target_token", "full", "target_token_k1")
 # exp() of a log-ratio above this would overflow fp32 long before it means anything; it only occurs when the
@@ -38,153 +52,6 @@ class LossOutput:
     weight_sum: float  # Σ w
     n_weighted: int  # #{t: w_t > 0}
     kl_sum: float = 0.0  # Σ w·KL (0 when kl_coef == 0)
-
-
-# ----------------------------------------------------------------------------------------------- model plumbing
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / accelerate / torch.compile wrappers (not peft)."""
-    m = model
-    while True:
-        inner = getattr(m, "_orig_mod", None)
-        if inner is None and isinstance(getattr(m, "module", None), nn.Module):
-            inner = m.module
-        if not isinstance(inner, nn.Module):
-            return m
-        m = inner
-
-
-def peft_model_of(model: nn.Module):
-    """The `PeftModel` inside `model`, or None."""
-    m = unwrap_model(model)
-    return m if hasattr(m, "peft_config") and hasattr(m, "disable_adapter") and hasattr(m, "get_base_model") else None
-
-
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The transformers `*ForCausalLM` (or multimodal generation model) under any wrapper."""
-    m = unwrap_model(model)
-    if peft_model_of(m) is not None:
-        if getattr(m.active_peft_config, "is_prompt_learning", False):
-            raise NotImplementedError("prompt-learning peft methods (prefix/prompt tuning) are not supported")
-        m = m.get_base_model()
-    return m
-
-
-def _backbone(lm: nn.Module) -> nn.Module:
-    dec = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    if dec is None or dec is lm:
-        raise TypeError(f"cannot find the decoder backbone of {type(lm).__name__}")
-    return dec
-
-
-@dataclass(frozen=True)
-class _LogitTransform:
-    """What the model does to `lm_head(h)`: z = cap·tanh(scale·x / cap) (or scale·x without a cap)."""
-
-    scale: float = 1.0
-    cap: float | None = None
-
-
-def _logit_transform(lm: nn.Module) -> _LogitTransform:
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    scale = 1.0
-    if isinstance(getattr(lm, "logit_scale", None), (int, float)):  # Cohere multiplies
-        scale *= float(lm.logit_scale)
-    if getattr(cfg, "logits_scaling", None):  # Granite divides
-        scale /= float(cfg.logits_scaling)
-    cap = getattr(cfg, "final_logit_softcapping", None) or None  # Gemma 2/3
-    return _LogitTransform(scale, float(cap) if cap else None)
-
-
-def _transform(x: torch.Tensor, tf: _LogitTransform) -> torch.Tensor:
-    if tf.scale != 1.0:
-        x = x * tf.scale
-    if tf.cap is not None:
-        x = torch.tanh(x / tf.cap) * tf.cap
-    return x
-
-
-def _head_logits(head: nn.Module, tf: _LogitTransform, h: torch.Tensor) -> torch.Tensor:
-    return _transform(head(h).float(), tf)
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    # The reference must be deterministic (no dropout, no NEFTune noise); restore each module's own flag, since
-    # some are deliberately kept in eval mode during training.
-    flags = [(m, m.training) for m in module.modules()]
-    module.train(False)
-    try:
-        yield
-    finally:
-        for m, f in flags:
-            m.training = f
-
-
-def _model_inputs(batch: dict) -> dict:
-    out = {"input_ids": batch["input_ids"]}
-    for k in ("attention_mask", "position_ids"):
-        if batch.get(k) is not None:
-            out[k] = batch[k]
-    return out
-
-
-def _run_hidden(model: nn.Module, backbone: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Final hidden states [B,T,H] plus the model's own logits at the last position (a free check on the head).
-
-    `use_cache=False` matters beyond speed: with a cache object present transformers skips the packed-sequence
-    detection from `position_ids`, and packed rows would attend across examples.
-    """
-    box: list[torch.Tensor] = []
-
-    def grab(_mod, _args, out):
-        box.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
-
-    handle = backbone.register_forward_hook(grab)
-    try:
-        try:
-            out = model(**_model_inputs(batch), use_cache=False, logits_to_keep=1)
-        except TypeError as e:  # a model without logits_to_keep: correct, just computes the full logits once
-            if "logits_to_keep" not in str(e):
-                raise
-            box.clear()
-            out = model(**_model_inputs(batch), use_cache=False)
-    finally:
-        handle.remove()
-    if not box:
-        raise RuntimeError("the backbone did not run during the model's forward")
-    logits = out[0] if isinstance(out, tuple) else getattr(out, "logits", None)
-    return box[-1], (None if logits is None else logits[:, -1])
-
-
-def _check_head(lm: nn.Module, head: nn.Module, tf: _LogitTransform, h_last: torch.Tensor,
-                model_logits: torch.Tensor | None) -> None:
-    """Refuse models whose logits are not `transform(lm_head(h))` (an unknown post-processing step)."""
-    if model_logits is None:
-        return
-    with torch.no_grad():
-        ours = _head_logits(head, tf, h_last)
-        ref = model_logits.float()
-        rel = 1e-4 if model_logits.dtype == torch.float32 else 2e-2
-        err = (ours - ref).abs().max()
-        bad = bool(err > 1e-4 + rel * ref.abs().max())
-    if bad:
-        raise NotImplementedError(
-            f"{type(lm).__name__}: the model's logits differ from lm_head(h) after the known scaling/softcapping "
-            f"(max err {float(err):.3g}); its logit post-processing is not supported by weighted_loss_sum")
-
-
-def _plain_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) when the head is an ordinary dense nn.Linear we may multiply by directly."""
-    if type(head) is not nn.Linear:
-        return None
-    w = head.weight
-    # DTensor (FSDP2), ZeRO-3 placeholders and resharded flat params only become real inside the module's own
-    # forward, so those heads must be called, not multiplied by.
-    if (type(w) not in (torch.Tensor, nn.Parameter) or w.device.type == "meta" or hasattr(w, "ds_id")
-            or tuple(w.shape) != (head.out_features, head.in_features)):
-        return None
-    return w, head.bias
 
 
 # ------------------------------------------------------------------------------------------------- reference
@@ -273,29 +140,18 @@ def weighted_loss_sum(model, batch: dict, *, chunk_size: int = 1024, kl_coef: fl
     if use_kl and ref_model is None and not ref_adapter_disabled:
         raise ValueError("kl_coef > 0 needs ref_model or ref_adapter_disabled=True")
 
-    lm = causal_lm_of(model)
-    backbone, head, tf = _backbone(lm), lm.get_output_embeddings(), _logit_transform(lm)
-    input_ids = batch["input_ids"]
-    weights = batch["weights"].to(device=input_ids.device, dtype=torch.float32)
-    if weights.shape != input_ids.shape:
-        raise ValueError(f"weights {tuple(weights.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
-
     ref = None
-    sel = weights[:, 1:] > 0
+    sel, y, w = weighted_positions(batch)
     if use_kl:
         ref = _reference(model, batch, sel, kl_type, ref_model, ref_adapter_disabled, chunk_size)
-    hidden, last_logits = _run_hidden(model, backbone, batch)
-    _check_head(lm, head, tf, hidden[:, -1], last_logits)
-
+    head, hidden = forward_hidden(model, batch)
     h = hidden[:, :-1][sel]
-    y = input_ids[:, 1:][sel]
-    w = weights[:, 1:][sel]
-    spec = _Spec(chunk_size, tf, kl_coef if use_kl else 0.0, kl_type)
-    plain = _plain_weight(head)
+    spec = _Spec(chunk_size, head.tf, kl_coef if use_kl else 0.0, kl_type)
+    plain = _plain_weight(head.module)
     if plain is not None:
         loss, ce, kl = _fused_head_loss(h, plain[0], plain[1], y, w, ref, spec)
     else:
-        loss, ce, kl = _checkpointed_head_loss(h, head, y, w, ref, spec)
+        loss, ce, kl = _checkpointed_head_loss(h, head.module, y, w, ref, spec)
     ce_sum, kl_sum, w_sum = torch.stack([ce.float(), kl.float(), w.sum()]).tolist()
     return LossOutput(loss, ce_sum, w_sum, int(y.numel()), kl_sum)
 

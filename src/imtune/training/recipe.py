@@ -297,7 +297,7 @@ class Recipe:
     def evaluate(self, epoch: float) -> dict:
         """Output-only loss on the held-out set: sum(w * CE) / sum(w) over all of it, sharded over processes."""
         from imtune.training.batching import plan_batches
-        from imtune.training.loss import weighted_loss_sum
+        from imtune.training.logprobs import score_weighted
 
         cfg, acc, val, model = self.cfg, self.accelerator, self.val_data, self.model
         batches = plan_batches(val.lengths.tolist(), cfg.micro_batch_size, seed=0, epoch=0, group_by_length=True,
@@ -312,7 +312,7 @@ class Recipe:
                 mb = batches[k] if k < len(batches) else batches[0]
                 batch = make_batch(cfg, [val.examples[i] for i in mb], self.pad_id, acc.device, packed=False)
                 with self.autocast():
-                    o = weighted_loss_sum(model, batch, chunk_size=cfg.loss_chunk_size)
+                    o = score_weighted(model, batch, chunk_size=cfg.loss_chunk_size)
                 if k < len(batches):
                     sums += torch.tensor([o.ce_sum, o.weight_sum], dtype=torch.float64, device=sums.device)
         model.train(was_training)
