@@ -2,9 +2,11 @@
 
 It speaks HTTP for real (ThreadingHTTPServer), so the client's retries, timeouts, key handling, concurrency cap
 and cache are exercised end to end instead of patched out. Knobs: `api_key` (401 when it doesn't match),
-`fail_next(codes)` (answer these statuses first, e.g. 429, 500), `delay` (seconds to sleep per request),
-`policy` (messages -> reply text). It records every request body, the request count and the most requests it
-ever had in flight.
+`fail_next(codes)` (answer these statuses first, e.g. 429, 500; an item may be (status, headers), e.g.
+(429, {"Retry-After": "3600"})), `delay` (seconds to sleep per request), `policy` (messages -> reply text),
+`redirect_to` (answer every request with a 302 to this URL), `raw_reply` (send these bytes as the 200 body
+instead of a chat completion). It records every request body, every Authorization header, the request count
+and the most requests it ever had in flight.
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ class JudgeServer:
         self.api_key = api_key
         self.policy = policy
         self.delay = delay
+        self.redirect_to: str | None = None
+        self.raw_reply: bytes | None = None
         self.bodies: list[dict] = []
+        self.auth_headers: list[str | None] = []
         self.n_requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -83,10 +88,12 @@ class JudgeServer:
     def reset(self) -> None:
         with self._lock:
             self.bodies.clear()
+            self.auth_headers.clear()
             self._failures.clear()
             self.n_requests = self.in_flight = self.max_in_flight = 0
             self._epoch += 1
         self.policy, self.delay, self.api_key = scripted_judge, 0.0, None
+        self.redirect_to, self.raw_reply = None, None
 
     def start(self) -> JudgeServer:
         server = self
@@ -102,6 +109,7 @@ class JudgeServer:
                 raw = self.rfile.read(length)
                 with server._lock:
                     server.n_requests += 1
+                    server.auth_headers.append(self.headers.get("Authorization"))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     fail = server._failures.pop(0) if server._failures else None
@@ -116,13 +124,19 @@ class JudgeServer:
             def _handle(self, raw, fail, epoch):
                 if server.delay:
                     time.sleep(server.delay)
-                if not self.path.endswith("/v1/chat/completions"):
+                if server.redirect_to is not None:
+                    return self._send(302, {}, headers={"Location": server.redirect_to})
+                if not self.path.split("?")[0].endswith("/v1/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self._send(401, {"error": {"message": "Incorrect API key provided"}})
                 if fail is not None:
-                    return self._send(fail, {"error": {"message": f"scripted failure {fail}"}},
-                                      headers={"Retry-After": "0"} if fail == 429 else None)
+                    code, headers = fail if isinstance(fail, tuple) else (fail, None)
+                    if headers is None and code == 429:
+                        headers = {"Retry-After": "0"}
+                    return self._send(code, {"error": {"message": f"scripted failure {code}"}}, headers=headers)
+                if server.raw_reply is not None:
+                    return self._send(200, server.raw_reply)
                 body = json.loads(raw)
                 with server._lock:
                     if server._epoch == epoch:
@@ -134,7 +148,7 @@ class JudgeServer:
                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
             def _send(self, code, obj, headers=None):
-                data = json.dumps(obj).encode()
+                data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")

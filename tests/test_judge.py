@@ -14,9 +14,9 @@ from imtune.evaluation.judge import mt_bench as mb
 from imtune.evaluation.judge.client import KEY_MESSAGE, JudgeClient, chat_url
 
 try:
-    from .judge_server import MARKER, JudgeServer, always_first
+    from .judge_server import MARKER, JudgeServer, always_first, scripted_judge
 except ImportError:  # tests/ run as plain directory
-    from judge_server import MARKER, JudgeServer, always_first
+    from judge_server import MARKER, JudgeServer, always_first, scripted_judge
 
 
 @pytest.fixture(scope="module")
@@ -375,3 +375,129 @@ def test_cli_generates_with_model_then_judges(server, tmp_path, tiny_dir):
     outs = json.loads((out_dir / "model_outputs.json").read_text())
     assert [o["instruction"] for o in outs] == ae.alpaca_eval_instructions(2)
     assert json.loads((out_dir / "alpaca_eval_results.json").read_text())["n"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ hygiene (issue 8)
+
+
+@pytest.fixture(scope="module")
+def _other_host():
+    s = JudgeServer().start()
+    yield s
+    s.stop()
+
+
+def test_redirect_to_another_host_is_not_followed(server, _other_host):
+    _other_host.reset()
+    # "localhost" vs 127.0.0.1 and another port: another origin, as a 302 to an attacker's host would be.
+    server.redirect_to = _other_host.base_url.replace("127.0.0.1", "localhost") + "/chat/completions"
+    c = client(server, api_key="sk-test-secret-key")
+    with pytest.raises(ImtuneError, match=r"HTTP 302 \(a redirect.*redirects are not followed") as e:
+        c.complete([{"role": "user", "content": "hi"}])
+    assert _other_host.n_requests == 0 and server.n_requests == 1
+    assert "sk-test-secret-key" not in str(e.value)
+    # Redirect targets carrying credentials are not echoed either.
+    server.redirect_to = "http://user:hunter2@evil.example/steal?token=abc"
+    with pytest.raises(ImtuneError) as e:
+        c.complete([{"role": "user", "content": "again"}])
+    assert "hunter2" not in str(e.value) and "token=abc" not in str(e.value) and "evil.example" in str(e.value)
+
+
+def test_garbage_reply_is_an_error_and_never_cached(server, tmp_path):
+    server.raw_reply = b"<html>302 Found: login here</html>"
+    c = client(server, tmp_path)
+    with pytest.raises(ImtuneError, match="did not answer in the chat-completions format"):
+        c.complete([{"role": "user", "content": "hi"}], parse=ae.parse_verdict)
+    assert len(c.cache) == 0
+    server.raw_reply = json.dumps({"choices": []}).encode()
+    with pytest.raises(ImtuneError, match="chat-completions format"):
+        c.complete([{"role": "user", "content": "hi"}])
+    assert len(c.cache) == 0
+
+
+@pytest.mark.parametrize("bad_reply", ["Both have merits.", "", "   "])
+def test_unparseable_or_empty_verdicts_are_not_cached(server, tmp_path, bad_reply):
+    pairs = [{"instruction": "q", "output": f"{MARKER} x", "reference": "y"}]
+    server.policy = lambda msgs: bad_reply
+    first = ae.judge_pairs(client(server, tmp_path), pairs).summary
+    assert first["n_unparseable"] == 2 and first["win_rate"] is None
+    assert server.n_requests == 2
+    # Rerun against a healthy judge: asked again (nothing was cached), and now it scores.
+    server.policy = scripted_judge
+    c = client(server, tmp_path)
+    second = ae.judge_pairs(c, pairs).summary
+    assert server.n_requests == 4 and c.stats.cache_hits == 0
+    assert second["win_rate"] == 100.0 and len(c.cache) == 2
+    # Parseable verdicts are cached: a third run makes no request.
+    c3 = client(server, tmp_path)
+    ae.judge_pairs(c3, pairs)
+    assert server.n_requests == 4 and c3.stats.cache_hits == 2
+
+
+def test_mt_bench_unparseable_ratings_are_not_cached(server, tmp_path):
+    answers = {81: ["NORATING answer"]}
+    c = client(server, tmp_path)
+    assert mb.grade(c, answers).summary["n_unparseable"] == 1 and len(c.cache) == 0
+
+
+def test_huge_retry_after_is_capped(server):
+    server.fail_next([(429, {"Retry-After": "3600"}), (503, {"Retry-After": "99999"})])
+    t0 = time.monotonic()
+    c = client(server, backoff_max=0.3)
+    assert c.complete([{"role": "user", "content": "hi"}]) == "hello"
+    assert time.monotonic() - t0 < 3 and server.n_requests == 3 and c.stats.retries == 2
+
+
+def test_overall_deadline_per_request(server):
+    server.fail_next([(429, {"Retry-After": "3600"})] * 100)
+    t0 = time.monotonic()
+    with pytest.raises(ImtuneError, match="kept failing: HTTP 429"):
+        client(server, backoff_max=30, deadline=1.0, max_retries=50).complete([{"role": "user", "content": "x"}])
+    assert time.monotonic() - t0 < 4
+    assert server.n_requests < 5
+
+
+def test_credentials_never_printed(server, caplog):
+    port = server.base_url.split(":")[2].split("/")[0]
+    url = f"http://judge-user:hunter2-secret@127.0.0.1:{port}/v1?api-key=query-secret"
+    server.fail_next([500, 500])
+    c = JudgeClient(url, "m", api_key="", cache=False, max_retries=1, backoff_base=0.01)
+    with caplog.at_level("DEBUG"), pytest.raises(ImtuneError) as e:
+        c.complete([{"role": "user", "content": "hi"}])
+    msg = str(e.value)
+    assert "kept failing: HTTP 500" in msg and "***@127.0.0.1" in msg
+    # user:pass went to that server only, as HTTP basic auth, and no message or log line shows it.
+    assert server.auth_headers[0].startswith("Basic ") and len(server.auth_headers) == 2
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for secret in ("hunter2-secret", "query-secret"):
+        assert secret not in msg and secret not in logged and secret not in repr(c.__dict__.get("base_url"))
+    # A key the server echoes back in its 401 is masked too.
+    server.api_key = "right-key"
+    with pytest.raises(ImtuneError) as e:
+        JudgeClient(server.base_url, "m", api_key="sk-wrong-secret", cache=False).complete(
+            [{"role": "user", "content": "hi"}])
+    assert "sk-wrong-secret" not in str(e.value)
+    with pytest.raises(ImtuneError) as e:
+        JudgeClient("ftp://u:hunter2-secret@host/v1", "m", cache=False)
+    assert "hunter2-secret" not in str(e.value)
+
+
+def test_cli_judge_fails_when_no_verdict_parses(server, tmp_path, capsys):
+    from imtune.cli.main import main
+
+    server.policy = lambda msgs: "I like both."
+    outs = tmp_path / "o.jsonl"
+    outs.write_text("".join(json.dumps({"instruction": i, "output": "x"}) + "\n"
+                            for i in ae.alpaca_eval_instructions(2)))
+    out_dir = tmp_path / "res"
+    rc = main(["judge", "alpaca-eval", "--outputs", str(outs), "--judge-base-url", server.base_url,
+               "--judge-model", "m", "--limit", "2", "--out", str(out_dir), "--judge-cache", str(tmp_path / "c")])
+    assert rc != 0
+    err = capsys.readouterr().err.strip()
+    assert "no judge reply could be parsed (4 of 4 unparseable" in err and err.count("\n") == 0
+    assert (out_dir / "alpaca_eval_annotations.jsonl").exists()
+    ans = tmp_path / "a.jsonl"
+    ans.write_text(json.dumps({"question_id": mb.load_questions(1)[0]["question_id"], "turns": ["x"]}) + "\n")
+    rc = main(["judge", "mt-bench", "--answers", str(ans), "--judge-base-url", server.base_url,
+               "--judge-model", "m", "--limit", "1", "--out", str(tmp_path / "mt"), "--no-judge-cache"])
+    assert rc != 0 and "no judge reply could be parsed (1 of 1" in capsys.readouterr().err

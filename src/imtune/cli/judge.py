@@ -31,7 +31,9 @@ def _add_judge_options(p: argparse.ArgumentParser) -> None:
                    help="judge model name as the server knows it ($IMTUNE_JUDGE_MODEL)")
     g.add_argument("--judge-max-tokens", type=int, default=1024, help="max tokens per judge reply (default: 1024)")
     g.add_argument("--judge-concurrency", type=int, default=8, help="requests in flight at once (default: 8)")
-    g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per request (default: 120)")
+    g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per attempt (default: 120)")
+    g.add_argument("--judge-deadline", type=float, default=600.0,
+                   help="seconds per request, retries and Retry-After waits included (default: 600)")
     g.add_argument("--judge-max-retries", type=int, default=6,
                    help="retries on 429/5xx/connection errors/timeouts, with exponential back-off (default: 6)")
     g.add_argument("--judge-cache", default=None,
@@ -117,8 +119,8 @@ def make_client(args):
         raise ImtuneError("--judge-max-tokens must be >= 1")
     cache = False if args.no_judge_cache else args.judge_cache
     return JudgeClient(args.judge_base_url, args.judge_model, max_tokens=args.judge_max_tokens,
-                       timeout=args.judge_timeout, max_retries=args.judge_max_retries,
-                       concurrency=args.judge_concurrency, cache=cache)
+                       timeout=args.judge_timeout, deadline=args.judge_deadline,
+                       max_retries=args.judge_max_retries, concurrency=args.judge_concurrency, cache=cache)
 
 
 def make_generator(args):
@@ -143,6 +145,13 @@ def make_generator(args):
 def _judge_line(client) -> str:
     s = client.stats
     return f"judge {client.model}: {s.requests} request(s), {s.retries} retr(y/ies), {s.cache_hits} cache hit(s)"
+
+
+def _require_verdicts(n_parsed: int, n_asked: int, written) -> None:
+    """A run whose judge never gave a usable verdict is a failure, not a score (the files stay for a look)."""
+    if n_asked and not n_parsed:
+        raise ImtuneError(f"no judge reply could be parsed ({n_asked} of {n_asked} unparseable, nothing cached); "
+                          f"check --judge-model and the replies in {written}")
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
@@ -175,6 +184,8 @@ def run_alpaca_eval(args) -> int:
         print(res.format())
         print(_judge_line(client))
         print(f"wrote {paths['results']} and {paths['annotations']}")
+        s = res.summary
+        _require_verdicts(s["n_judgements"] - s["n_unparseable"], s["n_judgements"], paths["annotations"])
     return 0
 
 
@@ -205,4 +216,5 @@ def run_mt_bench(args) -> int:
         print(res.format())
         print(_judge_line(client))
         print(f"wrote {paths['results']} and {paths['judgements']}")
+        _require_verdicts(res.summary["n_rated"], res.summary["n_judgements"], paths["judgements"])
     return 0

@@ -266,90 +266,69 @@ def win_rate_stats(scores: Sequence[float], n_boot: int = 2000, seed: int = 0) -
     return {"win_rate": 100 * mean, "standard_error": 100 * se, "ci95": [100 * lo, 100 * hi]}
 
 
+def _judge_one(p: dict, replies: tuple[str, str] | None) -> dict:
+    """The annotation of one pair: both verdicts, the score (mean of the parseable ones; None when neither
+    parses) and whether the winner flipped with the order. `replies` None: identical outputs, a tie."""
+    ann = {"instruction": p["instruction"], "dataset": p.get("dataset"), "output": p["output"],
+           "reference": p["reference"]}
+    if replies is None:
+        return {**ann, "identical": True, "verdict_model_first": "tie", "verdict_reference_first": "tie",
+                "score": 0.5, "flipped": None}
+    v1, v2 = parse_verdict(replies[0]), parse_verdict(replies[1])
+    parts = ([VERDICT_SCORE_MODEL_FIRST[v1]] if v1 is not None else []) + (
+        [VERDICT_SCORE_REFERENCE_FIRST[v2]] if v2 is not None else [])
+    flipped = (VERDICT_SCORE_MODEL_FIRST[v1] != VERDICT_SCORE_REFERENCE_FIRST[v2]
+               if v1 is not None and v2 is not None else None)
+    return {**ann, "identical": False, "verdict_model_first": v1, "verdict_reference_first": v2,
+            "score": sum(parts) / len(parts) if parts else None, "flipped": flipped,
+            "judge_reply_model_first": replies[0], "judge_reply_reference_first": replies[1]}
+
+
+def _aggregate(annotations: list[dict], n_boot: int) -> dict:
+    """Win rate and counts over the annotations (see judge_pairs)."""
+    scores = [a["score"] for a in annotations if a["score"] is not None]
+    judged = [a for a in annotations if not a["identical"]]
+    verdicts = [v for a in judged for v in (a["verdict_model_first"], a["verdict_reference_first"])]
+    decisive = [v for v in verdicts if v in ("a", "b")]
+    both = [a for a in judged if a["flipped"] is not None]
+    by_dataset: dict[str, list[float]] = {}
+    for a in annotations:
+        if a["score"] is not None:
+            by_dataset.setdefault(a["dataset"] or "unknown", []).append(a["score"])
+    return {
+        **win_rate_stats(scores, n_boot=n_boot),
+        "n": len(annotations), "n_scored": len(scores), "n_excluded": len(annotations) - len(scores),
+        "n_unparseable": sum(v is None for v in verdicts), "n_judgements": len(verdicts),
+        "wins": sum(s > 0.5 for s in scores), "ties": sum(s == 0.5 for s in scores),
+        "losses": sum(s < 0.5 for s in scores),
+        # Share of instructions (both verdicts parsed) whose winner changed when the order was swapped.
+        "position_bias_rate": sum(a["flipped"] for a in both) / len(both) if both else None,
+        # Share of decisive verdicts that picked whatever was shown first (0.5 = no lean).
+        "first_position_rate": decisive.count("a") / len(decisive) if decisive else None,
+        "by_dataset": {k: 100 * sum(v) / len(v) for k, v in sorted(by_dataset.items())},
+    }
+
+
 def judge_pairs(client: JudgeClient, pairs: Sequence[dict], progress: bool | None = None,
                 n_boot: int = 2000) -> AlpacaEvalResult:
     """Judge each `{instruction, output, reference[, dataset]}` pair in both orders and aggregate.
 
     An instruction whose two verdicts are both unparseable is left out of the win rate (counted in
     `n_excluded`); with one parseable verdict, that one alone gives the score. Identical outputs are a tie
-    without asking the judge.
+    without asking the judge. Only replies that parse as a verdict are cached.
     """
-    convs, slots = [], []
-    for i, p in enumerate(pairs):
-        if p["output"].strip() == p["reference"].strip():
-            continue
-        convs.append(pairwise_messages(p["instruction"], p["output"], p["reference"]))
-        slots.append((i, "model_first"))
-        convs.append(pairwise_messages(p["instruction"], p["reference"], p["output"]))
-        slots.append((i, "reference_first"))
-    replies = client.complete_many(convs, desc="AlpacaEval judging", progress=progress)
-    got: dict[tuple[int, str], str] = dict(zip(slots, replies, strict=True))
-
-    annotations, scores = [], []
-    n_unparseable = n_excluded = n_both = n_flipped = n_first = n_decisive = 0
-    wins = ties = losses = 0
-    by_dataset: dict[str, list[float]] = {}
-    for i, p in enumerate(pairs):
-        ann = {"instruction": p["instruction"], "dataset": p.get("dataset"), "output": p["output"],
-               "reference": p["reference"]}
-        if (i, "model_first") not in got:
-            ann.update(identical=True, verdict_model_first="tie", verdict_reference_first="tie", score=0.5,
-                       flipped=None)
-            score = 0.5
-        else:
-            r1, r2 = got[(i, "model_first")], got[(i, "reference_first")]
-            v1, v2 = parse_verdict(r1), parse_verdict(r2)
-            parts = []
-            if v1 is not None:
-                parts.append(VERDICT_SCORE_MODEL_FIRST[v1])
-            else:
-                n_unparseable += 1
-            if v2 is not None:
-                parts.append(VERDICT_SCORE_REFERENCE_FIRST[v2])
-            else:
-                n_unparseable += 1
-            for v in (v1, v2):
-                if v in ("a", "b"):
-                    n_decisive += 1
-                    n_first += v == "a"
-            flipped = None
-            if v1 is not None and v2 is not None:
-                n_both += 1
-                flipped = VERDICT_SCORE_MODEL_FIRST[v1] != VERDICT_SCORE_REFERENCE_FIRST[v2]
-                n_flipped += flipped
-            score = sum(parts) / len(parts) if parts else None
-            ann.update(identical=False, verdict_model_first=v1, verdict_reference_first=v2, score=score,
-                       flipped=flipped, judge_reply_model_first=r1, judge_reply_reference_first=r2)
-        annotations.append(ann)
-        if score is None:
-            n_excluded += 1
-            continue
-        scores.append(score)
-        by_dataset.setdefault(p.get("dataset") or "unknown", []).append(score)
-        if score > 0.5:
-            wins += 1
-        elif score < 0.5:
-            losses += 1
-        else:
-            ties += 1
-
+    asked = [i for i, p in enumerate(pairs) if p["output"].strip() != p["reference"].strip()]
+    convs = [pairwise_messages(pairs[i]["instruction"], *shown) for i in asked
+             for shown in ((pairs[i]["output"], pairs[i]["reference"]),  # model first, then reference first
+                           (pairs[i]["reference"], pairs[i]["output"]))]
+    replies = client.complete_many(convs, desc="AlpacaEval judging", progress=progress, parse=parse_verdict)
+    got = {i: (replies[2 * k], replies[2 * k + 1]) for k, i in enumerate(asked)}
+    annotations = [_judge_one(p, got.get(i)) for i, p in enumerate(pairs)]
+    n = len(pairs)
     summary = {
-        **win_rate_stats(scores, n_boot=n_boot),
-        "n": len(pairs),
-        "n_scored": len(scores),
-        "n_excluded": n_excluded,
-        "n_unparseable": n_unparseable,
-        "n_judgements": len(convs),
-        "wins": wins, "ties": ties, "losses": losses,
-        # Share of instructions (both verdicts parsed) whose winner changed when the order was swapped.
-        "position_bias_rate": n_flipped / n_both if n_both else None,
-        # Share of decisive verdicts that picked whatever was shown first (0.5 = no lean).
-        "first_position_rate": n_first / n_decisive if n_decisive else None,
-        "by_dataset": {k: 100 * sum(v) / len(v) for k, v in sorted(by_dataset.items())},
-        "avg_output_chars": {
-            "model": sum(len(p["output"]) for p in pairs) / len(pairs) if pairs else None,
-            "reference": sum(len(p["reference"]) for p in pairs) / len(pairs) if pairs else None,
-        },
+        **_aggregate(annotations, n_boot),
+        "avg_output_chars": {"model": sum(len(p["output"]) for p in pairs) / n if n else None,
+                             "reference": sum(len(p["reference"]) for p in pairs) / n if n else None},
         "length_controlled": False,
         "length_controlled_note": LENGTH_CONTROLLED_NOTE,
         "judge": {"model": client.model, "temperature": client.temperature, "max_tokens": client.max_tokens,

@@ -1,49 +1,59 @@
-"""A small client for any OpenAI-compatible `/v1/chat/completions` endpoint, used as an LLM judge.
+"""A client for any OpenAI-compatible `/v1/chat/completions` endpoint, used as an LLM judge.
 
-Standard library only (urllib + a thread pool): the judge needs one POST shape, and staying off the `openai` SDK
-keeps imtune installable on clusters where only the training stack is allowed, while still talking to OpenAI,
-vLLM, llama.cpp's server, TGI or LiteLLM alike.
+HTTP, retries and back-off are urllib3's (a maintained client, already installed with transformers' requests):
+`Retry` retries 408/429/5xx, connection errors and timeouts with exponential back-off and honours `Retry-After`.
+imtune adds only what the judge needs on top of it:
+  * an overall deadline per request: no retry or wait starts after it, and a `Retry-After` is capped at
+    `backoff_max` and at the time left (a server asking for an hour does not stall the run);
+  * redirects are never followed (a 3xx is an error), so the API key is never sent to another host;
+  * credentials (the API key, `user:pass@` in the base URL, query strings) never appear in errors or logs:
+    messages name the URL with them replaced by `***`;
+  * a reply counts only if it is in the chat-completions format, and is cached only when the caller's `parse`
+    accepts it (a verdict): unparseable or empty replies are asked again on the next run;
+  * at most `concurrency` requests in flight; a fatal error (bad key, unreachable judge) stops a batch at once.
 
-Every completion is cached on disk (sqlite, keyed by sha256 of judge model + messages + sampling parameters,
-not the URL), so rerunning an evaluation, or resuming one that died halfway, re-asks only what is missing.
+Every accepted completion is cached on disk (sqlite, keyed by sha256 of judge model + messages + sampling
+parameters, not the URL), so rerunning an evaluation, or resuming one that died halfway, re-asks only what is
+missing.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import http.client
 import ipaddress
 import json
+import logging
 import os
-import random
-import socket
-import sqlite3
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from pathlib import Path
+
+import urllib3
+from urllib3.exceptions import (
+    HTTPError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+)
+from urllib3.exceptions import (
+    TimeoutError as Urllib3Timeout,
+)
+from urllib3.util.retry import Retry
 
 from imtune.errors import ImtuneError
+from imtune.evaluation.judge.cache import CACHE_SCHEMA, JudgeCache, JudgeStats, default_cache_path
 
 API_KEY_ENVS = ("IMTUNE_JUDGE_API_KEY", "OPENAI_API_KEY")
 KEY_MESSAGE = "judge rejected the API key (set IMTUNE_JUDGE_API_KEY)"
-# Bumped when the cached value's meaning changes, so old entries stop matching instead of being misread.
-CACHE_SCHEMA = 1
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 Message = dict  # {"role": ..., "content": ...}
-
-
-def default_cache_path() -> Path:
-    """$IMTUNE_CACHE/judge_cache.sqlite3, else ~/.cache/imtune/ (the same root as imtune's model cache)."""
-    env = os.environ.get("IMTUNE_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "imtune"
-    return root / "judge_cache.sqlite3"
 
 
 def api_key_from_env() -> str | None:
@@ -53,14 +63,33 @@ def api_key_from_env() -> str | None:
     return None
 
 
+def redact_url(url: str) -> str:
+    """`url` with any user:password and query string replaced by *** (for messages and logs)."""
+    try:
+        p = urllib.parse.urlsplit(str(url))
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = p.netloc.rpartition("@")[2]
+    if "@" in p.netloc:
+        netloc = "***@" + netloc
+    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, "***" if p.query else "", ""))
+
+
 def chat_url(base_url: str) -> str:
     """`http://host:8000/v1` (or the full `.../chat/completions` URL) -> the chat-completions URL."""
     url = (base_url or "").strip()
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ImtuneError(f"judge base URL {base_url!r} is not an http(s) URL (e.g. http://localhost:8000/v1)")
-    url = url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+        parsed.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ImtuneError(f"judge base URL {redact_url(base_url)!r} is not an http(s) URL "
+                          "(e.g. http://localhost:8000/v1)")
+    path = parsed.path.rstrip("/")
+    path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+    return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, parsed.query, ""))
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -74,101 +103,94 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-class _Retryable(Exception):
-    """A failure worth another try (429, 5xx, connection trouble, timeout); `kind` picks the final message."""
-
-    def __init__(self, kind: str, detail: str, retry_after: float | None = None):
-        super().__init__(detail)
-        self.kind, self.detail, self.retry_after = kind, detail, retry_after
+_SECRETS: set[str] = set()  # every client's credentials, masked in urllib3's log records
 
 
-class JudgeCache:
-    """sqlite key -> completion text; safe across threads (one connection behind a lock) and processes (WAL)."""
+class _Redact(logging.Filter):
+    """Drops urllib3's "Retrying ..." warnings for judge requests (the stats line reports retries) and masks
+    judge credentials in its other records (its debug log prints request paths with their query string)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS judgements (key TEXT PRIMARY KEY, model TEXT, "
-                             "response TEXT NOT NULL, created REAL)")
-            self._db.commit()
-        except (OSError, sqlite3.Error) as e:
-            raise ImtuneError(f"cannot open the judge cache {self.path}: {e} (use --judge-cache PATH or "
-                              "--no-judge-cache)") from e
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT response FROM judgements WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def put(self, key: str, model: str, response: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO judgements VALUES (?, ?, ?, ?)",
-                             (key, model, response, time.time()))
-            self._db.commit()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(isinstance(a, _JudgeRetry) for a in (record.args or ())):
+            return False
+        msg = record.getMessage()
+        if any(x in msg for x in _SECRETS):
+            for x in sorted(_SECRETS, key=len, reverse=True):
+                msg = msg.replace(x, "***")
+            record.msg, record.args = msg, ()
+        return True
 
 
-@dataclass
-class JudgeStats:
-    requests: int = 0       # HTTP attempts, retries included
-    retries: int = 0
-    cache_hits: int = 0
-    completions: int = 0    # fresh completions received
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+for _name in ("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.util.retry"):
+    logging.getLogger(_name).addFilter(_Redact())
 
-    def add(self, **kw) -> None:
-        with self._lock:
-            for k, v in kw.items():
-                setattr(self, k, getattr(self, k) + v)
 
-    def as_dict(self) -> dict:
-        return {"requests": self.requests, "retries": self.retries, "cache_hits": self.cache_hits,
-                "completions": self.completions}
+class _JudgeRetry(Retry):
+    """urllib3's Retry, bounded by an overall deadline and stoppable by another thread's fatal error."""
+
+    deadline = float("inf")
+    stop: threading.Event | None = None
+    attempts: list | None = None  # shared by the copies urllib3 makes, counts attempts for messages and stats
+
+    def new(self, **kw):
+        r = super().new(**kw)
+        r.deadline, r.stop, r.attempts = self.deadline, self.stop, self.attempts
+        return r
+
+    def increment(self, *a, **kw):
+        self.attempts.append(1)
+        return super().increment(*a, **kw)
+
+    def is_exhausted(self) -> bool:
+        return (super().is_exhausted() or time.monotonic() >= self.deadline
+                or (self.stop is not None and self.stop.is_set()))
+
+    def sleep(self, response=None) -> None:
+        wait_s = None
+        if response is not None and self.respect_retry_after_header:
+            try:
+                wait_s = self.get_retry_after(response)
+            except HTTPError:  # a malformed Retry-After: back off as usual
+                wait_s = None
+        wait_s = min(self.backoff_max, self.get_backoff_time() if wait_s is None else wait_s)
+        wait_s = max(0.0, min(wait_s, self.deadline - time.monotonic()))
+        if self.stop is not None:
+            self.stop.wait(wait_s)  # wakes early when another thread hit a fatal error
+        else:
+            time.sleep(wait_s)
 
 
 class JudgeClient:
     """Chat completions from an OpenAI-compatible server with retries, a concurrency cap and a disk cache.
 
-    `api_key` defaults to $IMTUNE_JUDGE_API_KEY, then $OPENAI_API_KEY; local servers usually need none.
+    `api_key` defaults to $IMTUNE_JUDGE_API_KEY, then $OPENAI_API_KEY; local servers usually need none;
+    `user:pass@` in `base_url` is sent as HTTP basic auth to that server only (when there is no key).
     `cache` is a path, a `JudgeCache`, None for the default location, or False for no cache.
-    Back-off before retry k (0-based) is uniform in [d/2, d] with d = min(backoff_max, backoff_base * 2**k);
-    a 429's Retry-After header, when present, is honoured (up to backoff_max).
+    Back-off before retry k is urllib3's: min(backoff_max, backoff_base * 2**k) plus up to 10% jitter; a
+    Retry-After header is honoured up to backoff_max. `timeout` bounds each attempt, `deadline` (default:
+    10 minutes) the whole request, retries and waits included.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, temperature: float = 0.0,
                  max_tokens: int = 1024, timeout: float = 120.0, max_retries: int = 6,
                  concurrency: int = 8, backoff_base: float = 1.0, backoff_max: float = 60.0,
-                 cache: str | os.PathLike | JudgeCache | bool | None = None, seed: int | None = None):
+                 deadline: float = 600.0, cache: str | os.PathLike | JudgeCache | bool | None = None,
+                 seed: int | None = None):
         if not model:
             raise ImtuneError("no judge model given (--judge-model)")
-        if concurrency < 1:
-            raise ImtuneError("judge concurrency must be >= 1")
-        if max_retries < 0:
-            raise ImtuneError("judge max retries must be >= 0")
-        if timeout <= 0:
-            raise ImtuneError("judge timeout must be > 0 seconds")
-        self.base_url = base_url
+        for ok, what in ((concurrency >= 1, "concurrency must be >= 1"), (max_retries >= 0, "max retries must "
+                         "be >= 0"), (timeout > 0, "timeout must be > 0 seconds"),
+                         (deadline > 0, "deadline must be > 0 seconds")):
+            if not ok:
+                raise ImtuneError(f"judge {what}")
         self.url = chat_url(base_url)
+        self.base_url = redact_url(base_url.strip())  # what messages show
         self.model = model
         self.api_key = api_key if api_key is not None else api_key_from_env()
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.concurrency = concurrency
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.timeout, self.deadline, self.max_retries = timeout, deadline, max_retries
+        self.concurrency, self.backoff_base, self.backoff_max = concurrency, backoff_base, backoff_max
+        self.seed = seed
         if cache is False:
             self.cache = None
         elif isinstance(cache, JudgeCache):
@@ -181,11 +203,24 @@ class JudgeClient:
         self._fatal: ImtuneError | None = None
         self._fatal_lock = threading.Lock()
         self._in_batch = False
-        self._rng = random.Random(seed)
-        host = urllib.parse.urlparse(self.url).hostname
-        # A corporate HTTP(S)_PROXY must not swallow requests to a judge on this machine.
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._headers, self._http = self._connection()
+
+    def _connection(self) -> tuple[dict, urllib3.PoolManager]:
+        parts = urllib.parse.urlsplit(self.url)
+        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "imtune-judge"}
+        self._secrets = [x for x in (self.api_key, parts.password, parts.query) if x and len(x) >= 4]
+        _SECRETS.update(self._secrets)
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        elif parts.username is not None:
+            userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
+        self.url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        # A corporate HTTP(S)_PROXY is honoured for remote judges (as urllib did), never for this machine's.
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and not _is_loopback(parts.hostname) and not urllib.request.proxy_bypass(parts.hostname or ""):
+            return headers, urllib3.ProxyManager(proxy, num_pools=2, maxsize=self.concurrency, block=True)
+        return headers, urllib3.PoolManager(num_pools=2, maxsize=self.concurrency, block=True)
 
     # ------------------------------------------------------------------------------------------------ keys
 
@@ -199,32 +234,35 @@ class JudgeClient:
 
     # ------------------------------------------------------------------------------------------------ calls
 
-    def complete(self, messages: Sequence[Message]) -> str:
-        """The judge's reply text for one conversation (cached)."""
+    def complete(self, messages: Sequence[Message], parse: Callable[[str], object] | None = None) -> str:
+        """The judge's reply text for one conversation. Served from and saved to the cache only when it is
+        non-empty and `parse(reply)` (e.g. the verdict parser) is not None."""
+        def usable(text: str | None) -> bool:
+            return bool(text and text.strip()) and (parse is None or parse(text) is not None)
+
         key = self.cache_key(messages)
         if self.cache is not None:
             hit = self.cache.get(key)
-            if hit is not None:
+            if usable(hit):
                 self.stats.add(cache_hits=1)
                 return hit
         try:
-            text = self._request_with_retries(messages)
+            text = self._request(messages)
         except ImtuneError as e:
-            # Stop sibling workers now, not when the main thread gets round to it: a bad key must not be
-            # tried hundreds of times. The first error is the one worth reporting.
+            # Stop sibling workers now: a bad key must not be tried hundreds of times. The first error is the
+            # one worth reporting.
             if self._in_batch:
                 with self._fatal_lock:
-                    if self._fatal is None:
-                        self._fatal = e
+                    self._fatal = self._fatal or e
                 self._stop.set()
             raise
         self.stats.add(completions=1)
-        if self.cache is not None:
+        if self.cache is not None and usable(text):
             self.cache.put(key, self.model, text)
         return text
 
     def complete_many(self, conversations: Sequence[Sequence[Message]], desc: str = "judging",
-                      progress: bool | None = None) -> list[str]:
+                      progress: bool | None = None, parse: Callable[[str], object] | None = None) -> list[str]:
         """Replies in input order, at most `concurrency` requests in flight. The first fatal error (bad key,
         unreachable server, retries exhausted) stops the rest and is raised; finished replies stay cached."""
         n = len(conversations)
@@ -237,17 +275,14 @@ class JudgeClient:
         bar = _progress_bar(n, desc, progress)
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, n), thread_name_prefix="imtune-judge")
         try:
-            futures = {pool.submit(self.complete, conv): i for i, conv in enumerate(conversations)}
+            futures = {pool.submit(self.complete, conv, parse): i for i, conv in enumerate(conversations)}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for f in done:
-                    exc = f.exception()
-                    if exc is not None:
+                    if f.exception() is not None:
                         self._stop.set()
-                        for p in pending:
-                            p.cancel()
-                        raise self._fatal or exc
+                        raise self._fatal or f.exception()
                     out[futures[f]] = f.result()
                     bar(1)
         finally:
@@ -256,101 +291,84 @@ class JudgeClient:
             self._stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             self._stop.clear()
-            self._fatal = None
-            self._in_batch = False
+            self._fatal, self._in_batch = None, False
             bar(None)
         return out  # type: ignore[return-value]
 
-    def _request_with_retries(self, messages: Sequence[Message]) -> str:
+    def _retry(self) -> _JudgeRetry:
+        r = _JudgeRetry(total=self.max_retries, redirect=False, allowed_methods=None,
+                        status_forcelist=RETRY_STATUSES, backoff_factor=self.backoff_base,
+                        backoff_max=self.backoff_max, backoff_jitter=0.1 * self.backoff_base,
+                        raise_on_status=False, respect_retry_after_header=True)
+        r.deadline, r.stop, r.attempts = time.monotonic() + self.deadline, self._stop, []
+        return r
+
+    def _request(self, messages: Sequence[Message]) -> str:
+        if self._stop.is_set():
+            raise ImtuneError("judging stopped after an earlier error")
         body = json.dumps({"model": self.model, "messages": list(messages), **self.params()}).encode("utf-8")
-        last: _Retryable | None = None
-        for attempt in range(self.max_retries + 1):
-            if self._stop.is_set():
-                raise ImtuneError("judging stopped after an earlier error")
-            if attempt:
-                self.stats.add(retries=1)
-                self._sleep(self._backoff(attempt - 1, last.retry_after if last else None))
-            try:
-                with self._slots:
-                    self.stats.add(requests=1)
-                    return self._post(body)
-            except _Retryable as e:
-                last = e
-        assert last is not None
-        tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
-        if last.kind == "timeout":
-            raise ImtuneError(f"judge at {self.base_url} timed out after {tries} ({self.timeout:g} s each); "
-                              "raise --judge-timeout or lower --judge-concurrency")
-        if last.kind == "connect":
-            raise ImtuneError(f"cannot reach judge at {self.base_url} ({last.detail}; {tries})")
-        raise ImtuneError(f"judge at {self.base_url} kept failing: {last.detail} ({tries})")
-
-    def _backoff(self, k: int, retry_after: float | None) -> float:
-        if retry_after is not None and retry_after >= 0:
-            return min(retry_after, self.backoff_max)
-        d = min(self.backoff_max, self.backoff_base * (2 ** k))
-        return d / 2 + self._rng.uniform(0, d / 2)
-
-    def _sleep(self, seconds: float) -> None:
-        # Wakes early when another thread hit a fatal error, so Ctrl-C/401 don't wait out long back-offs.
-        self._stop.wait(seconds)
-
-    def _post(self, body: bytes) -> str:
-        headers = {"Content-Type": "application/json", "Accept": "application/json",
-                   "User-Agent": "imtune-judge"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        retry = self._retry()
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            self._raise_for_status(e)
-            raise AssertionError("unreachable") from e
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, TimeoutError):
-                raise _Retryable("timeout", "timed out") from e
-            raise _Retryable("connect", _describe(reason)) from e
-        except TimeoutError as e:
-            raise _Retryable("timeout", "timed out") from e
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
-            raise _Retryable("connect", _describe(e)) from e
-        return self._parse_reply(raw)
+            with self._slots:
+                resp = self._http.request("POST", self.url, body=body, headers=self._headers, retries=retry,
+                                          redirect=False, timeout=urllib3.Timeout(total=self.timeout))
+        except MaxRetryError as e:
+            self._count(len(retry.attempts))
+            raise self._transport_error(e.reason, len(retry.attempts)) from None
+        except (HTTPError, OSError) as e:  # a failure urllib3 does not retry (e.g. a bad TLS setup)
+            self._count(len(retry.attempts) + 1)
+            raise self._transport_error(e, len(retry.attempts) + 1) from None
+        attempts = len(retry.attempts) + (resp.status not in RETRY_STATUSES)
+        self._count(attempts)
+        if resp.status != 200:
+            raise self._status_error(resp, attempts)
+        return self._parse_reply(resp.data)
 
-    def _raise_for_status(self, e: urllib.error.HTTPError) -> None:
-        code = e.code
-        try:
-            detail = _error_detail(e.read())
-        except Exception:
-            detail = ""
+    def _count(self, attempts: int) -> None:
+        self.stats.add(requests=attempts, retries=max(0, attempts - 1))
+
+    def _tries(self, attempts: int) -> str:
+        return f"{attempts} attempt{'s' if attempts != 1 else ''}"
+
+    def _transport_error(self, reason, attempts: int) -> ImtuneError:
+        if self._stop.is_set():
+            return ImtuneError("judging stopped after an earlier error")
+        if isinstance(reason, Urllib3Timeout | TimeoutError) and not isinstance(reason, NewConnectionError):
+            return ImtuneError(f"judge at {self.base_url} timed out after {self._tries(attempts)} "
+                               f"({self.timeout:g} s each); raise --judge-timeout or lower --judge-concurrency")
+        return ImtuneError(f"cannot reach judge at {self.base_url} ({_describe(reason)}; {self._tries(attempts)})")
+
+    def _status_error(self, resp, attempts: int) -> ImtuneError:
+        code, detail = resp.status, _error_detail(resp.data)
+        for secret in sorted(self._secrets, key=len, reverse=True):  # servers may echo what they rejected
+            detail = detail.replace(secret, "***")
         if code in (401, 403):
-            raise ImtuneError(KEY_MESSAGE + (f": {detail}" if detail else ""))
-        if code == 429 or code == 408 or code >= 500:
-            retry_after = None
-            try:
-                retry_after = float(e.headers.get("Retry-After")) if e.headers else None
-            except (TypeError, ValueError):
-                retry_after = None
-            raise _Retryable("status", f"HTTP {code}" + (f" {detail}" if detail else ""), retry_after)
+            return ImtuneError(KEY_MESSAGE + (f": {detail}" if detail else ""))
+        if 300 <= code < 400:
+            return ImtuneError(f"judge at {self.base_url} answered HTTP {code} (a redirect, to "
+                               f"{redact_url(resp.headers.get('Location', '?'))}); redirects are not followed: "
+                               "pass the final URL as --judge-base-url")
+        if code in RETRY_STATUSES:
+            return ImtuneError(f"judge at {self.base_url} kept failing: HTTP {code}"
+                               + (f" {detail}" if detail else "") + f" ({self._tries(attempts)})")
         hint = " (check --judge-base-url, usually ending in /v1, and --judge-model)" if code == 404 else ""
-        raise ImtuneError(f"judge at {self.base_url} answered HTTP {code}"
-                          + (f": {detail}" if detail else "") + hint)
+        return ImtuneError(f"judge at {self.base_url} answered HTTP {code}" + (f": {detail}" if detail else "")
+                           + hint)
 
     def _parse_reply(self, raw: bytes) -> str:
         try:
-            data = json.loads(raw)
-            msg = data["choices"][0]["message"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            msg = json.loads(raw)["choices"][0]["message"]
+            content = msg.get("content")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             snippet = raw[:120].decode("utf-8", "replace").replace("\n", " ")
             raise ImtuneError(f"judge at {self.base_url} did not answer in the chat-completions format "
-                              f"(got {snippet!r})") from e
-        content = msg.get("content") if isinstance(msg, dict) else None
+                              f"(got {snippet!r})") from None
         if isinstance(content, list):  # some servers return content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return content or ""
+        return content if isinstance(content, str) else ""
 
     def close(self) -> None:
+        self._http.clear()
         if self.cache is not None:
             self.cache.close()
 
@@ -362,12 +380,14 @@ class JudgeClient:
 
 
 def _describe(reason) -> str:
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, socket.gaierror):
+    if isinstance(reason, NameResolutionError):
         return "unknown host"
-    s = str(reason) or type(reason).__name__
-    return s.replace("\n", " ")[:200]
+    if isinstance(reason, NewConnectionError | ProtocolError):
+        inner = reason.__context__ or reason.__cause__
+        if isinstance(inner, ConnectionRefusedError) or "refused" in str(reason).lower():
+            return "connection refused"
+    # urllib3 messages name the connection object, never the URL's credentials; keep them short anyway.
+    return " ".join(str(reason).split())[:200] or type(reason).__name__
 
 
 def _error_detail(raw: bytes) -> str:

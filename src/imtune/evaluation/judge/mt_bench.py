@@ -212,7 +212,7 @@ def grade(client: JudgeClient, answers: dict[int, Sequence[str]], questions: Seq
             convs.append(msgs)
     if not convs:
         raise ImtuneError("no answers for the selected MT-Bench questions")
-    replies = client.complete_many(convs, desc="MT-Bench judging", progress=progress)
+    replies = client.complete_many(convs, desc="MT-Bench judging", progress=progress, parse=parse_rating)
 
     judgements = []
     per_turn: dict[str, list[float]] = {}
