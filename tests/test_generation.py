@@ -75,3 +75,21 @@ def test_training_mode_is_restored(tiny_model, tiny_tok):
         assert tiny_model.training
     finally:
         tiny_model.eval()
+
+
+def test_stop_string_ends_generation_early_and_one_from_the_prompt_does_not(tiny_model, tiny_tok):
+    """transformers' stop_strings stop a row as soon as it completes one (so fewer forward passes); a match that
+    begins in the prompt ("fox" + " ..." for the stop "x ") does not end the completion."""
+    full = generate_texts(tiny_model, tiny_tok, PROMPTS[:1], max_new_tokens=16, progress=False)[0]
+    calls = {"n": 0}
+    h = tiny_model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        early = full[1:3]  # completes within the first tokens
+        cut = generate_texts(tiny_model, tiny_tok, PROMPTS[:1], max_new_tokens=16, stop=[early], progress=False)[0]
+    finally:
+        h.remove()
+    assert cut == full[:full.find(early)] and calls["n"] < 8
+    straddle = "x "  # the prompt ends in "fox", the completion starts with " "
+    assert full.startswith(" ") and "x " in full[1:]
+    got = generate_texts(tiny_model, tiny_tok, PROMPTS[:1], max_new_tokens=16, stop=[straddle], progress=False)
+    assert got[0] == truncate_at_stop(full, [straddle])

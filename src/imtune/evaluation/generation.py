@@ -1,9 +1,11 @@
-"""Batched text generation for evaluation and chat: left padding, length-sorted batches, stop strings.
+"""Batched text generation for evaluation and chat: left padding, length-sorted batches, KV cache, stop strings.
 
 `generate_texts` is the one entry point. Prompts are raw text (any chat template is applied by the caller); the
 returned completions exclude the prompt, stop at EOS or the chat template's end-of-turn token, and are cut at the
-first stop string.
+first stop string. Generation itself is transformers' `generate` (KV-cached), which also watches for the stop
+strings (`stop_strings=`, matched on tokens as they are produced), so a row stops as soon as it has completed one.
 """
+
 
 from __future__ import annotations
 
@@ -45,35 +47,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _stop_criteria(tokenizer, stop: Sequence[str], prompt_len: int):
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    longest = max(len(s) for s in stop)
-    # A character is at most 4 bytes and a byte-level token at least one byte, so a stop string lies inside the
-    # last 4*len+2 tokens once it is complete; decoding just that tail keeps the per-step check cheap.
-    window = 4 * longest + 2
-
-    class _StopStrings(StoppingCriteria):
-        def __init__(self):
-            self.done: torch.Tensor | None = None
-
-        def __call__(self, input_ids, scores, **kwargs):
-            if self.done is None:
-                self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            gen = input_ids[:, prompt_len:]
-            start = max(0, gen.shape[1] - window)
-            tails = gen[:, start:].tolist()
-            for row, tail in enumerate(tails):
-                if not self.done[row]:
-                    text = tokenizer.decode(tail, skip_special_tokens=False)
-                    if any(s in text for s in stop):
-                        self.done[row] = True
-            return self.done.clone()
-
-    return StoppingCriteriaList([_StopStrings()])
-
-
 def truncate_at_stop(text: str, stop: Sequence[str] | None) -> str:
     """`text` up to (not including) the earliest occurrence of any stop string."""
     if not stop:
@@ -107,71 +80,96 @@ def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int 
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     stop = [s for s in (stop or []) if s]
-    if temperature is not None and temperature <= 0:
-        do_sample = False
-
+    eos_ids = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    encoded = _encode_prompts(model, tokenizer, prompts, max_new_tokens, add_special_tokens, eos_ids, pad_id)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    gen_kwargs = _generation_kwargs(tokenizer, max_new_tokens, do_sample and not (temperature is not None
+                                                                                and temperature <= 0),
+                                    temperature, top_p, eos_ids, pad_id, stop)
+    out: list[str | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    eos_ids = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = eos_ids[0] if eos_ids else 0
-
-    # Leave room for the new tokens inside the model's context, dropping the oldest prompt tokens (lm-eval does
-    # the same left truncation for generation tasks).
-    max_ctx = getattr(model.config, "max_position_embeddings", None)
-    keep = max_ctx - max_new_tokens if max_ctx and max_ctx > max_new_tokens else None
-    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    # An empty prompt still needs one token to condition on: BOS when there is one, else EOS (as lm-eval).
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (eos_ids[0] if eos_ids else pad_id)
-    encoded = [ids or [start_id] for ids in encoded]
-    if keep is not None:
-        encoded = [ids[-keep:] for ids in encoded]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1,
-                      repetition_penalty=1.0, eos_token_id=eos_ids or None, pad_token_id=pad_id)
-    if do_sample:
-        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
-    else:
-        # Neutral values keep a model's own sampling defaults from triggering "unused flag" warnings.
-        gen_kwargs.update(temperature=1.0, top_p=1.0, top_k=None)
-
-    out: list[str | None] = [None] * len(prompts)
     fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress, leave=False)
     try:
         with torch.inference_mode(), torch.random.fork_rng(devices=fork_devices):
-            for b, start in enumerate(range(0, len(order), batch_size)):
-                idx = order[start:start + batch_size]
-                rows = [encoded[i] for i in idx]
-                width = max(len(r) for r in rows)
-                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-                attn = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, r in enumerate(rows):
-                    input_ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
-                    attn[j, width - len(r):] = 1
-                input_ids, attn = input_ids.to(device), attn.to(device)
+            batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+            for b, idx in enumerate(batches):
                 torch.manual_seed(seed + b)
-                kwargs = dict(gen_kwargs)
-                if stop:
-                    kwargs["stopping_criteria"] = _stop_criteria(tokenizer, stop, width)
-                seqs = model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
-                for j, i in enumerate(idx):
-                    new = seqs[j, width:].tolist()
-                    # Cut at the first stop id ourselves: rows that finished early are padded with pad_id, which
-                    # need not be a special token that decode() would skip.
-                    for k, t in enumerate(new):
-                        if t in eos_ids:
-                            new = new[:k]
-                            break
-                    text = tokenizer.decode(new, skip_special_tokens=True)
-                    out[i] = truncate_at_stop(text, stop)
+                news = _generate(model, [encoded[i] for i in idx], pad_id, gen_kwargs)
+                for i, new in zip(idx, news, strict=True):
+                    out[i] = _finish(model, tokenizer, encoded[i], new, gen_kwargs, eos_ids, stop, pad_id)
                 bar.update(len(idx))
     finally:
         bar.close()
         if was_training:
             model.train()
     return out  # type: ignore[return-value]
+
+
+def _generate(model, rows: list[list[int]], pad_id: int, kwargs: dict) -> list[list[int]]:
+    """The new tokens of each row (rows that stopped early are filled up with `pad_id` by `generate`)."""
+    from imtune.training.batching import pad_left
+
+    device = next(model.parameters()).device
+    input_ids, attn = pad_left(rows, pad_id)
+    seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+    return seqs[:, input_ids.shape[1]:].tolist()
+
+
+def _finish(model, tokenizer, prompt: list[int], new: list[int], kwargs: dict, eos_ids: list[int],
+            stop: list[str], pad_id: int) -> str:
+    """One row's completion: cut at its first stop id, then at its first stop string.
+
+    transformers' `stop_strings` also fire on a stop string that begins inside the prompt (e.g. a prompt ending in
+    "\n" and a first token "\n" for the stop "\n\n"), while a stop string counts only inside the completion (as
+    lm-eval's `until`). Such a row goes on generating from where it stopped (the old match no longer ends the
+    sequence, so it cannot fire again), until EOS, a stop string inside the completion, or the token budget.
+    """
+    budget = kwargs["max_new_tokens"]
+    while True:
+        new, ended = _cut_at_eos(new, eos_ids, pad_id)
+        text = tokenizer.decode(new, skip_special_tokens=False)
+        if ended or len(new) >= budget or not stop or any(s in text for s in stop):
+            return truncate_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
+        new = new + _generate(model, [prompt + new], pad_id, dict(kwargs, max_new_tokens=budget - len(new)))[0]
+
+
+def _cut_at_eos(new: list[int], eos_ids: list[int], pad_id: int) -> tuple[list[int], bool]:
+    """Tokens before the first stop id (and whether there was one), without the padding of a row that stopped."""
+    for k, t in enumerate(new):
+        if t in eos_ids:
+            return new[:k], True
+    while new and new[-1] == pad_id:
+        new = new[:-1]
+    return new, False
+
+
+def _encode_prompts(model, tokenizer, prompts, max_new_tokens: int, add_special_tokens: bool, eos_ids, pad_id):
+    """Token ids of each prompt, one batched tokenizer call; never empty, and leaving room for the new tokens."""
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    # An empty prompt still needs one token to condition on: BOS when there is one, else EOS (as lm-eval).
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (eos_ids[0] if eos_ids else pad_id)
+    encoded = [ids or [start_id] for ids in encoded]
+    # Leave room for the new tokens inside the model's context, dropping the oldest prompt tokens (lm-eval does
+    # the same left truncation for generation tasks).
+    max_ctx = getattr(model.config, "max_position_embeddings", None)
+    if max_ctx and max_ctx > max_new_tokens:
+        encoded = [ids[-(max_ctx - max_new_tokens):] for ids in encoded]
+    return encoded
+
+
+def _generation_kwargs(tokenizer, max_new_tokens, do_sample, temperature, top_p, eos_ids, pad_id, stop) -> dict:
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, use_cache=True,
+              repetition_penalty=1.0, eos_token_id=eos_ids or None, pad_token_id=pad_id)
+    if do_sample:
+        kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+    else:
+        # Neutral values keep a model's own sampling defaults from triggering "unused flag" warnings.
+        kw.update(temperature=1.0, top_p=1.0, top_k=None)
+    if stop:
+        kw.update(stop_strings=list(stop), tokenizer=tokenizer)
+    return kw

@@ -48,17 +48,24 @@ def collate(examples: Sequence, pad_token_id: int, pad_to_multiple_of: int | Non
             "weights": torch.from_numpy(weights)}
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_token_id: int, multiple: int | None = None):
-    """Right-padded [B,T] ids and the 0/1 attention mask (both int64), and T."""
+def _pad(rows: Sequence[Sequence[int]], pad_token_id: int, multiple: int | None = None, left: bool = False):
+    """Padded [B,T] ids and the 0/1 attention mask (both int64), and T. Right padding unless `left`."""
     t = max(len(r) for r in rows)
     if multiple:
         t = -(-t // multiple) * multiple
     input_ids = np.full((len(rows), t), pad_token_id, dtype=np.int64)
     mask = np.zeros((len(rows), t), dtype=np.int64)
     for i, r in enumerate(rows):
-        input_ids[i, :len(r)] = r
-        mask[i, :len(r)] = 1
+        span = slice(t - len(r), t) if left else slice(0, len(r))
+        input_ids[i, span] = r
+        mask[i, span] = 1
     return input_ids, mask, t
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded `input_ids` and `attention_mask` [B,T]: prompts for batched generation end at the same column."""
+    input_ids, mask, _ = _pad(rows, pad_token_id, left=True)
+    return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
 def collate_prefix_rows(rows: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_token_id: int, *,
