@@ -71,8 +71,8 @@ def test_outputs_load_and_describe_the_run(tiny_dir, data, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from imtune.cli.main import main
-    from imtune.records.conversation import Conversation
     from imtune.masking.templates import render
+    from imtune.records.conversation import Conversation
 
     out = tmp_path / "run"
     rc = main(["train", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--template", "tulu",
@@ -115,8 +115,8 @@ def test_outputs_load_and_describe_the_run(tiny_dir, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("template", ["chatml", "alpaca"])
 def test_saved_chat_template_matches_training_render(tiny_tok, template):
-    from imtune.records.conversation import Conversation
     from imtune.masking.templates import render
+    from imtune.records.conversation import Conversation
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
             {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
@@ -200,3 +200,61 @@ def test_lr_schedules():
     assert [lin(s) for s in (0, 5, 10, 55, 100)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
     cos = lr_lambda(TrainConfig(warmup_ratio=0.0, lr_scheduler="cosine"), 10)
     assert [cos(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+
+
+# ---- a saved model is finite (issue 8 §2) ----------------------------------------------------------------------------
+def test_huge_lr_exits_2_naming_the_step_and_keeps_only_finite_checkpoints(tiny_dir, data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from imtune.cli.main import main
+
+    common = ["train", "--model", str(tiny_dir), "--data", str(data), "--template", "chatml", "--max-length", "96",
+              "--micro-batch-size", "2", "--no-progress", "--lr", "1e39"]
+    out = tmp_path / "one"
+    assert main([*common, "--out", str(out), "--max-steps", "1", "--warmup-ratio", "0", "--save-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: step 1: the update made trained weights non-finite" in err and "checkpoint: none" in err
+    assert not out.exists()  # no model, no checkpoint, nothing
+    # step 1 runs at lr 0 (warm-up) and is saved; step 2 overflows: the checkpoint named as good is finite
+    out = tmp_path / "three"
+    assert main([*common, "--out", str(out), "--max-steps", "3", "--warmup-ratio", "0.34", "--save-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: step 2: the update made trained weights non-finite" in err
+    named = out / "checkpoints" / "checkpoint-000001"
+    assert f"last good checkpoint: {named})" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000001"]
+    assert all(torch.isfinite(t).all() for t in load_file(str(named / "weights.safetensors")).values())
+    assert not (out / "model.safetensors").exists()
+
+
+def test_zero_gradients_warn_in_the_log_the_summary_and_the_card(tiny_dir, data, tmp_path, capsys, monkeypatch):
+    import imtune.training.loss as loss_mod
+
+    real = loss_mod.weighted_loss_sum
+
+    def saturated(model, batch, **kw):  # what a saturated model looks like: a loss that no weight can change
+        out = real(model, batch, **kw)
+        out.loss_sum = out.loss_sum * 0.0 + 7.0
+        return out
+
+    monkeypatch.setattr(loss_mod, "weighted_loss_sum", saturated)
+    r = imtune.train(base_cfg(tiny_dir, data, tmp_path / "flat", max_steps=3))
+    assert all(h["grad_norm"] == 0.0 for h in r.history)
+    warnings = json.loads((r.output_dir / "final_metrics.json").read_text())["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("step 1: the gradients are all zero")
+    assert "warning: step 1: the gradients are all zero" in capsys.readouterr().err
+    assert "## Warnings" in (r.output_dir / "README.md").read_text()
+
+
+def test_stall_watch_and_finiteness_check():
+    from imtune.training.health import StallWatch, all_finite
+
+    w = StallWatch(steps=3)
+    assert [w.observe(s, x, 1.0) for s, x in enumerate([2.0, 1.9, 2.0, 2.0], 1)] == [None] * 4
+    msg = w.observe(5, 2.0, 1.0)
+    assert msg.startswith("steps 3-5: the loss has not moved") and w.observe(6, 2.0, 1.0) is None  # once
+    assert all_finite([torch.full((3,), 3e38), torch.zeros(0), torch.ones(2, dtype=torch.bfloat16)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(1000)
+        t[517] = bad
+        assert not all_finite([torch.ones(4), t])

@@ -1,26 +1,36 @@
-"""Atomic writes: outputs go to a temp name beside the target and are renamed, so nothing is half-written."""
+"""Writing outputs without harm: every output goes to a temp name beside the target and is renamed (nothing is
+ever half-written), and `prepare_output` checks an `--out` path before any work is done."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` to write to; renamed onto `path` when the block succeeds, removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj, indent: int = 2) -> Path:
@@ -66,3 +76,32 @@ def _type_name(typ) -> str:
     names = {str: "string", int: "number", float: "number", list: "list", dict: "object"}
     typs = typ if isinstance(typ, tuple) else (typ,)
     return "/".join(dict.fromkeys(names.get(t, t.__name__) for t in typs))
+
+
+def prepare_output(out: str | Path, inputs: Iterable[str | Path | None] = (), kind: str = "file",
+                   flag: str = "--out", example: str = "results.json") -> Path:
+    """Check an output path before any work, so a command never fails after its work is done and never writes
+    over what it reads. `kind` "file": one file is written there, so an existing directory is refused (the message
+    suggests a file inside it); "dir": files are written inside, so an existing non-directory is refused. Either
+    way the output may neither be nor contain an existing input path (a dataset, a model directory)."""
+    from imtune.errors import ImtuneError
+
+    out = Path(out)
+    if kind == "file" and out.is_dir():
+        raise ImtuneError(f"{flag} {out} is a directory; give a file path, e.g. {out / example}")
+    if kind == "dir" and out.exists() and not out.is_dir():
+        raise ImtuneError(f"{flag} {out} exists and is not a directory")
+    for parent in out.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise ImtuneError(f"{flag} {out}: {parent} is not a directory")
+    target = out.resolve()
+    for inp in inputs:
+        if inp is None or not Path(inp).exists():  # a model alias or a missing file is nothing to protect
+            continue
+        src = Path(inp).resolve()
+        if src == target:
+            raise ImtuneError(f"{flag} {out} is an input of this command ({inp}); choose another output path")
+        if src.is_relative_to(target):
+            raise ImtuneError(f"{flag} {out} contains an input of this command ({inp}), which its outputs could "
+                              f"replace; choose an output directory that holds no input")
+    return out

@@ -87,6 +87,9 @@ def make_split(cfg: CompareConfig, out: Path) -> tuple[Path, Path, dict]:
             raise ImtuneError(f"{out} holds a comparison made with other data/split settings; "
                               "use a new --out directory")
         return train_p, val_p, old
+    for p in (train_p, val_p):  # compare writes both with split.json; without it, they are not compare's
+        if p.exists():
+            raise ImtuneError(f"{p} exists and was not written by imtune compare; move it away or use a new --out")
     res = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid)
     if cfg.val_data:
         val = load_dataset(cfg.val_data, format=cfg.data_format, skip_invalid=cfg.skip_invalid).records

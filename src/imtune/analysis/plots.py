@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from imtune.io_utils import atomic_path
 
 _DPI = 120
 # Colour-blind-safe (Okabe-Ito); series keep their colour by position, so "IT train"/"IM train" stay comparable.
@@ -33,7 +33,7 @@ def _figure(figsize=(7.0, 4.2)):
     return fig
 
 
-def _paths(out_path) -> tuple[Path, Path]:
+def figure_paths(out_path) -> tuple[Path, Path]:
     p = Path(out_path)
     base = p.with_suffix("") if p.suffix.lower() in (".png", ".svg") else p
     return base.with_name(base.name + ".png"), base.with_name(base.name + ".svg")
@@ -43,20 +43,12 @@ def _save(fig, out_path) -> tuple[Path, Path]:
     """Write PNG and SVG atomically (temp file beside the target, then rename)."""
     import matplotlib
 
-    png, svg = _paths(out_path)
-    png.parent.mkdir(parents=True, exist_ok=True)
+    png, svg = figure_paths(out_path)
     meta = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}}
     with matplotlib.rc_context(_RC):
         for path, fmt in ((png, "png"), (svg, "svg")):
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
+            with atomic_path(path) as tmp:
                 fig.savefig(tmp, format=fmt, dpi=_DPI, metadata=meta[fmt])
-                os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report's figures should be readable like any file
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
     return png, svg
 
 

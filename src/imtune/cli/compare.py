@@ -75,8 +75,17 @@ def config_from_args(args):
 
 def run(args) -> int:
     from imtune.analysis.compare import run_compare
+    from imtune.io_utils import prepare_output
 
-    result = run_compare(config_from_args(args))
+    # Never write over an input: compare writes data/train.jsonl and data/heldout.jsonl under --out.
+    out = prepare_output(args.out, (args.data, args.val_data, args.model), kind="dir")
+    created = not out.exists()
+    try:
+        result = run_compare(config_from_args(args))
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # failed before writing anything (bad data): leave no empty directory behind
+        raise
     print(result["verdict"]["headline"])
     print(f"report: {args.out}/report.html")
     return 0

@@ -148,6 +148,10 @@ def run(args) -> int:
         raise ImtuneError("--n-samples must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ImtuneError("--max-new-tokens must be at least 1")
+    if args.out:  # refused now, not after the whole evaluation has run
+        from imtune.io_utils import prepare_output
+
+        prepare_output(args.out, (args.model, args.samples))
 
     completions = _check_code_execution(args, specs)
     if completions is not None:

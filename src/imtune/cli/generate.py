@@ -69,10 +69,11 @@ def add_parser(sub):
 
 def run(args) -> int:
     from imtune.errors import ImtuneError
-    from imtune.io_utils import atomic_write_jsonl
+    from imtune.io_utils import atomic_write_jsonl, prepare_output
 
     if args.max_new_tokens < 1:
         raise ImtuneError("--max-new-tokens must be at least 1")
+    prepare_output(args.out, (args.data, args.model), example="gen.jsonl")
     records = first_n(load_data(args), args.n)
     rows = generate_rows(args, records)
     atomic_write_jsonl(args.out, rows)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from imtune.errors import ImtuneError
 from imtune.cli.common import add_data, add_model, add_objective, load_data
+from imtune.errors import ImtuneError
 
 
 def add_parser(sub):
@@ -25,13 +25,15 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from imtune.io_utils import atomic_write_text, prepare_output
     from imtune.masking.encoding import encode_with_report
-    from imtune.io_utils import atomic_write_text
-    from imtune.models import load_tokenizer
     from imtune.masking.objectives import parse_objective
     from imtune.masking.token_view import print_rich, to_html, to_json
+    from imtune.models import load_tokenizer
 
     obj = parse_objective(args.objective)
+    if args.out:
+        prepare_output(args.out, (args.data, args.model), example=f"tokens.{args.out_format}")
     records = load_data(args)
     if args.index is not None:
         if not 0 <= args.index < len(records):

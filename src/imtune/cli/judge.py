@@ -9,6 +9,7 @@ from pathlib import Path
 
 from imtune.cli.common import add_revision
 from imtune.errors import ImtuneError
+from imtune.io_utils import prepare_output
 
 EXAMPLES = """examples:
   imtune judge alpaca-eval --outputs outs.jsonl --judge-base-url http://localhost:8000/v1 --judge-model qwen2.5-72b
@@ -163,7 +164,7 @@ def run_alpaca_eval(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ImtuneError("--limit must be >= 1")
-    out = Path(args.out)
+    out = prepare_output(Path(args.out), (args.outputs, args.model), kind="dir")
     client = make_client(args)  # before generating: a bad URL should fail in seconds, not after an hour
     with client:
         if args.model:
@@ -194,7 +195,7 @@ def run_mt_bench(args) -> int:
     from imtune.io_utils import atomic_write_jsonl
 
     questions = mb.load_questions(args.limit)
-    out = Path(args.out)
+    out = prepare_output(Path(args.out), (args.answers, args.model), kind="dir")
     client = make_client(args)
     with client:
         if args.model:

@@ -40,10 +40,12 @@ def run(args) -> int:
         summarise,
         summary_path,
     )
-    from imtune.io_utils import atomic_write_json, atomic_write_jsonl
+    from imtune.io_utils import atomic_write_json, atomic_write_jsonl, prepare_output
     from imtune.masking.objectives import parse_objective
 
     parse_objective(args.objective)  # a typo should fail before the model loads, not after
+    for path in (args.out, summary_path(args.out)):
+        prepare_output(path, (args.data, args.model), example="losses.jsonl")
     records = load_data(args)
     template = default_template(args.model, args.template)
     model, tok = load_model_and_tokenizer(args)

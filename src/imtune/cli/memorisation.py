@@ -35,11 +35,9 @@ def add_parser(sub):
 def run(args) -> int:
     from imtune.errors import ImtuneError
     from imtune.evaluation.memorisation import memorisation_scores, read_generations, summary_of
-    from imtune.io_utils import atomic_write_json, atomic_write_jsonl
+    from imtune.io_utils import atomic_write_json, atomic_write_jsonl, prepare_output
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ImtuneError(f"--out {out} exists and is not a directory")
+    out = prepare_output(Path(args.out), (args.data, args.generations, args.model), kind="dir")
     if args.generations:
         if args.data:
             raise ImtuneError("give either --data (generate, then score) or --generations (score only), not both")

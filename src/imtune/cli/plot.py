@@ -23,13 +23,15 @@ def add_parser(sub):
 def run(args) -> int:
     from pathlib import Path
 
+    from imtune.analysis.plots import figure_paths, plot_loss_distributions
     from imtune.evaluation.loss_probe import summarise
-    from imtune.io_utils import read_jsonl_rows
-    from imtune.analysis.plots import plot_loss_distributions
+    from imtune.io_utils import prepare_output, read_jsonl_rows
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [Path(f).stem for f in args.losses]
     if len(labels) != len(args.losses):
         raise ImtuneError(f"--labels has {len(labels)} names for {len(args.losses)} files")
+    for path in figure_paths(args.out):
+        prepare_output(path, args.losses, example="loss_distributions.png")
     series = {}
     for label, f in zip(labels, args.losses, strict=True):
         rows = read_jsonl_rows(f, {"loss": (int, float)}, what="loss rows")

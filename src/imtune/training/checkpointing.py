@@ -51,6 +51,10 @@ def checkpoint_dir(out: Path) -> Path:
     return Path(out) / CHECKPOINTS
 
 
+def checkpoint_path(out: Path, global_step: int) -> Path:
+    return checkpoint_dir(out) / f"checkpoint-{global_step:06d}"
+
+
 def list_checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints in `out`, oldest first."""
     d = checkpoint_dir(out)
@@ -106,7 +110,7 @@ def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler,
                     sharded: bool = False, save_total_limit: int = 0) -> Path:
     """Every process calls this (collective under DeepSpeed/FSDP); the main process owns the directory."""
     out = Path(out)
-    final = checkpoint_dir(out) / f"checkpoint-{state.global_step:06d}"
+    final = checkpoint_path(out, state.global_step)
     # One temp name for all ranks: the pid would differ, so it is keyed by the main process' choice via the step.
     tmp = checkpoint_dir(out) / f"{_TMP}{state.global_step:06d}"
     if accelerator.is_main_process:

@@ -36,7 +36,7 @@ def objective_text(spec: str) -> str:
 
 
 def render_model_card(cfg: dict, *, base_model: str, data_summary: dict, final_metrics: dict,
-                      adapter: bool) -> str:
+                      adapter: bool, warnings: list[str] = ()) -> str:
     """Markdown with a Hugging Face metadata header. `cfg` is the resolved TrainConfig as a dict."""
     lines = ["---", "library_name: " + ("peft" if adapter else "transformers"), "tags:", "- imtune",
              "- instruction-tuning", f"- objective-{parse_objective(cfg['objective']).name.replace(':', '-')}",
@@ -58,6 +58,8 @@ def render_model_card(cfg: dict, *, base_model: str, data_summary: dict, final_m
     lines += [f"| {k} | {_fmt(v)} |" for k, v in final_metrics.items()]
     if "eval_loss" in final_metrics:
         lines += ["", "`eval_loss` is the output-only (`it`) loss on the held-out data, whatever the training objective."]
+    if warnings:
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in warnings)]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               'model = AutoModelForCausalLM.from_pretrained("PATH")' + ("  # needs peft; loads base + adapter"
                                                                         if adapter else ""),

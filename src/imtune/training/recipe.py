@@ -41,11 +41,12 @@ from imtune.masking.templates import CHAT_TEMPLATES
 from imtune.training import checkpointing
 from imtune.training.components import build_model, build_optimizer, lr_lambda
 from imtune.training.data import Plan, encode_sets, load_records, make_batch
+from imtune.training.health import StallWatch, trainable_finite
 from imtune.training.outputs import (
     CONFIG_FILE,
+    FINAL_METRICS_FILE,
     MetricsLog,
-    check_output_dir,
-    clear_dir,
+    RunDir,
     config_yaml,
     note,
     save_final,
@@ -86,9 +87,13 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> TrainResult:
 def _train(config) -> TrainResult:
     recipe = Recipe(TrainConfig.coerce(config).validate())
     recipe.set_up()
-    recipe.start()
-    recipe.train_loop()
-    return recipe.save()
+    try:
+        recipe.start()
+        recipe.train_loop()
+        return recipe.save()
+    except BaseException:
+        recipe.clean_up_failed()
+        raise
 
 
 class Recipe:
@@ -102,6 +107,8 @@ class Recipe:
         self.tokens_seen = 0
         self.last_row: dict = {}
         self.eval_rows: list[dict] = []
+        self.stall = StallWatch()
+        self.last_good: Path | None = None  # the newest checkpoint whose weights were verified finite
 
     # ---- set up: everything that can fail on bad input happens before the output directory is touched --------------
     def set_up(self) -> None:
@@ -109,11 +116,14 @@ class Recipe:
         from accelerate.utils import DistributedType
 
         cfg = self.cfg
-        self.out = check_output_dir(cfg)
+        self.run_dir = RunDir(cfg.out)
+        self.run_dir.check(cfg)
+        self.out = self.run_dir.out
         # cpu=True on a machine without an accelerator lets a multi-process launch (`accelerate launch --multi_gpu`,
         # torchrun) run as MULTI_CPU over gloo instead of as independent single processes.
         acc = self.accelerator = Accelerator(cpu=not _has_accelerator())
         self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
+        self.run_dir.active = self.is_main
         self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         self.accumulation = cfg.accumulation_steps(self.world)
         self.ckpt = checkpointing.find_checkpoint(self.out, cfg.resume) if cfg.resume else None
@@ -167,19 +177,18 @@ class Recipe:
                                                self.accelerator, sharded=self.sharded)
             self.global_step, self.start_epoch, self.start_in_epoch = st.global_step, st.epoch, st.step_in_epoch
             keep_rows = st.metrics_rows
+            self._verify(f"checkpoint {self.ckpt} holds non-finite weights")
+            self.last_good = self.ckpt
             if self.is_main:
                 note(f"resuming from {self.ckpt} (step {self.global_step}, epoch {self.start_epoch + 1}, "
                      f"step {self.start_in_epoch} of it)")
         if self.is_main:
             from imtune.io_utils import atomic_write_text
 
-            if cfg.overwrite and not cfg.resume and self.out.is_dir():
-                clear_dir(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / CONFIG_FILE, config_yaml(saved_config(cfg)))
+            self.run_dir.open(overwrite=cfg.overwrite and not cfg.resume)
+            atomic_write_text(self.run_dir.claim(CONFIG_FILE), config_yaml(saved_config(cfg)))
         self.accelerator.wait_for_everyone()
-        self.log = MetricsLog(self.out, self.is_main, keep_rows,
-                              purge_step=self.global_step + 1 if self.ckpt else None)
+        self.log = MetricsLog(self.run_dir, keep_rows, purge_step=self.global_step + 1 if self.ckpt else None)
         self.eval_rows = [r for r in self.log.rows if "eval_loss" in r]
         self.tokens_seen = sum(r.get("tokens", 0) for r in self.log.rows if "loss" in r)
         if self.is_main:
@@ -239,15 +248,16 @@ class Recipe:
         if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not self.sharded):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-            good = checkpointing.list_checkpoints(self.out)
-            raise ImtuneError(f"step {self.global_step + 1}: {what}; training stopped before applying it "
-                              f"(last good checkpoint: {good[-1] if good else 'none'}); try a lower --lr "
-                              f"or --precision fp32")
+            raise self._stopped(self.global_step + 1, f"{what}; training stopped before applying it")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        self._verify("the update made trained weights non-finite (inf/NaN)")
+        warning = self.stall.observe(self.global_step, loss, grad_norm)
+        if warning and self.is_main:
+            note(f"warning: {warning}")
         row = self._step_row(step_mbs, epoch, loss, lr, grad_norm, time.perf_counter() - t0)
         if self.cfg.kl_coef > 0:
             row["ce_loss"], row["kl"] = ce_total / norm, kl_total / norm
@@ -324,12 +334,35 @@ class Recipe:
         return row
 
     def checkpoint(self, epoch: int, step_in_epoch: int) -> Path:
-        """Save everything needed to continue at (epoch, step_in_epoch) of the plan."""
+        """Save everything needed to continue at (epoch, step_in_epoch) of the plan; only finite weights."""
+        self._verify("trained weights are non-finite (inf/NaN)")
         state = checkpointing.TrainerState(self.global_step, epoch, step_in_epoch, len(self.log.rows), self.world,
                                            saved_config(self.cfg))
-        return checkpointing.save_checkpoint(self.out, state, self.model, self.optimizer, self.scheduler,
+        self.run_dir.claim(checkpointing.checkpoint_path(self.out, self.global_step).relative_to(self.out)
+                           .as_posix(), "trees")
+        path = checkpointing.save_checkpoint(self.out, state, self.model, self.optimizer, self.scheduler,
                                              self.accelerator, sharded=self.sharded,
                                              save_total_limit=self.cfg.save_total_limit)
+        self.run_dir.forget_missing()  # checkpoints pruned by save_total_limit
+        self.last_good = path
+        return path
+
+    def _verify(self, what: str) -> None:
+        if not trainable_finite(self.model, self.accelerator, self.sharded):
+            raise self._stopped(self.global_step, what)
+
+    def _stopped(self, step: int, what: str) -> ImtuneError:
+        return ImtuneError(f"step {step}: {what}; nothing from this step was saved (last good checkpoint: "
+                           f"{self.last_good or 'none'}); try a lower --lr or --precision fp32")
+
+    def clean_up_failed(self) -> None:
+        """A failed run removes what it wrote, except a verified checkpoint (and what --resume needs with it)."""
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        kept = self.run_dir.clean_up_failed()
+        if self.is_main:
+            note(f"the run failed; kept {kept} for --resume" if kept
+                 else f"the run failed; removed what it wrote to {self.out}")
 
     # ---- save: final model, tokenizer, card and metrics --------------------------------------------------------------
     def save(self) -> TrainResult:
@@ -342,17 +375,23 @@ class Recipe:
                  "runtime_s": round(time.time() - self.t_start, 2)}
         if self.eval_rows:
             final["eval_loss"] = self.eval_rows[-1]["eval_loss"]
+        self._verify("trained weights are non-finite (inf/NaN)")
         card = render_model_card(saved_config(cfg), base_model=cfg.model, data_summary=self.data_summary,
-                                 final_metrics=final, adapter=cfg.lora and not cfg.merge)
-        save_final(cfg, out, self.model, self.tokenizer, self.accelerator, card, self.sharded,
+                                 final_metrics=final, adapter=cfg.lora and not cfg.merge,
+                                 warnings=self.stall.warnings)
+        save_final(cfg, self.run_dir, self.model, self.tokenizer, self.accelerator, card, self.sharded,
                    CHAT_TEMPLATES.get(cfg.template))
         self.accelerator.wait_for_everyone()
+        if self.stall.warnings:
+            final["warnings"] = self.stall.warnings
         if self.is_main:
             from imtune.io_utils import atomic_write_json
 
-            atomic_write_json(out / "final_metrics.json", final)
+            atomic_write_json(self.run_dir.claim(FINAL_METRICS_FILE), final)
             note(f"done: {self.global_step} steps, train loss {final['train_loss']:.4f}"
-                 + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + f"; saved to {out}")
+                 + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + f"; saved to {out}"
+                 + (f"; {len(self.stall.warnings)} warning(s), see {FINAL_METRICS_FILE}" if self.stall.warnings
+                    else ""))
         return TrainResult(out, final, history, self.eval_rows, cfg)
 
 

@@ -1,0 +1,73 @@
+"""Is the run healthy? Trained weights must stay finite; a loss that stops moving is worth a warning.
+
+The finiteness check runs after every optimizer step and before every save, so it has to be cheap: one fused
+`_foreach_norm` with ord=inf over the trainable tensors (the max |x| of a tensor is finite exactly when all of its
+values are: NaN and inf both propagate, and a max never overflows the way a sum of squares can), then one
+`isfinite` over the stacked per-tensor maxima and one device-to-host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+# A loss identical to this relative tolerance over this many consecutive steps (each on different examples) means
+# the model no longer depends on its input: typically weights saturated by a far too high learning rate.
+STALL_STEPS = 5
+STALL_RTOL = 1e-6
+
+
+def local_tensors(params) -> list[torch.Tensor]:
+    # FSDP2 parameters are DTensors: each process checks its own shard (`_local_tensor`), the caller reduces.
+    return [getattr(p, "_local_tensor", p).detach() for p in params]
+
+
+def all_finite(tensors) -> bool:
+    """True when every value of every tensor is finite."""
+    tensors = [t for t in local_tensors(tensors) if t.numel()]
+    if not tensors:
+        return True
+    maxima = torch._foreach_norm(tensors, float("inf"))
+    return bool(torch.isfinite(torch.stack([m.float().to(maxima[0].device) for m in maxima])).all())
+
+
+def trainable_finite(model, accelerator, sharded: bool) -> bool:
+    """`all_finite` over the trainable parameters; with sharded parameters every process must agree."""
+    ok = all_finite(p for p in model.parameters() if p.requires_grad)
+    if sharded and accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+        ok = float(accelerator.reduce(flag, "sum")) == 0.0
+    return ok
+
+
+class StallWatch:
+    """Collects one warning each for zero gradients and for a loss that has not moved for `steps` steps."""
+
+    def __init__(self, steps: int = STALL_STEPS, rtol: float = STALL_RTOL):
+        self.losses: deque[float] = deque(maxlen=steps)
+        self.rtol = rtol
+        self.warnings: list[str] = []
+        self._seen: set[str] = set()
+
+    def observe(self, step: int, loss: float, grad_norm: float) -> str | None:
+        """Record one step; returns a new warning (once per kind), else None."""
+        self.losses.append(loss)
+        if grad_norm == 0.0 and loss != 0.0:
+            return self._warn("zero_grad", f"step {step}: the gradients are all zero although the loss is "
+                                           f"{loss:.4g}: the weights no longer change (learning rate far too high?)")
+        if len(self.losses) == self.losses.maxlen:
+            lo, hi = min(self.losses), max(self.losses)
+            if hi - lo <= self.rtol * max(1.0, abs(hi)):
+                return self._warn("flat", f"steps {step - len(self.losses) + 1}-{step}: the loss has not moved "
+                                          f"({hi:.6g} on every step, each on different examples): the model no "
+                                          f"longer depends on its input (learning rate far too high?)")
+        return None
+
+    def _warn(self, kind: str, msg: str) -> str | None:
+        if kind in self._seen or not math.isfinite(self.losses[-1]):
+            return None
+        self._seen.add(kind)
+        self.warnings.append(msg)
+        return msg
