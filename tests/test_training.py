@@ -258,3 +258,19 @@ def test_stall_watch_and_finiteness_check():
         t = torch.ones(1000)
         t[517] = bad
         assert not all_finite([torch.ones(4), t])
+
+
+def test_run_summary_names_trailing_user_turns_and_examples_truncated_away(tiny_dir, tmp_path, capsys):
+    rows = [json.loads(x) for x in write_data(tmp_path / "d.jsonl").read_text().splitlines()]
+    rows[1]["messages"].append({"role": "user", "content": "And then?"})
+    rows[2]["messages"][0]["content"] = "Explain why the sky is blue. " * 40  # the reply is cut off at 96 tokens
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = imtune.train(base_cfg(tiny_dir, tmp_path / "d.jsonl", tmp_path / "o", objective="it", max_steps=1))
+    data = r.metrics["data"]
+    assert data["ending_on_user_turn"] == 1 and data["dropped_by_truncation"] == 1 and data["train_examples"] == 7
+    err = capsys.readouterr().err
+    assert "1 example(s) (r1) end(s) on a user turn" in err
+    assert "1 example(s) (r2) dropped: truncation to 96 tokens cut every weighted token" in err
+    saved = json.loads((r.output_dir / "final_metrics.json").read_text())
+    assert saved["data"] == data and len(saved["data_notes"]) == 3  # + "1 example(s) truncated"
+    assert "- note: 1 example(s) (r1) end(s) on a user turn" in (r.output_dir / "README.md").read_text()

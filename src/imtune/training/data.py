@@ -55,8 +55,9 @@ def load_records(cfg: TrainConfig, note: Callable[[str], None]) -> tuple[list, l
     return records, val_records
 
 
-def encode_sets(cfg: TrainConfig, tokenizer, records, val_records) -> tuple[EncodedSet, EncodedSet | None, dict]:
-    """(training set, held-out set or None, data summary for the log and the model card)."""
+def encode_sets(cfg: TrainConfig, tokenizer, records, val_records) -> tuple[EncodedSet, EncodedSet | None, dict,
+                                                                            list[str]]:
+    """(training set, held-out set or None, data summary (counts), notes on what the encoder changed or dropped)."""
     from imtune.masking.encoding import encode_with_report
 
     enc_args = dict(template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side,
@@ -64,7 +65,9 @@ def encode_sets(cfg: TrainConfig, tokenizer, records, val_records) -> tuple[Enco
     train, rep = encode_with_report(records, tokenizer, cfg.objective, **enc_args)
     if not train:
         raise ImtuneError(f"{cfg.data}: no example has a token with non-zero weight under objective {cfg.objective}")
-    summary = {"train_examples": len(train), "truncated": rep.n_truncated, "dropped_no_weight": rep.n_dropped}
+    summary = {"train_examples": len(train), "truncated": rep.n_truncated, "dropped_no_weight": rep.n_dropped,
+               "dropped_by_truncation": len(rep.truncated_to_nothing), "ending_on_user_turn": len(rep.trailing_user),
+               "special_token_text_in_content": len(rep.special_in_content)}
     val = None
     if val_records:
         # Held-out loss is always output-only, so runs with different training objectives are comparable.
@@ -75,7 +78,34 @@ def encode_sets(cfg: TrainConfig, tokenizer, records, val_records) -> tuple[Enco
     train_set = EncodedSet.of(train)
     summary["train_tokens"] = int(train_set.lengths.sum())
     summary["weighted_tokens"] = int(train_set.n_weighted.sum())
-    return train_set, val, summary
+    return train_set, val, summary, encode_notes(cfg, rep)
+
+
+def encode_notes(cfg: TrainConfig, rep) -> list[str]:
+    """One line per thing the encoder did to the training data that a user should know, naming the examples."""
+    cut = set(rep.truncated_to_nothing)
+    no_weight = [i for i in rep.dropped_no_weight if i not in cut]
+    notes = []
+    if rep.trailing_user:
+        notes.append(f"{_ids(rep.trailing_user)} end(s) on a user turn with no reply; that turn is weighted as an "
+                     f"instruction under objective {cfg.objective}")
+    if rep.n_truncated:
+        notes.append(f"{rep.n_truncated} example(s) truncated to max_length {cfg.max_length} "
+                     f"({cfg.truncation_side} side)")
+    if cut:
+        notes.append(f"{_ids(rep.truncated_to_nothing)} dropped: truncation to {cfg.max_length} tokens cut every "
+                     "weighted token (raise --max-length, or --truncation-side left)")
+    if no_weight:
+        notes.append(f"{_ids(no_weight)} dropped: no token with non-zero weight under objective {cfg.objective}")
+    if rep.special_in_content:
+        notes.append(f"{_ids(rep.special_in_content)} contain(s) special-token text in content, encoded as special "
+                     "tokens (allow_special_tokens_in_content)")
+    return notes
+
+
+def _ids(ids: list[str], shown: int = 5) -> str:
+    more = f" (+{len(ids) - shown} more)" if len(ids) > shown else ""
+    return f"{len(ids)} example(s) ({', '.join(map(str, ids[:shown]))}{more})"
 
 
 class Plan:

@@ -36,7 +36,7 @@ def objective_text(spec: str) -> str:
 
 
 def render_model_card(cfg: dict, *, base_model: str, data_summary: dict, final_metrics: dict,
-                      adapter: bool, warnings: list[str] = ()) -> str:
+                      adapter: bool, data_notes: list[str] = (), warnings: list[str] = ()) -> str:
     """Markdown with a Hugging Face metadata header. `cfg` is the resolved TrainConfig as a dict."""
     lines = ["---", "library_name: " + ("peft" if adapter else "transformers"), "tags:", "- imtune",
              "- instruction-tuning", f"- objective-{parse_objective(cfg['objective']).name.replace(':', '-')}",
@@ -50,6 +50,7 @@ def render_model_card(cfg: dict, *, base_model: str, data_summary: dict, final_m
                              f"{cfg['max_length']} tokens)"]
     for k, v in data_summary.items():
         lines.append(f"- {k.replace('_', ' ')}: {_fmt(v)}")
+    lines += [f"- note: {n}" for n in data_notes]
     lines += ["", "## Hyper-parameters", "", "| option | value |", "| --- | --- |"]
     keys = _HYPER + (_LORA if cfg.get("lora") else ())
     lines += [f"| {k} | {_fmt(cfg.get(k))} |" for k in keys]

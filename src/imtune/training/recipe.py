@@ -140,7 +140,8 @@ class Recipe:
         records, val_records = load_records(cfg, note)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
         self.pad_id = self.tokenizer.pad_token_id
-        self.train_data, self.val_data, self.data_summary = encode_sets(cfg, self.tokenizer, records, val_records)
+        self.train_data, self.val_data, self.data_summary, self.data_notes = encode_sets(
+            cfg, self.tokenizer, records, val_records)
 
     def _set_up_model(self) -> None:
         from accelerate.utils import set_seed
@@ -204,6 +205,8 @@ class Recipe:
              + (f", {len(self.val_data.examples)} held out" if self.val_data else "")
              + f"; {self.total_steps} steps of {cfg.micro_batch_size} x {self.accumulation} accumulation x "
                f"{self.world} process(es); objective {cfg.objective}; padding {pad:.1%}")
+        for line in self.data_notes:
+            note(line)
 
     # ---- the loop: plan -> step -> evaluate -> checkpoint ------------------------------------------------------------
     def train_loop(self) -> None:
@@ -378,10 +381,13 @@ class Recipe:
         self._verify("trained weights are non-finite (inf/NaN)")
         card = render_model_card(saved_config(cfg), base_model=cfg.model, data_summary=self.data_summary,
                                  final_metrics=final, adapter=cfg.lora and not cfg.merge,
-                                 warnings=self.stall.warnings)
+                                 data_notes=self.data_notes, warnings=self.stall.warnings)
         save_final(cfg, self.run_dir, self.model, self.tokenizer, self.accelerator, card, self.sharded,
                    CHAT_TEMPLATES.get(cfg.template))
         self.accelerator.wait_for_everyone()
+        final["data"] = self.data_summary
+        if self.data_notes:
+            final["data_notes"] = self.data_notes
         if self.stall.warnings:
             final["warnings"] = self.stall.warnings
         if self.is_main:
