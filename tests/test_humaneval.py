@@ -10,6 +10,8 @@ from imtune.evaluation import sandbox as S
 from imtune.evaluation.humaneval import load_humaneval, load_samples, pass_at_k
 
 HOSTILE = Path(__file__).parent / "hostile"
+# Where bubblewrap is missing these still run, unisolated, as a user would have to allow explicitly.
+UNSAFE = [] if S.isolation().isolated else ["--allow-unsafe-exec"]
 WRONG = "    return None\n"
 
 
@@ -24,7 +26,7 @@ def test_samples_are_scored_like_a_normal_run(tmp_path, capsys):
     samples = _write(tmp_path / "samples.jsonl", rows)
     out = tmp_path / "results.json"
     assert main(["evaluate", "--tasks", "humaneval", "--samples", str(samples), "--out", str(out),
-                 "--log-samples"]) == 0
+                 "--log-samples", *UNSAFE]) == 0
     res = json.loads(out.read_text())
     r = res["results"]["humaneval"]
     assert r["metrics"] == {"pass@1": pytest.approx(0.5)} and r["n"] == 3 and r["n_samples"] == 2
@@ -39,7 +41,7 @@ def test_pass_at_k_from_several_samples_per_task(tmp_path):
     rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"] if i < 3 else WRONG} for i in range(10)]
     out = tmp_path / "r.json"
     assert main(["evaluate", "--tasks", "humaneval", "--samples", str(_write(tmp_path / "s.jsonl", rows)),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), *UNSAFE]) == 0
     m = json.loads(out.read_text())["results"]["humaneval"]["metrics"]
     assert m == {"pass@1": pytest.approx(pass_at_k(10, 3, 1)), "pass@10": 1.0}
 
@@ -47,7 +49,7 @@ def test_pass_at_k_from_several_samples_per_task(tmp_path):
 def test_faking_completions_score_zero_from_the_command_line(tmp_path):
     out = tmp_path / "r.json"
     assert main(["evaluate", "--tasks", "humaneval", "--samples", str(HOSTILE / "faking_completions.jsonl"),
-                 "--out", str(out), "--log-samples"]) == 0
+                 "--out", str(out), "--log-samples", *UNSAFE]) == 0
     r = json.loads(out.read_text())["results"]["humaneval"]
     assert r["metrics"]["pass@1"] == 0.0 and r["n_samples"] == 12
     assert all(not s.startswith("passed") for s in r["samples"][0]["results"])
@@ -65,7 +67,7 @@ def test_bad_sample_lines_are_one_line_errors(tmp_path, capsys, rows, line, reas
     path = _write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(Exception, match=reason):
         load_samples(path)
-    assert main(["evaluate", "--tasks", "humaneval", "--samples", str(path)]) == 2
+    assert main(["evaluate", "--tasks", "humaneval", "--samples", str(path), *UNSAFE]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{path}:{line}" in err and reason in err and "Traceback" not in err
 

@@ -19,12 +19,23 @@ import pytest
 
 from imtune.evaluation import sandbox as S
 from imtune.evaluation.humaneval import humaneval_program, load_humaneval
-from imtune.evaluation.sandbox import UnsafeExecError, isolation, run_program, run_programs
+from imtune.evaluation.sandbox import UnsafeExecError, isolation
+from imtune.evaluation.sandbox import run_program as _run_program
+from imtune.evaluation.sandbox import run_programs as _run_programs
 
 HOSTILE = Path(__file__).parent / "hostile"
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox uses POSIX resource limits")
 isolated = pytest.mark.skipif(not isolation().isolated and not os.environ.get("CI"),
                               reason=f"no OS isolation here: {isolation().reason}")
+
+
+def run_program(source: str, **kw):
+    """The behaviour tests run wherever they can: unisolated (explicitly allowed) where bubblewrap is missing."""
+    return _run_program(source, **{"allow_unsafe": not isolation().isolated, **kw})
+
+
+def run_programs(sources: list[str], **kw):
+    return _run_programs(sources, **{"allow_unsafe": not isolation().isolated, **kw})
 
 
 def _attack(name: str, **values) -> str:
@@ -256,15 +267,15 @@ def test_limits_cannot_be_raised_from_inside():
 def test_unisolated_execution_needs_explicit_consent(monkeypatch):
     monkeypatch.setattr(S, "isolation", lambda: S.Isolation(None, None, S.sys.executable, "no bwrap (test)"))
     with pytest.raises(UnsafeExecError, match="unisolated.*no bwrap.*--allow-unsafe-exec"):
-        run_program("print(1)")
+        _run_program("print(1)")
     with pytest.raises(UnsafeExecError):
-        run_programs(["print(1)"])
-    assert run_program("print(1)", allow_unsafe=True, timeout=20).passed
+        _run_programs(["print(1)"])
+    assert _run_program("print(1)", allow_unsafe=True, timeout=20).passed
     # The Python guards still stop the accidents they can (a program that means harm gets past them).
     outside = os.path.join(tempfile.gettempdir(), f"imtune-unsafe-{os.getpid()}.txt")
-    r = run_program(f"open({outside!r}, 'w').write('x')", allow_unsafe=True, timeout=20)
+    r = _run_program(f"open({outside!r}, 'w').write('x')", allow_unsafe=True, timeout=20)
     assert r.status == "failed" and "outside the sandbox" in r.error and not os.path.exists(outside)
     fake = _fakes()[0]
     problem = load_humaneval()[0]
-    r = run_program(humaneval_program(problem, fake["completion"]), allow_unsafe=True, timeout=20)
+    r = _run_program(humaneval_program(problem, fake["completion"]), allow_unsafe=True, timeout=20)
     assert r.status == "failed"

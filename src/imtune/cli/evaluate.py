@@ -92,28 +92,27 @@ def print_results(results: dict, file=None) -> None:
 
 
 def _check_code_execution(args, specs) -> dict[str, list[str]] | None:
-    """Refuse unisolated code execution unless allowed, before any model is loaded; read --samples."""
+    """Read --samples, and refuse unisolated code execution unless allowed, before any model is loaded."""
     from imtune.errors import ImtuneError
     from imtune.evaluation.tasks import TASKS
 
+    completions = None
     if args.samples is not None:
         if [s.name for s in specs] != ["humaneval"]:
             raise ImtuneError("--samples holds HumanEval completions: use it with --tasks humaneval alone")
         if args.limit is not None:
             raise ImtuneError("--limit does not apply to --samples: the file decides which problems are scored")
-    if not any(TASKS[s.name].kind == "code" for s in specs):
-        return None
-    from imtune.evaluation.sandbox import require_isolation
+        from imtune.evaluation.humaneval import load_samples
 
-    iso = require_isolation(args.allow_unsafe_exec)
-    if not iso.isolated:
-        print(f"warning: code execution is unisolated ({iso.reason}): model-written code runs as your user",
-              file=sys.stderr)
-    if args.samples is None:
-        return None
-    from imtune.evaluation.humaneval import load_samples
+        completions = load_samples(args.samples)
+    if any(TASKS[s.name].kind == "code" for s in specs):
+        from imtune.evaluation.sandbox import require_isolation
 
-    return load_samples(args.samples)
+        iso = require_isolation(args.allow_unsafe_exec)
+        if not iso.isolated:
+            print(f"warning: code execution is unisolated ({iso.reason}): model-written code runs as your user",
+                  file=sys.stderr)
+    return completions
 
 
 def _run(args, specs, model, tok, completions) -> dict:
