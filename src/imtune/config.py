@@ -101,7 +101,8 @@ class TrainConfig:
 
     # output
     out: str | None = _f(None, "output directory (required)")
-    overwrite: bool = _f(False, "replace the contents of a non-empty output directory")
+    overwrite: bool = _f(False, "remove what imtune wrote in a non-empty output directory (refused if it "
+                                         "holds anything imtune did not write)")
     resume: str | None = _f(None, "resume from 'latest' checkpoint in --out, or from a checkpoint directory")
     save_steps: int = _f(0, "also save a checkpoint every N optimizer steps (0 = only at epoch ends)")
     save_total_limit: int = _f(2, "keep only the newest N checkpoints (0 = keep all)")
