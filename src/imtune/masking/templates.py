@@ -168,55 +168,71 @@ def chat_template_jinja(name: str) -> str:
 CHAT_TEMPLATES = {name: chat_template_jinja(name) for name in NAMED}
 
 
-_PH = "\u27e6imtune\u00b7{}\u27e7"
-_PH_RE = re.compile("\u27e6imtune\u00b7(\\d+)\u27e7")
+# Placeholder for message i, padded with a whitespace character no template writes (U+205F), so the skeleton shows
+# per side whether the template trims the content (`| trim` removes the pad) or keeps it as is.
+_PAD = "\u205f"
+_PH = _PAD + "\u27e6imtune\u00b7{}\u27e7" + _PAD
+_PH_RE = re.compile(f"({_PAD}?)\u27e6imtune\u00b7(\\d+)\u27e7({_PAD}?)")
 
 
 def _render_chat_template(conv: Conversation, tokenizer) -> Rendered:
+    """The tokenizer's own chat template, with spans found by rendering placeholders in place of the contents.
+
+    Exact or an error, never a silent wrong mask: the result must equal the template's plain render of the real
+    conversation, and every assistant turn must be closed by an end-of-turn token (which `it` trains).
+    """
     msgs = conv.messages
-    ph = [{"role": m.role, "content": _PH.format(i)} for i, m in enumerate(msgs)]
-    try:
-        skeleton = tokenizer.apply_chat_template(ph, tokenize=False)
-    except Exception as e:  # Jinja templates raise for role orders they do not accept
-        raise ValueError(f"chat template rejected the conversation: {e}") from None
-    out, spans, pos, last = [], [], 0, 0
-    seen = []
+    skeleton = _apply(tokenizer, [{"role": m.role, "content": _PH.format(i)} for i, m in enumerate(msgs)])
+    ends = _end_markers(tokenizer)
+    out, spans, pos, last, seen = [], [], 0, 0, []
     for mt in _PH_RE.finditer(skeleton):
-        i = int(mt.group(1))
+        i = int(mt.group(2))
         seen.append(i)
         out.append(skeleton[last:mt.start()])
         pos += mt.start() - last
         content = msgs[i].content
-        if _strips(tokenizer):
-            content = content.strip()
+        content = content if mt.group(1) else content.lstrip()
+        content = content if mt.group(3) else content.rstrip()
         out.append(content)
         spans.append((pos, pos + len(content), ROLE_CODE[msgs[i].role], i))
         pos += len(content)
         last = mt.end()
         if msgs[i].role == "assistant":
-            rest = skeleton[last:]
-            for marker in END_OF_TURN:
-                if rest.startswith(marker):
-                    spans.append((pos, pos + len(marker), EOS, i))
-                    break
+            n = _end_of_turn(skeleton, last, ends)
+            if n is None:
+                raise ValueError(f"the chat template closes assistant message {i + 1} with no end-of-turn token "
+                                 f"imtune recognises ({', '.join(ends)}), so the model would never learn to stop; "
+                                 f"use --template tulu, chatml or alpaca")
+            spans.append((pos, pos + n, EOS, i))
     out.append(skeleton[last:])
     if sorted(seen) != list(range(len(msgs))):
         raise ValueError("chat template drops or repeats messages; use --template tulu/chatml/alpaca")
     text = "".join(out)
+    if text != _apply(tokenizer, [{"role": m.role, "content": m.content} for m in msgs]):
+        raise ValueError("the chat template changes message text in a way imtune cannot map to exact token spans "
+                         "(it renders differently from the placeholder render); use --template tulu, chatml or alpaca")
     return Rendered(text, tuple(spans), add_special_tokens=False)
 
 
-_STRIP_CACHE: dict[int, bool] = {}
+def _apply(tokenizer, messages: list[dict]) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # Jinja templates raise for role orders they do not accept
+        raise ValueError(f"chat template rejected the conversation: {str(e).splitlines()[0] if str(e) else e!r}") \
+            from None
 
 
-def _strips(tokenizer) -> bool:
-    """Whether the tokenizer's chat template trims message contents (e.g. Llama-3's `| trim`), found once by probing."""
-    key = id(tokenizer)
-    if key not in _STRIP_CACHE:
-        probe = [{"role": "user", "content": "  \u27e6probe\u27e7  "}]
-        try:
-            txt = tokenizer.apply_chat_template(probe, tokenize=False)
-            _STRIP_CACHE[key] = "  \u27e6probe\u27e7  " not in txt and "\u27e6probe\u27e7" in txt
-        except Exception:
-            _STRIP_CACHE[key] = False
-    return _STRIP_CACHE[key]
+def _end_markers(tokenizer) -> tuple[str, ...]:
+    eos = getattr(tokenizer, "eos_token", None)
+    return END_OF_TURN + ((eos,) if eos and eos not in END_OF_TURN else ())
+
+
+def _end_of_turn(skeleton: str, pos: int, ends: tuple[str, ...]) -> int | None:
+    """Length of the end of an assistant turn at `pos`: an end-of-turn marker, after any whitespace the template puts
+    before it (the model has to produce that too)."""
+    rest = skeleton[pos:]
+    gap = len(rest) - len(rest.lstrip())
+    for marker in ends:
+        if rest.startswith(marker, gap):
+            return gap + len(marker)
+    return None
