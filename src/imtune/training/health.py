@@ -1,9 +1,11 @@
 """Is the run healthy? Trained weights must stay finite; a loss that stops moving is worth a warning.
 
 The finiteness check runs after every optimizer step and before every save, so it has to be cheap: one fused
-`_foreach_norm` with ord=inf over the trainable tensors (the max |x| of a tensor is finite exactly when all of its
-values are: NaN and inf both propagate, and a max never overflows the way a sum of squares can), then one
-`isfinite` over the stacked per-tensor maxima and one device-to-host sync.
+`_foreach_norm` over the trainable tensors (the multi-tensor kernel `clip_grad_norm_` uses; NaN and inf propagate
+into a tensor's norm), then one `isfinite` over the stacked norms and one device-to-host sync. The L2 norm, not the
+max |x|: on CPU the inf-norm kernel is ~60x slower (190 ms vs 3 ms for 22M values on one core). The price is that a
+tensor whose L2 norm overflows float32 (values around 1e17 and up in a 1e8-value tensor) also counts as non-finite:
+weights that large have diverged anyway.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ def local_tensors(params) -> list[torch.Tensor]:
 
 def all_finite(tensors) -> bool:
     """True when every value of every tensor is finite."""
-    tensors = [t for t in local_tensors(tensors) if t.numel()]
+    tensors = [t for t in local_tensors(tensors) if t.numel() and t.is_floating_point()]
     if not tensors:
         return True
-    maxima = torch._foreach_norm(tensors, float("inf"))
-    return bool(torch.isfinite(torch.stack([m.float().to(maxima[0].device) for m in maxima])).all())
+    norms = torch._foreach_norm(tensors)
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
 
 
 def trainable_finite(model, accelerator, sharded: bool) -> bool:
