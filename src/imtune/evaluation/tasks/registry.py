@@ -55,6 +55,7 @@ TASKS["bbh"] = dataclasses.replace(TASKS["bbh"], subtasks=bbh_subtasks)
 ALIASES = {"openbook_qa": "openbookqa", "winograd_wsc": "wsc273", "wsc": "wsc273", "lambada": "lambada_openai",
            "hellaswag_1k": "hellaswag", "truthfulqa": "truthfulqa_mc2", "tydiqa_goldp": "tydiqa",
            "arc_e": "arc_easy", "arc_c": "arc_challenge"}
+LM_EVAL_PREFIX = "lm-eval:"
 GROUPS = {
     "all": list(TASKS),
     "loglikelihood": [n for n, t in TASKS.items() if t.kind in ("multiple_choice", "loglikelihood")],
@@ -64,14 +65,16 @@ GROUPS = {
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task as requested: base name, optional subtask (mmlu:anatomy), optional few-shot override (mmlu@5)."""
+    """A task as requested: base name, optional subtask (mmlu:anatomy), optional few-shot override (mmlu@5);
+    `lm_eval`: an lm-evaluation-harness task, group or tag (lm-eval:hellaswag), run through its harness."""
     name: str
     subtask: str | None = None
     num_fewshot: int | None = None
+    lm_eval: bool = False
 
     @property
     def label(self) -> str:
-        s = self.name + (f":{self.subtask}" if self.subtask else "")
+        s = (LM_EVAL_PREFIX if self.lm_eval else "") + self.name + (f":{self.subtask}" if self.subtask else "")
         return s + (f"@{self.num_fewshot}" if self.num_fewshot is not None else "")
 
 
@@ -79,20 +82,38 @@ def list_tasks() -> list[TaskInfo]:
     return list(TASKS.values())
 
 
+def _shots(item: str) -> tuple[str, int | None]:
+    base, at, k = item.partition("@")
+    if not at:
+        return item, None
+    if not k.isdigit():
+        raise ImtuneError(f"bad few-shot count in {item!r}: expected e.g. mmlu@5")
+    return base, int(k)
+
+
 def parse_tasks(tasks: str | Sequence[str]) -> list[TaskSpec]:
-    """'arc_easy,mmlu@5,bbh:navigate' or a list of such names -> TaskSpecs; ImtuneError for unknown names."""
+    """'arc_easy,mmlu@5,bbh:navigate' or a list of such names -> TaskSpecs; ImtuneError for unknown names.
+
+    'lm-eval:' marks lm-evaluation-harness tasks: the item carrying it and every item after it
+    ('arc_easy,lm-eval:hellaswag,piqa' runs hellaswag and piqa in lm-eval). Their names are checked by lm-eval.
+    """
     items = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
     items = [t for t in items if t]
     if not items:
         raise ImtuneError("no tasks given; run 'imtune evaluate --tasks list' to see them")
     out: list[TaskSpec] = []
+    in_lm_eval = False
     for item in items:
-        base, shots = item, None
-        if "@" in base:
-            base, _, k = base.partition("@")
-            if not k.isdigit():
-                raise ImtuneError(f"bad few-shot count in {item!r}: expected e.g. mmlu@5")
-            shots = int(k)
+        if item.lower().startswith(LM_EVAL_PREFIX):
+            in_lm_eval, item = True, item[len(LM_EVAL_PREFIX):].strip()
+        base, shots = _shots(item)
+        if in_lm_eval:
+            if not base:
+                raise ImtuneError("'lm-eval:' needs a task name, e.g. lm-eval:hellaswag")
+            spec = TaskSpec(base, None, shots, lm_eval=True)
+            if spec not in out:
+                out.append(spec)
+            continue
         base, _, sub = base.partition(":")
         base = ALIASES.get(base.lower(), base.lower())
         if base in GROUPS and not sub:

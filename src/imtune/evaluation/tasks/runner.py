@@ -139,9 +139,19 @@ def run_task(model, tokenizer, spec: TaskSpec | str, *, limit: int | None = None
     """Evaluate one task; returns {metrics, stderr, n, num_fewshot, time_s[, subtasks][, samples]}.
 
     `completions` (task_id -> completions) scores given HumanEval completions instead of generating them;
-    `allow_unsafe_exec` runs them even where the sandbox has no OS isolation (see evaluation.sandbox)."""
+    `allow_unsafe_exec` runs them even where the sandbox has no OS isolation (see evaluation.sandbox).
+    An lm-eval spec gives lm-eval's result for that name; a tag's tasks come back under "subtasks"."""
     if isinstance(spec, str):
         (spec,) = parse_tasks(spec)
+    if spec.lm_eval:
+        out = _run_lm_eval(model, tokenizer, [spec], dict(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                                          max_new_tokens=max_new_tokens, seed=seed, reuse=reuse,
+                                                          progress=progress, log_samples=log_samples))
+        if spec.label in out:
+            return out.pop(spec.label) | ({"subtasks": {k: v["metrics"] for k, v in out.items()}} if out else {})
+        return {"metrics": {}, "stderr": {}, "n": sum(v["n"] for v in out.values()), "num_fewshot": spec.num_fewshot,
+                "time_s": max((v["time_s"] for v in out.values()), default=0.0),
+                "subtasks": {k: v["metrics"] for k, v in out.items()}}
     info = TASKS[spec.name]
     k = spec.num_fewshot if spec.num_fewshot is not None else (
         num_fewshot if num_fewshot is not None else info.default_fewshot)
@@ -174,22 +184,43 @@ def run_task(model, tokenizer, spec: TaskSpec | str, *, limit: int | None = None
     return out
 
 
+def _run_lm_eval(model, tokenizer, specs: list[TaskSpec], opts: dict) -> dict[str, dict]:
+    """lm-eval specs in one harness run per few-shot setting; results keyed by lm-eval's task names, except
+    that a requested name with '@k' keeps its label."""
+    from imtune.evaluation.lm_eval_backend import evaluate
+
+    by_shots: dict[int | None, list[TaskSpec]] = {}
+    for s in specs:
+        by_shots.setdefault(s.num_fewshot if s.num_fewshot is not None else opts["num_fewshot"], []).append(s)
+    out: dict[str, dict] = {}
+    for shots, group in by_shots.items():
+        res = evaluate(model, tokenizer, [s.name for s in group], **{**opts, "num_fewshot": shots})
+        for s in group:
+            plain = TaskSpec(s.name, lm_eval=True).label
+            if plain in res and s.label != plain:
+                res[s.label] = res.pop(plain)
+        out.update(res)
+    return out
+
+
 def run_tasks(model, tokenizer, tasks: str | Sequence[str], limit: int | None = None, *,
               num_fewshot: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
               n_samples: int = 1, temperature: float | None = None, seed: int = 0, reuse: bool = True,
               progress: bool = True, log_samples: bool = False, code_timeout: float = 10.0,
               code_workers: int | None = None, completions: dict[str, list[str]] | None = None,
-              allow_unsafe_exec: bool = False,
+              allow_unsafe_exec: bool = False, apply_chat_template: bool = False,
               on_result: Callable[[str, dict], None] | None = None) -> dict:
-    """Evaluate `model` on `tasks` ('arc_easy,mmlu@5,bbh:navigate', a list, or a group: all, loglikelihood,
-    generative). Returns {"results": {task label: run_task(...) dict}, "config": {...}}.
+    """Evaluate `model` on `tasks` ('arc_easy,mmlu@5,bbh:navigate,lm-eval:hellaswag', a list, or a group: all,
+    loglikelihood, generative). Returns {"results": {task label: run_task(...) dict}, "config": {...}}.
 
     `limit` caps examples per task (spread evenly over subtasks for mmlu/bbh); `num_fewshot` overrides every
     task's default (a task's own '@k' wins); `on_result(label, result)` is called as each task finishes.
+    lm-eval tasks run last, in lm-eval (every task and group it reports becomes a result), with the tokenizer's
+    chat template when `apply_chat_template`; built-in tasks always use raw text.
     """
     specs = parse_tasks(tasks)
     results = {}
-    for spec in specs:
+    for spec in (s for s in specs if not s.lm_eval):
         res = run_task(model, tokenizer, spec, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, n_samples=n_samples, temperature=temperature, seed=seed,
                        reuse=reuse, progress=progress, log_samples=log_samples, code_timeout=code_timeout,
@@ -198,8 +229,21 @@ def run_tasks(model, tokenizer, tasks: str | Sequence[str], limit: int | None = 
         results[spec.label] = res
         if on_result is not None:
             on_result(spec.label, res)
+    lm_specs = [s for s in specs if s.lm_eval]
+    if lm_specs:
+        res = _run_lm_eval(model, tokenizer, lm_specs, dict(
+            limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
+            reuse=reuse, progress=progress, log_samples=log_samples, apply_chat_template=apply_chat_template))
+        for label, r in res.items():
+            results[label] = r
+            if on_result is not None:
+                on_result(label, r)
     config = {"tasks": [s.label for s in specs], "limit": limit, "num_fewshot": num_fewshot,
               "batch_size": batch_size, "max_new_tokens": max_new_tokens, "n_samples": n_samples,
               "temperature": temperature, "seed": seed, "prompt_reuse": reuse,
               "prompt_format": "raw text (no chat template)"}
+    if lm_specs:
+        import lm_eval
+
+        config["lm_eval"] = {"version": lm_eval.__version__, "apply_chat_template": apply_chat_template}
     return {"results": results, "config": config}
