@@ -109,14 +109,14 @@ def _check_code_execution(args, specs) -> dict[str, list[str]] | None:
 
     completions = None
     if args.samples is not None:
-        if [s.name for s in specs] != ["humaneval"]:
+        if [(s.name, s.lm_eval) for s in specs] != [("humaneval", False)]:
             raise ImtuneError("--samples holds HumanEval completions: use it with --tasks humaneval alone")
         if args.limit is not None:
             raise ImtuneError("--limit does not apply to --samples: the file decides which problems are scored")
         from imtune.evaluation.humaneval import load_samples
 
         completions = load_samples(args.samples)
-    if any(TASKS[s.name].kind == "code" for s in specs):
+    if any(not s.lm_eval and TASKS[s.name].kind == "code" for s in specs):
         from imtune.evaluation.sandbox import require_isolation
 
         iso = require_isolation(args.allow_unsafe_exec)
