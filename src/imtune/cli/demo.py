@@ -24,8 +24,10 @@ def add_parser(sub):
 
 def run(args) -> int:
     from imtune.analysis.compare import CompareConfig, run_compare
+    from imtune.io_utils import prepare_output
 
     data = Path(__file__).resolve().parents[1] / "data" / "train" / "lima.jsonl"
+    prepare_output(args.out, (data, args.model), kind="dir")
     cfg = CompareConfig(
         data=str(data), out=args.out, model=args.model, objectives=("it", "im"), n_train=DEMO["n_train"],
         n_val=DEMO["n_val"], evals=("loss", "memorisation"), memorisation_n=DEMO["memorisation_n"],

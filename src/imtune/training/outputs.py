@@ -246,11 +246,13 @@ class MetricsLog:
         self.f = self.tb = None
         if not self.active:
             return
+        from imtune.io_utils import atomic_write_text
+
         self.path = run_dir.claim(METRICS_FILE)
         if keep_rows is not None and self.path.exists():
             # Rows written after the checkpoint belong to the part of the run that is being redone.
             lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_rows]
-            self.path.write_text("".join(lines), encoding="utf-8")
+            atomic_write_text(self.path, "".join(lines))
             self.rows = [json.loads(x) for x in lines]
         self.f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         try:
