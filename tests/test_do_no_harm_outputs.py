@@ -221,3 +221,16 @@ def test_prepare_output(tmp_path):
         prepare_output(link, [data])  # the same file under another name
     # an alias that happens to name nothing on disk is not an input to protect
     prepare_output(tmp_path, ["smollm2-135m"], kind="dir")
+
+
+def test_resume_into_a_directory_without_a_manifest_is_refused(tiny_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_dir, data, out, "--save-steps", "1")) == 0
+    (out / MANIFEST).unlink()  # as left by an older imtune, or a directory imtune never wrote
+    before = snapshot(out)
+    assert main(train_args(tiny_dir, data, out, "--resume")) == 2
+    assert f"has no {MANIFEST}" in capsys.readouterr().err and snapshot(out) == before
+    ckpt = out / "checkpoints" / "checkpoint-000002"
+    assert main(train_args(tiny_dir, data, tmp_path / "new", "--resume", str(ckpt))) == 0  # the way out it names
+    rows = [json.loads(x) for x in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # the history came along with the checkpoint

@@ -68,9 +68,9 @@ class RunDir:
             return
         if cfg.resume:
             if not self.manifest.is_file():
-                raise ImtuneError(f"out: {self.out} has no {MANIFEST} (not written by this imtune version), so "
-                                  "imtune will not write into it; resume into a new directory: --out NEW_DIR "
-                                  "--resume CHECKPOINT")
+                raise ImtuneError(f"out: {self.out} has no {MANIFEST} (not written by imtune, or by an older "
+                                  "version), so imtune will not write into it; resume into a new directory: "
+                                  "--out NEW_DIR --resume CHECKPOINT")
             return
         if not cfg.overwrite:
             raise ImtuneError(f"out: {self.out} is not empty; pass --overwrite to replace it or --resume to continue")
@@ -241,7 +241,10 @@ def save_final(cfg: TrainConfig, run_dir: RunDir, model, tokenizer, accelerator,
 class MetricsLog:
     """metrics.jsonl + TensorBoard, main process only."""
 
-    def __init__(self, run_dir: RunDir, keep_rows: int | None, purge_step: int | None):
+    def __init__(self, run_dir: RunDir, keep_rows: int | None, purge_step: int | None,
+                 resumed_from: Path | None = None):
+        """`keep_rows`/`resumed_from`: a resumed run keeps the rows written up to its checkpoint, taken from the
+        checkpoint's own run directory when it resumes into another one."""
         self.active, self.rows = run_dir.active, []
         self.f = self.tb = None
         if not self.active:
@@ -249,9 +252,10 @@ class MetricsLog:
         from imtune.io_utils import atomic_write_text
 
         self.path = run_dir.claim(METRICS_FILE)
-        if keep_rows is not None and self.path.exists():
+        source = self.path if self.path.exists() or resumed_from is None else resumed_from / METRICS_FILE
+        if keep_rows is not None and source.exists():
             # Rows written after the checkpoint belong to the part of the run that is being redone.
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_rows]
+            lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_rows]
             atomic_write_text(self.path, "".join(lines))
             self.rows = [json.loads(x) for x in lines]
         self.f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()

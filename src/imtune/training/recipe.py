@@ -189,7 +189,8 @@ class Recipe:
             self.run_dir.open(overwrite=cfg.overwrite and not cfg.resume)
             atomic_write_text(self.run_dir.claim(CONFIG_FILE), config_yaml(saved_config(cfg)))
         self.accelerator.wait_for_everyone()
-        self.log = MetricsLog(self.run_dir, keep_rows, purge_step=self.global_step + 1 if self.ckpt else None)
+        self.log = MetricsLog(self.run_dir, keep_rows, purge_step=self.global_step + 1 if self.ckpt else None,
+                              resumed_from=self.ckpt.parent.parent if self.ckpt else None)
         self.eval_rows = [r for r in self.log.rows if "eval_loss" in r]
         self.tokens_seen = sum(r.get("tokens", 0) for r in self.log.rows if "loss" in r)
         if self.is_main:
@@ -394,7 +395,8 @@ class Recipe:
             from imtune.io_utils import atomic_write_json
 
             atomic_write_json(self.run_dir.claim(FINAL_METRICS_FILE), final)
-            note(f"done: {self.global_step} steps, train loss {final['train_loss']:.4f}"
+            loss = "n/a" if final["train_loss"] is None else f"{final['train_loss']:.4f}"
+            note(f"done: {self.global_step} steps, train loss {loss}"
                  + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + f"; saved to {out}"
                  + (f"; {len(self.stall.warnings)} warning(s), see {FINAL_METRICS_FILE}" if self.stall.warnings
                     else ""))
