@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from imtune.cli.main import main  # noqa: E402
 from imtune.evaluation import lm_eval_backend as B  # noqa: E402
-from imtune.evaluation.tasks import parse_tasks, run_tasks  # noqa: E402
+from imtune.evaluation.tasks import gsm8k_prompt, load_gsm8k, parse_tasks, run_tasks  # noqa: E402
 
 REQUESTS = [("Question: What is 2 + 2?\nAnswer:", " 4"), ("Question: What is 2 + 2?\nAnswer:", " four is it"),
             ("The quick brown fox ", "jumps"), ("", "Write a poem"), ("", "<|endoftext|>The sea"),
@@ -76,30 +76,41 @@ def test_generate_until_equals_hflm(pair):
 
 
 BUNDLED = ["imtune_arc_easy", "imtune_hellaswag", "imtune_piqa", "imtune_openbookqa", "imtune_winogrande",
-           "imtune_wsc273", "imtune_lambada_openai", "imtune_truthfulqa_mc1", "imtune_truthfulqa_mc2"]
+           "imtune_wsc273", "imtune_lambada_openai", "imtune_truthfulqa_mc1", "imtune_truthfulqa_mc2",
+           "imtune_mmlu_anatomy", "imtune_gsm8k_cot"]
+BUILTIN = {"imtune_mmlu_anatomy": "mmlu:anatomy", "imtune_gsm8k_cot": "gsm8k"}
 
 
 @pytest.mark.slow
 def test_bundled_tasks_score_like_hflm_and_builtin(tiny_model, tiny_tok):
-    """Every bundled lm-eval task, 6 rows: imtune's backend equals HFLM, and equals imtune's built-in task."""
+    """Bundled lm-eval tasks, 6 rows each: imtune's backend equals HFLM, and equals imtune's built-in task."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     hf = HFLM(pretrained=tiny_model, tokenizer=tiny_tok, batch_size=4, device="cpu")
-    theirs = simple_evaluate(model=hf, tasks=BUNDLED, limit=6, task_manager=B.task_manager())["results"]
-    ours = B.evaluate(tiny_model, tiny_tok, BUNDLED, limit=6, batch_size=4)
+    theirs = simple_evaluate(model=hf, tasks=BUNDLED, limit=6, task_manager=B.task_manager(),
+                             gen_kwargs={"max_gen_toks": 12})["results"]
+    ours = B.evaluate(tiny_model, tiny_tok, BUNDLED, limit=6, batch_size=4, max_new_tokens=12, log_samples=True)
+    gsm = sorted(ours["lm-eval:imtune_gsm8k_cot"]["samples"], key=lambda s: s["doc_id"])[0]
+    assert gsm["arguments"][0][0] == gsm8k_prompt(load_gsm8k()[0]["question"])  # lm-eval's 8 shots = ours
     for name in BUNDLED:
         got = ours[f"lm-eval:{name}"]
         assert got["n"] == 6
-        for metric, value in got["metrics"].items():
-            ref = theirs[name][f"{metric},none"]
-            exact = metric in ("acc", "acc_norm") and name != "imtune_truthfulqa_mc2"  # counts of right answers
-            assert value == pytest.approx(ref, rel=1e-9 if exact else 1e-3), (name, metric)
-    builtin = run_tasks(tiny_model, tiny_tok, [n[len("imtune_"):] for n in BUNDLED], limit=6, progress=False)
-    for name, res in builtin["results"].items():
-        got = ours[f"lm-eval:imtune_{name}"]["metrics"]
-        for metric, value in res["metrics"].items():
-            assert got["acc" if metric == "mc2" else metric] == pytest.approx(value, rel=1e-3), (name, metric)
+        for key, value in got["metrics"].items():
+            metric, _, filt = key.partition("[")
+            ref = theirs[name][f"{metric},{filt.rstrip(']') or 'none'}"]
+            exact = metric in ("acc", "acc_norm", "exact_match") and name != "imtune_truthfulqa_mc2"  # counts
+            assert value == pytest.approx(ref, rel=1e-9 if exact else 1e-3), (name, key)
+    labels = [BUILTIN.get(n, n[len("imtune_"):]) for n in BUNDLED]
+    builtin = run_tasks(tiny_model, tiny_tok, labels, limit=6, progress=False, max_new_tokens=12)["results"]
+    for name, label in zip(BUNDLED, labels, strict=True):
+        got = ours[f"lm-eval:{name}"]["metrics"]
+        for metric, value in builtin[label]["metrics"].items():
+            key = {"mc2": "acc", "acc_macro": "acc", "exact_match": "exact_match[flexible-extract]",
+                   "exact_match_strict": "exact_match[strict-match]"}.get(metric, metric)
+            assert got[key] == pytest.approx(value, rel=1e-3), (name, metric)
+    assert {"imtune_mmlu", "imtune_mmlu_virology", "imtune"} <= set(B.task_manager().all_tasks) | set(
+        B.task_manager().all_groups) | set(B.task_manager().all_tags)
 
 
 def test_parse_lm_eval_prefix():

@@ -72,9 +72,11 @@ def print_task_list(file=None) -> None:
     con.print(table)
     con.print("groups: " + "; ".join(f"{g} ({len(v)} tasks)" for g, v in GROUPS.items()))
     con.print("aliases: " + ", ".join(f"{a} -> {b}" for a, b in ALIASES.items()))
-    bundled = sorted(f.stem for f in (DATA / "lm_eval").glob("*.yaml"))
+    bundled = sorted([f.stem for f in (DATA / "lm_eval").glob("*.yaml")]  # groups (mmlu) have a folder each
+                     + [f"imtune_{d.name}" for d in (DATA / "lm_eval").iterdir() if d.is_dir()])
     con.print("lm-eval: lm-eval:TASK runs any lm-evaluation-harness task (pip install 'imtune[lmeval]'); offline, "
-              "the bundled data as lm-eval tasks: lm-eval:imtune (all of) " + ", ".join(bundled))
+              "the bundled data as lm-eval tasks: " + ", ".join(bundled) + " (lm-eval:imtune: all but imtune_mmlu)",
+              markup=False)
 
 
 def _fmt(v) -> str:

@@ -18,7 +18,8 @@ a context's trailing spaces move to the continuation, BOS is added exactly when 
 turns) is rendered as a conversation ending in the assistant's turn.
 
 Offline, lm-eval's own tasks cannot fetch their datasets; the bundled evaluation files are lm-eval tasks too
-(`imtune_arc_easy`, `imtune_hellaswag`, ..., tag `imtune`), from the YAMLs in imtune/data/eval/lm_eval.
+(`imtune_arc_easy`, `imtune_hellaswag`, `imtune_gsm8k_cot`, ..., tag `imtune`; group `imtune_mmlu`), from the YAMLs
+in imtune/data/eval/lm_eval.
 """
 
 from __future__ import annotations

@@ -57,3 +57,19 @@ def truthfulqa(**_):
 
     return _test_split([{"question": r["question"], "mc1_targets": targets(r["mc1"]),
                          "mc2_targets": targets(r["mc2"])} for r in load_truthfulqa()])
+
+
+def gsm8k(**_):
+    """The Hub schema: question, answer (the solution, ending '#### N')."""
+    from imtune.evaluation.tasks import load_gsm8k
+
+    return _test_split([{"question": r["question"], "answer": r["answer"]} for r in load_gsm8k()])
+
+
+def mmlu(subject: str, **_):
+    """One subject in the Hub schema (question, subject, choices, answer 0-3): test rows, dev rows as shots."""
+    from datasets import Dataset, DatasetDict
+
+    from imtune.evaluation.tasks import load_mmlu
+
+    return DatasetDict({split: Dataset.from_list(load_mmlu(split, [subject])) for split in ("test", "dev")})
