@@ -184,6 +184,20 @@ def test_killed_conversion_leaves_nothing(cache, monkeypatch, fake_gguf):
     assert list((cache / "models").iterdir()) == []  # no temp dir, no .lock file
 
 
+def test_unheld_lock_files_of_older_versions_are_removed(cache, fake_convert, fake_gguf):
+    import fcntl
+
+    (cache / "models").mkdir(parents=True)
+    old = cache / "models" / ".Other-1234.lock"
+    old.write_text("")
+    held = cache / "models" / ".Busy-5678.lock"
+    with open(held, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a conversion running in another process
+        out = convert_gguf(fake_gguf)
+    assert not old.exists() and held.exists()
+    assert sorted(p.name for p in (cache / "models").iterdir()) == [held.name, out.name]
+
+
 def test_failed_conversion_leaves_no_lock_file(cache, fake_gguf):
     with pytest.raises(ImtuneError, match="cannot load GGUF file"):
         convert_gguf(fake_gguf)  # not a real GGUF: the real converter fails

@@ -230,6 +230,22 @@ def clean_stale_temps(parent: Path, max_age_s: float = 86400.0) -> list[Path]:
     return removed
 
 
+def _clean_stale_locks(parent: Path) -> None:
+    """Remove lock files nobody holds (left by versions that kept them). Safe with `_lock`: a waiter on a removed
+    file sees its inode gone and locks afresh."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    for p in parent.glob(".*.lock"):
+        try:
+            with open(p, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                p.unlink(missing_ok=True)
+        except OSError:  # held by a running conversion (or already gone)
+            continue
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -247,6 +263,7 @@ def _tmp_name(name: str) -> str:
 
 def _convert_locked(gguf: Path, target: Path, source: dict) -> Path:
     clean_stale_temps(target.parent)
+    _clean_stale_locks(target.parent)
     if target.exists():
         # Never made by us (we only rename complete dirs into place): a hand copy or an interrupted `cp -r`.
         shutil.rmtree(target)
