@@ -22,7 +22,7 @@ CHOICES = {
     "truncation_side": ("right", "left"),
     "lr_scheduler": ("linear", "cosine", "constant"),
     "loss_normalization": ("weight", "tokens"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("auto", "fp32", "bf16"),
     "kl_type": ("target_token", "full"),
 }
 
@@ -81,11 +81,14 @@ class TrainConfig:
     loss_normalization: str = _f("weight", "divide the step's weighted loss sum by its total weight, or by its "
                                            "number of tokens with non-zero weight")
     seed: int = _f(42, "seed for initialisation, data order, validation split and dropout")
-    precision: str = _f("fp32", "fp32, or bf16 autocast (fp32 master weights)")
+    precision: str = _f("auto", "bf16 autocast (fp32 master weights) or fp32; auto: bf16 where the device computes it "
+                                "natively (bf16 CPU instructions, a bf16 GPU), else fp32")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     group_by_length: bool = _f(True, "batch examples of similar length together to cut padding")
     packing: bool = _f(False, "pack several examples into each sequence (models whose attention honours "
                               "position_ids only)")
+    padding_free: bool | None = _f(None, "run each micro-batch as one unpadded row (same examples per step); default "
+                                         "auto: on with a variable-length attention kernel (flash-attention)")
     loss_chunk_size: int = _f(1024, "tokens per chunk when computing the loss (bounds the logits' memory)")
     neftune_alpha: float = _f(0.0, "NEFTune embedding noise scale (0 = off; the paper used 5)")
     kl_coef: float = _f(0.0, "weight of a KL penalty towards the starting model (0 = off)")
