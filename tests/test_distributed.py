@@ -36,7 +36,7 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--data", str(data), "--template", "chatml", "--max-length", "64",
               "--micro-batch-size", "1", "--global-batch-size", "4", "--epochs", "1", "--lr", "5e-3",
               "--warmup-ratio", "0", "--objective", "weighted:0.5", "--seed", "5", "--no-progress",
-              "--val-fraction", "0.0", "--max-grad-norm", "0"]
+              "--val-fraction", "0.0", "--max-grad-norm", "0", "--precision", "fp32"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_DISABLE_RICH": "1", "CUDA_VISIBLE_DEVICES": ""}
     # accelerate 1.x runs `--cpu` jobs through its single-process launcher (several processes only via MPI);
@@ -50,7 +50,7 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
 
     one = imtune.train({"model": str(tiny_dir), "data": str(data), "template": "chatml", "max_length": 64,
                         "micro_batch_size": 1, "global_batch_size": 4, "epochs": 1, "lr": 5e-3, "warmup_ratio": 0,
-                        "objective": "weighted:0.5", "seed": 5, "progress": False, "max_grad_norm": 0.0,
+                        "objective": "weighted:0.5", "seed": 5, "progress": False, "max_grad_norm": 0.0, "precision": "fp32",
                         "out": str(tmp_path / "one")})
     two = rows(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]

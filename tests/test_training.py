@@ -23,8 +23,11 @@ def write_data(path, n=8, seed=0):
 
 
 def base_cfg(tiny_dir, data, out, **kw):
+    # fp32: these tests compare batch layouts exactly; precision auto would pick bf16 on a bf16-native CPU, whose
+    # rounding depends on the layout (tests/test_fast_defaults.py covers auto).
     cfg = dict(model=str(tiny_dir), data=str(data), out=str(out), template="chatml", max_length=96, lr=1e-2,
-               warmup_ratio=0.0, micro_batch_size=2, global_batch_size=4, max_steps=2, progress=False, seed=3)
+               warmup_ratio=0.0, micro_batch_size=2, global_batch_size=4, max_steps=2, progress=False, seed=3,
+               precision="fp32")
     cfg.update(kw)
     return cfg
 

@@ -158,7 +158,7 @@ def supports_packing(model) -> bool:
     except Exception:  # any failure means "do not pack"
         return False
     sep = torch.cat([la, lb], 1)
-    exact = next(lm.parameters()).dtype == torch.float32
+    exact = next(lm.parameters()).dtype == torch.float32 and not torch.is_autocast_enabled(device.type)
     tol = (1e-4 if exact else 3e-2) * (1.0 + sep.abs().max())
     return bool(((lp - sep).abs().max() <= tol).item())
 

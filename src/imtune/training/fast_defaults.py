@@ -69,6 +69,11 @@ def cpu_bf16_feature() -> str | None:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:  # not Linux: no cheap way to tell, and fp32 is always correct
         return None
+    return bf16_flag_in_cpuinfo(text)
+
+
+def bf16_flag_in_cpuinfo(text: str) -> str | None:
+    """The first native-bf16 flag in /proc/cpuinfo text ('flags' lines on x86, 'Features' on Arm), or None."""
     flags = {f for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
              for f in line.split(":", 1)[-1].split()}
     return next((f for f in CPU_BF16_FLAGS if f in flags), None)
@@ -101,11 +106,13 @@ def attention_of(model) -> str:
     return str(getattr(cfg, "_attn_implementation", None) or "eager")
 
 
-def resolve(cfg, model, device: torch.device | str):
-    """(cfg with precision resolved, FastSettings) for this model on this device.
+def resolve(cfg, model, device: torch.device | str, movable: bool = True):
+    """(cfg with precision, packing and padding_free resolved, FastSettings) for this model on this device.
 
     `cfg.packing` / `cfg.padding_free` True are honoured only where `supports_packing` confirms the model keeps
-    packed examples apart; `padding_free` None (auto) turns on only with a variable-length attention kernel.
+    packed examples apart; `padding_free` None (auto) turns on only with a variable-length attention kernel. The
+    check runs on `device` (flash kernels exist only there): the model is moved there first when `movable` (the
+    prepare step would move it anyway); a model about to be sharded is checked where it is.
     """
     from imtune.training.batching import supports_packing
 
@@ -118,6 +125,8 @@ def resolve(cfg, model, device: torch.device | str):
     auto_flat = cfg.padding_free is None and not cfg.packing and attn in VARLEN_ATTENTION
     flat_ok = False
     if wants_flat or auto_flat:
+        if movable and device.type != "cpu":
+            model.to(device)
         with fast.autocast(device.type):  # flash kernels only run in half precision
             flat_ok = supports_packing(model)
         if not flat_ok:

@@ -26,6 +26,7 @@ pass so that DDP's gradient all-reduce still happens on every process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ import torch
 from imtune.config import TrainConfig
 from imtune.errors import ImtuneError
 from imtune.masking.templates import CHAT_TEMPLATES
-from imtune.training import checkpointing
+from imtune.training import checkpointing, fast_defaults
 from imtune.training.components import build_model, build_optimizer, lr_lambda
 from imtune.training.data import Plan, encode_sets, load_records, make_batch
 from imtune.training.health import StallWatch, trainable_finite
@@ -151,14 +152,9 @@ class Recipe:
         cfg = self.cfg
         set_seed(cfg.seed)
         model, self.ref_model = build_model(cfg, self.accelerator)
-        self.packed = False
-        if cfg.packing:
-            from imtune.training.batching import supports_packing
-
-            self.packed = supports_packing(model)
-            if not self.packed:
-                note(f"packing is off: {type(model).__name__} does not honour position_ids across packed examples")
-                cfg = self.cfg = cfg.replace(packing=False)
+        # precision auto -> bf16/fp32, padding-free auto, packing checked on this model (fast_defaults.py)
+        cfg, self.fast = fast_defaults.resolve(cfg, model, self.accelerator.device, movable=not self.sharded)
+        self.cfg, self.packed = cfg, self.fast.packing or self.fast.padding_free  # packed = flattened rows
         self.plan = Plan(cfg, self.train_data, self.accumulation, self.world)
         self.total_steps = self.plan.total_steps()
         optimizer = build_optimizer(cfg, model)
@@ -166,9 +162,7 @@ class Recipe:
         self.neftune = neftune_hook(model, cfg.neftune_alpha) if cfg.neftune_alpha > 0 else None
         # The scheduler stays unprepared: accelerate would step it once per process.
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        device_type = self.accelerator.device.type
-        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if cfg.precision == "bf16" \
-            else contextlib.nullcontext
+        self.autocast = functools.partial(self.fast.autocast, self.accelerator.device.type)
 
     # ---- start: restore the checkpoint, or open a fresh output directory ----------------------------------------------
     def start(self) -> None:
@@ -205,7 +199,7 @@ class Recipe:
         note(f"{len(data.examples)} training examples"
              + (f", {len(self.val_data.examples)} held out" if self.val_data else "")
              + f"; {self.total_steps} steps of {cfg.micro_batch_size} x {self.accumulation} accumulation x "
-               f"{self.world} process(es); objective {cfg.objective}; padding {pad:.1%}")
+               f"{self.world} process(es); objective {cfg.objective}; padding {pad:.1%}; {self.fast.summary()}")
         for line in self.data_notes:
             note(line)
 
