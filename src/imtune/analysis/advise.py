@@ -1,95 +1,244 @@
-"""Before training: will IM help this data? A transparent rule on the paper's two axes.
+"""Before training: will IM help this data? A rule fitted to measured comparisons, not asserted.
 
-The paper (Shi et al., NeurIPS 2024) finds IM's gain over IT grows with (1) the ratio of instruction length to output
-length and (2) the scarcity of training examples (LIMA's 1k, Alpagasus' 3k/9k), because IM overfits less. It gives
-no numeric thresholds, so the cut points below are imtune's heuristics, stated with every recommendation; the
-recommendation is a prior, and `imtune compare` measures the answer on your data.
+The evidence is the advisor study's outcome table (package data `data/advisor/study.json`, written by
+`bench/advisor_study.py`): one row per `imtune compare` cell (training source, instruction/output token ratio, n,
+model) with the measured held-out output loss IM − IT and its 95% interval over seeds and held-out examples. Users
+can add rows from their own `compare` results (`--evidence results.json`).
+
+The rule is a weighted least-squares line, IM − IT ≈ b0 + b1·log(ratio) + b2·log(n), each row weighted by the
+inverse variance of its measurement. For new data it predicts IM − IT with a 95% interval: "IM better" or "IT
+better" only when that interval excludes 0, else "no clear difference expected", whatever the paper's trend. Its
+leave-one-source-out accuracy (refit without each source, predict that source's rows, compare with what was
+measured) is stated with every recommendation, beside the accuracy of always saying "no clear difference".
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
+import numpy as np
 
-# Cut points (heuristic, see module doc). Ratio = mean instruction tokens / mean output tokens.
-RATIO_HIGH = 1.0  # instructions at least as long as outputs (Code-Alpaca/Flan-like data)
-RATIO_LOW = 0.3  # outputs over ~3x longer than instructions (LIMA-like long-form answers)
-SMALL_N = 10_000  # the paper's low-resource regime (LIMA 1k, Alpagasus 3k/9k)
-LARGE_N = 50_000  # Tulu-scale data, where the paper's IM gains shrink
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE
+from imtune.errors import ImtuneError
+
+NO_DIFF = "no clear difference"
+MIN_ROWS = 4  # fewer rows than this cannot support three coefficients and a residual spread
 
 
 @dataclass
 class Advice:
-    recommendation: str  # it | im | weighted:λ
+    recommendation: str  # it | im | the default objective when no difference is expected
     confidence: str  # strong | moderate | weak
     predicted_im_minus_it: str  # "IM better" | "no clear difference" | "IT better"
     ratio: float
     examples: int
-    ratio_level: str
-    size_level: str
+    predicted_delta: float | None = None  # predicted held-out loss IM − IT
+    interval: list | None = None
+    accuracy: str | None = None  # leave-one-source-out, stated with every recommendation
+    evidence: str = ""  # which model, scale and table the rule comes from
     reasons: list[str] = field(default_factory=list)
     figures: dict = field(default_factory=dict)
-    thresholds: dict = field(default_factory=dict)
+    coefficients: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _level(x: float, lo: float, hi: float, names=("low", "medium", "high")) -> str:
-    return names[0] if x < lo else names[2] if x >= hi else names[1]
+# ---- evidence ----------------------------------------------------------------------------------------------------
+
+def study_table_path() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("imtune") / "data" / "advisor" / "study.json"))
 
 
-def advise_from_stats(stats: dict) -> Advice:
-    """Pure function of `imtune.analysis.stats.dataset_stats` output."""
+def load_table(path: str | Path | None = None) -> dict:
+    p = Path(path) if path else study_table_path()
+    if not p.exists():
+        return {"meta": {}, "rows": []}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ImtuneError(f"{p}: not a valid advisor table: {e.msg} at line {e.lineno}") from None
+
+
+def evidence_rows(paths) -> list[dict]:
+    """Rows from users' `imtune compare` results.json files (those that ran both it and im)."""
+    rows = []
+    for path in paths:
+        p = Path(path)
+        try:
+            r = json.loads(p.read_text())
+            d, v = r["verdict"].get("im_minus_it"), r["verdict"]
+            if not d or d.get("mean") is None:
+                raise ImtuneError(f"{p}: this comparison did not run both it and im, so it says nothing about "
+                                  "IM vs IT")
+            rows.append({"source": f"evidence:{p}", "n": r["split"].get("n_train_common", r["split"]["n_train"]),
+                         "ratio": r["stats"]["instruction_output_ratio"], "model": r["config"]["model"],
+                         "template": r["train_config"].get("template"), "n_heldout": d["n"],
+                         "seeds": d.get("n_seeds", 1), "im_minus_it": d["mean"], "ci95": d["ci95"],
+                         "resolved": d["resolved"], "measured": v.get("measured_im_vs_it")})
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ImtuneError(f"{p}: not an imtune compare results.json ({type(e).__name__}: {e})") from None
+    return rows
+
+
+# ---- the fitted rule ---------------------------------------------------------------------------------------------
+
+def _design(ratio, n) -> np.ndarray:
+    r, k = np.atleast_1d(np.asarray(ratio, float)), np.atleast_1d(np.asarray(n, float))
+    return np.column_stack([np.ones_like(r), np.log(np.maximum(r, 1e-6)), np.log(np.maximum(k, 1.0))])
+
+
+def _sd(row: dict) -> float:
+    lo, hi = row["ci95"]
+    return max((hi - lo) / (2 * 1.96), 1e-4)
+
+
+@dataclass
+class Fit:
+    coef: np.ndarray
+    cov: np.ndarray
+    rows: int
+
+    def predict(self, ratio: float, n: float) -> tuple[float, float]:
+        x = _design(ratio, n)[0]
+        return float(x @ self.coef), float(math.sqrt(max(x @ self.cov @ x, 0.0)))
+
+
+def fit(rows: list[dict]) -> Fit | None:
+    """Weighted least squares on log ratio and log n; the coefficient covariance is scaled by the residual spread
+    (at least 1), so rows that disagree beyond their own intervals widen the predictions."""
+    if len(rows) < MIN_ROWS:
+        return None
+    x = _design([r["ratio"] for r in rows], [r["n"] for r in rows])
+    y = np.asarray([r["im_minus_it"] for r in rows], float)
+    w = np.asarray([1.0 / _sd(r) ** 2 for r in rows])
+    xtw = x.T * w
+    try:
+        inv = np.linalg.inv(xtw @ x)
+    except np.linalg.LinAlgError:
+        inv = np.linalg.pinv(xtw @ x)
+    coef = inv @ xtw @ y
+    dof = max(len(rows) - x.shape[1], 1)
+    scale = max(float(np.sum(w * (y - x @ coef) ** 2)) / dof, 1.0)
+    return Fit(coef, inv * scale, len(rows))
+
+
+def label(delta: float, sd: float) -> str:
+    lo, hi = delta - 1.96 * sd, delta + 1.96 * sd
+    return "IM better" if hi < 0 else "IT better" if lo > 0 else NO_DIFF
+
+
+def leave_one_source_out(rows: list[dict]) -> dict:
+    """Refit without each source and predict its rows; compare with what each row measured."""
+    sources = sorted({r["source"] for r in rows})
+    hits = total = 0
+    for s in sources:
+        f = fit([r for r in rows if r["source"] != s])
+        if f is None:
+            continue
+        for r in (r for r in rows if r["source"] == s):
+            hits += label(*f.predict(r["ratio"], r["n"])) == r["measured"]
+            total += 1
+    baseline = sum(r["measured"] == NO_DIFF for r in rows)
+    return {"correct": hits, "total": total, "sources": len(sources), "baseline_no_diff": baseline,
+            "rows": len(rows)}
+
+
+def accuracy_text(acc: dict) -> str:
+    if not acc["total"]:
+        return "not measurable (too few table rows to refit without a source)"
+    return (f"{acc['correct']}/{acc['total']} table rows ({100 * acc['correct'] / acc['total']:.0f}%) predicted "
+            f"correctly with their source left out; always saying '{NO_DIFF}' gets {acc['baseline_no_diff']}/"
+            f"{acc['rows']}")
+
+
+def nearest_rows(rows: list[dict], ratio: float, n: int, k: int = 5) -> list[dict]:
+    """Table rows closest to (ratio, n) in log ratio and log n, each scaled by its spread in the table."""
+    if not rows:
+        return []
+    pts = np.log(np.asarray([[max(r["ratio"], 1e-6), max(r["n"], 1)] for r in rows], float))
+    sd = np.maximum(pts.std(axis=0), 1e-9)
+    q = np.log([max(ratio, 1e-6), max(n, 1)])
+    order = np.argsort((((pts - q) / sd) ** 2).sum(axis=1), kind="stable")
+    return [rows[i] for i in order[:k]]
+
+
+# ---- advice ------------------------------------------------------------------------------------------------------
+
+def _evidence_text(meta: dict, rows: list[dict]) -> str:
+    if not rows:
+        return "no measured evidence (the advisor study table is empty)"
+    models = sorted({str(r.get("model")) for r in rows})
+    ns = [r["n"] for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    s = meta.get("settings", {})
+    return (f"{len(rows)} measured comparisons ({len({r['source'] for r in rows})} sources) with "
+            f"{', '.join(models)}: {min(ns)}–{max(ns)} training examples, instruction/output ratio "
+            f"{min(ratios):.2f}–{max(ratios):.2f}" + (f", max length {s['max_length']}, {s.get('epochs')} epoch(s)"
+                                                      if s.get("max_length") else "")
+            + (f"; table dated {meta['date']}" if meta.get("date") else ""))
+
+
+def advise_from_stats(stats: dict, table: dict | None = None, evidence=()) -> Advice:
+    """Pure function of `imtune.analysis.stats.dataset_stats` output and the evidence table."""
+    table = load_table() if table is None else table
+    rows = list(table.get("rows", [])) + evidence_rows(evidence)
     r = float(stats["instruction_output_ratio"])
     n = int(stats["examples"])
     instr, out = stats["instruction_tokens"], stats["output_tokens"]
-    ratio_level = _level(r, RATIO_LOW, RATIO_HIGH)
-    size_level = "small" if n <= SMALL_N else "large" if n > LARGE_N else "medium"
-    reasons = [
-        f"Instructions average {instr['mean']:.0f} tokens and outputs {out['mean']:.0f} tokens: "
-        f"instruction/output ratio {r:.2f} ({ratio_level}; imtune calls < {RATIO_LOW} low, ≥ {RATIO_HIGH} high).",
-        f"{n:,} training examples ({size_level}; ≤ {SMALL_N:,} is the paper's low-resource regime, "
-        f"> {LARGE_N:,} is where its IM gains shrink).",
-    ]
-    if ratio_level == "high" and size_level != "large":
-        rec, conf, pred = "im", "strong", "IM better"
-        reasons.append("Both of the paper's factors favour IM: long instructions with short outputs give IT few "
-                       "tokens to learn from and it overfits them; IM also learns from the instructions.")
-    elif ratio_level == "high":
-        rec, conf, pred = "im", "moderate", "IM better"
-        reasons.append("Long instructions relative to outputs favour IM; with this much data the paper's gains are "
-                       "smaller, so expect a modest difference.")
-    elif size_level == "small":
-        rec, conf, pred = "im", "moderate" if ratio_level == "medium" else "weak", "IM better"
-        reasons.append("Few examples: the paper's low-resource finding (e.g. LIMA, 1k examples, short prompts and "
-                       "long answers) is that IM still helps because IT overfits the small set; the short "
-                       "instructions make the effect smaller than on instruction-heavy data.")
-    elif size_level == "large" and ratio_level == "low":
-        rec, conf, pred = "it", "moderate", "no clear difference"
-        reasons.append("Plenty of data with outputs much longer than prompts: IT's overfitting risk is low and "
-                       "IM's extra tokens are mostly prompts; the paper sees little or no gain here.")
-    else:
-        rec, conf, pred = "weighted:0.1", "weak", "no clear difference"
-        reasons.append("Neither factor is strong: a small prompt-loss weight (λ = 0.1, OpenAI's old default "
-                       "prompt_loss_weight) keeps IM's regularising effect while leaving the output loss dominant.")
-    trunc = stats.get("truncation")
-    if trunc and trunc.get("dropped_it"):
-        reasons.append(f"Note: at max length {trunc['max_length']}, {trunc['dropped_it']} example(s) would keep no "
-                       "output token under IT (dropped) but still train under IM.")
-    reasons.append("This is a prior from the paper's trends; run `imtune compare` to measure it on your data.")
-    return Advice(rec, conf, pred, round(r, 4), n, ratio_level, size_level, reasons,
-                  figures={"instruction_tokens_mean": instr["mean"], "output_tokens_mean": out["mean"],
-                           "instruction_tokens_median": instr["median"], "output_tokens_median": out["median"],
-                           "log10_ratio": round(math.log10(max(r, 1e-9)), 3), "examples": n},
-                  thresholds={"ratio_low": RATIO_LOW, "ratio_high": RATIO_HIGH, "small_n": SMALL_N,
-                              "large_n": LARGE_N})
+    figures = {"instruction_tokens_mean": instr["mean"], "output_tokens_mean": out["mean"],
+               "instruction_tokens_median": instr["median"], "output_tokens_median": out["median"],
+               "log10_ratio": round(math.log10(max(r, 1e-9)), 3), "examples": n}
+    reasons = [f"Instructions average {instr['mean']:.0f} tokens and outputs {out['mean']:.0f} tokens: "
+               f"instruction/output ratio {r:.2f}; {n:,} training examples."]
+    evidence_text = _evidence_text(table.get("meta", {}), rows)
+    f = fit(rows)
+    if f is None:
+        reasons.append(f"Too little measured evidence to fit a rule ({len(rows)} row(s); {MIN_ROWS} needed): "
+                       f"{NO_DIFF} can be claimed. Run `imtune compare` on your data to measure it.")
+        return Advice(DEFAULT_OBJECTIVE, "weak", NO_DIFF, round(r, 4), n, accuracy="not measurable",
+                      evidence=evidence_text, reasons=reasons, figures=figures)
+    ns = [row["n"] for row in rows]
+    n_used = min(max(n, min(ns)), max(ns))
+    delta, sd = f.predict(r, n_used)
+    pred = label(delta, sd)
+    acc = accuracy_text(leave_one_source_out(rows))
+    rec = {"IM better": "im", "IT better": "it"}.get(pred, DEFAULT_OBJECTIVE)
+    conf = "weak" if pred == NO_DIFF else "strong" if abs(delta) > 2 * 1.96 * sd else "moderate"
+    b = f.coef
+    reasons.append(f"Fitted to the measured comparisons: IM − IT held-out loss ≈ {b[0]:+.4f} {b[1]:+.4f}·ln(ratio) "
+                   f"{b[2]:+.4f}·ln(n). At ratio {r:.2f} and n {n_used:,} it predicts {delta:+.4f} "
+                   f"(95% interval [{delta - 1.96 * sd:+.4f}, {delta + 1.96 * sd:+.4f}]) → {pred}"
+                   + (" expected." if pred == NO_DIFF else "."))
+    if n_used != n:
+        reasons.append(f"Your {n:,} examples lie outside the measured sizes ({min(ns)}–{max(ns)}); the rule is "
+                       f"evaluated at the nearest measured size, {n_used}, rather than extrapolated.")
+    if pred == NO_DIFF:
+        reasons.append(f"No clear difference expected, so the recommendation is imtune's default objective "
+                       f"({DEFAULT_OBJECTIVE}); the IM paper's trend (larger IM gains for long instructions and few "
+                       "examples) is not resolved by this evidence.")
+    reasons.append(f"Evidence: {evidence_text}. Leave-one-source-out accuracy: {acc}.")
+    reasons.append("Run `imtune compare --seeds 3` to measure it on your data; `imtune advise --explain` lists the "
+                   "nearest measured rows.")
+    return Advice(rec, conf, pred, round(r, 4), n, predicted_delta=delta,
+                  interval=[delta - 1.96 * sd, delta + 1.96 * sd], accuracy=acc, evidence=evidence_text,
+                  reasons=reasons, figures=figures,
+                  coefficients={"intercept": b[0], "log_ratio": b[1], "log_n": b[2], "rows": f.rows})
 
 
-def advise(records, tokenizer, template: str = DEFAULT_TEMPLATE, max_length: int = DEFAULT_MAX_LENGTH) -> tuple[Advice, dict]:
+def advise(records, tokenizer, template: str = DEFAULT_TEMPLATE, max_length: int = DEFAULT_MAX_LENGTH,
+           evidence=(), table: dict | None = None) -> tuple[Advice, dict]:
     from imtune.analysis.stats import dataset_stats
 
     stats = dataset_stats(records, tokenizer, template=template, max_length=max_length)
-    return advise_from_stats(stats), stats
+    adv = advise_from_stats(stats, table=table, evidence=evidence)
+    trunc = stats.get("truncation")
+    if trunc and trunc.get("dropped_it"):
+        adv.reasons.insert(1, f"Note: at max length {trunc['max_length']}, {trunc['dropped_it']} example(s) would "
+                              "keep no output token under IT (dropped) but still train under IM.")
+    return adv, stats

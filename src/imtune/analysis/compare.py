@@ -1,12 +1,14 @@
 """`imtune compare`: train one model per objective on identical data, evaluate each, and report the verdict.
 
 Flow (each step cached under the output directory, so a rerun reuses finished work):
-    split (data/train.jsonl, data/heldout.jsonl) → advise → train one run per objective (same seed, data order and
-    hyper-parameters; interrupted runs resume) → evaluate (held-out and train output loss per example, memorisation
-    BLEU, optional benchmarks) → results.json → report.md / report.html + plots.
+    split (data/train.jsonl, data/heldout.jsonl) → advise → train one run per (objective, training seed): same split,
+    hyper-parameters and, per seed, the same initialisation and data order; interrupted runs resume → evaluate on the
+    training device and precision (held-out and train output loss per example, memorisation BLEU, optional
+    benchmarks) → results.json → report.md / report.html + plots.
 
-The verdict rests on paired per-example differences of held-out output loss (the same held-out examples are scored
-by every model), with a bootstrap 95% interval; a difference whose interval contains 0 is reported as not resolved.
+The verdict (analysis/verdict.py) rests on paired per-example differences of held-out output loss (the same held-out
+examples are scored by every model), with a 95% interval from a bootstrap over training seeds and held-out examples
+(imtune.statistics); a difference whose interval contains 0 is reported as not resolved.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from imtune.analysis.verdict import verdict
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
 from imtune.errors import ImtuneError
 from imtune.io_utils import atomic_write_json, atomic_write_jsonl
-from imtune.statistics import paired_difference
+from imtune.statistics import paired_difference  # noqa: F401  (re-exported for callers of the old API)
 
 
 @dataclass
@@ -33,7 +38,8 @@ class CompareConfig:
     val_fraction: float = 0.1
     n_train: int | None = None  # subsample the training split (after the held-out split) for quick runs
     n_val: int | None = None
-    seed: int = 42
+    seed: int = 42  # the split's seed and the first training seed
+    seeds: int = 1  # training seeds per objective: seed, seed+1, ... on the same split
     evals: tuple[str, ...] = ("loss", "memorisation")  # plus benchmark task names
     eval_limit: int | None = 50  # per benchmark task
     memorisation_n: int = 32
@@ -54,6 +60,8 @@ class CompareConfig:
             raise ImtuneError(f"--objectives has duplicates: {','.join(specs)}")
         if not 0 < self.val_fraction < 1 and not self.val_data:
             raise ImtuneError("--val-fraction must be in (0, 1)")
+        if self.seeds < 1:
+            raise ImtuneError("--seeds must be at least 1")
         for name in ("n_train", "n_val", "eval_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -63,6 +71,17 @@ class CompareConfig:
 
 def slug(objective: str) -> str:
     return objective.replace(":", "_").replace("@", "-")
+
+
+def training_seeds(cfg: CompareConfig) -> list[int]:
+    return [cfg.seed + k for k in range(cfg.seeds)]
+
+
+def run_dir_of(out: Path, objective: str, seed: int, first_seed: int) -> Path:
+    """runs/<objective> for the first seed (so `--seeds 1` directories keep working and `--seeds 3` reuses them),
+    runs/<objective>-seed<N> for the others."""
+    name = slug(objective) if seed == first_seed else f"{slug(objective)}-seed{seed}"
+    return Path(out) / "runs" / name
 
 
 def _log(msg: str) -> None:
@@ -107,13 +126,14 @@ def make_split(cfg: CompareConfig, out: Path) -> tuple[Path, Path, dict]:
 
 # ---- training ----------------------------------------------------------------------------------------------------
 
-def _train_config(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path, run_dir: Path):
+def _train_config(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path, run_dir: Path,
+                  seed: int | None = None):
     from imtune.config import TrainConfig
 
     base = {"epochs": 2, "progress": cfg.progress}
     base.update(cfg.train_overrides)
     base.update({"model": cfg.model, "data": str(train_p), "val_data": str(val_p), "objective": objective,
-                 "seed": cfg.seed, "out": str(run_dir), "val_fraction": 0.0})
+                 "seed": cfg.seed if seed is None else seed, "out": str(run_dir), "val_fraction": 0.0})
     return TrainConfig.from_dict(base, source="compare").validate()
 
 
@@ -131,21 +151,25 @@ def _config_key(tcfg) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_run(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path, out: Path) -> Path:
+def train_run(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path, out: Path,
+              seed: int | None = None) -> Path:
+    """Train (or reuse, or resume) the run of one (objective, seed)."""
     from imtune.training.recipe import train
 
-    run_dir = out / "runs" / slug(objective)
-    tcfg = _train_config(cfg, objective, train_p, val_p, run_dir)
+    seed = cfg.seed if seed is None else seed
+    run_dir = run_dir_of(out, objective, seed, cfg.seed)
+    tcfg = _train_config(cfg, objective, train_p, val_p, run_dir, seed)
+    name = objective if cfg.seeds == 1 else f"{objective} seed {seed}"
     if _run_done(run_dir, tcfg):
-        _log(f"{objective}: reusing finished run in {run_dir}")
+        _log(f"{name}: reusing finished run in {run_dir}")
         return run_dir
     has_ckpt = run_dir.exists() and any(run_dir.glob("checkpoint*"))
     if has_ckpt:
-        _log(f"{objective}: resuming the interrupted run in {run_dir}")
+        _log(f"{name}: resuming the interrupted run in {run_dir}")
         tcfg = tcfg.replace(resume="latest")
     elif run_dir.exists() and any(run_dir.iterdir()):
         tcfg = tcfg.replace(overwrite=True)  # a run that died before its first checkpoint: start it over
-    _log(f"{objective}: training → {run_dir}")
+    _log(f"{name}: training → {run_dir}")
     train(tcfg)
     atomic_write_json(run_dir / "compare_done.json", {"config": _config_key(tcfg), "objective": objective})
     return run_dir
@@ -194,8 +218,19 @@ def _records(p: Path):
     return load_records(p)
 
 
+def eval_precision(precision: str) -> str:
+    """The precision a run with `precision` trained in on this machine's inference device (`auto` resolved the way
+    training resolves it), so evaluation matches training."""
+    from imtune.models import inference_device
+    from imtune.training.fast_defaults import resolve_precision
+
+    return resolve_precision(precision, inference_device(None))[0]
+
+
 def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: Path, val_p: Path,
-                   template: str, with_generation: bool = True) -> dict:
+                   template: str, with_generation: bool = True, precision: str = "auto") -> dict:
+    """Evaluations of one model, on the device and in the precision its run trained with (imtune's one loader:
+    the GPU when there is one; `auto` resolves as training does)."""
     from imtune.evaluation.loss_probe import per_example_loss, summarise
     from imtune.models import load_for_inference
 
@@ -203,7 +238,7 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
 
     def model_tok():
         if not state:
-            state["model"], state["tok"], _ = load_for_inference(model_ref, dtype="float32")
+            state["model"], state["tok"], _ = load_for_inference(model_ref, dtype=eval_precision(precision))
         return state["model"], state["tok"]
 
     max_len = int(cfg.train_overrides.get("max_length", DEFAULT_MAX_LENGTH))
@@ -211,7 +246,8 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
     val_recs, train_recs = _records(val_p), _records(train_p)
     if "loss" in cfg.evals:
         for split, recs in (("heldout", val_recs), ("train", train_recs)):
-            params = {"split": split, "n": len(recs), "template": template, "max_length": max_len, "v": 1}
+            params = {"split": split, "n": len(recs), "template": template, "max_length": max_len, "v": 1,
+                      "precision": precision}
 
             def compute(recs=recs):
                 m, t = model_tok()
@@ -221,27 +257,13 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
 
             results[f"loss_{split}"] = _cached(eval_dir / f"loss_{split}.json", params, compute)
     if "memorisation" in cfg.evals and with_generation:
-        from imtune.evaluation.chat_generation import generate_chat, split_last_turn
-        from imtune.evaluation.memorisation import memorisation_scores
-
-        recs = train_recs[: cfg.memorisation_n]
-        params = {"n": len(recs), "max_new_tokens": cfg.max_new_tokens, "template": template, "v": 1}
-
-        def compute_mem():
-            m, t = model_tok()
-            prompts, refs = zip(*(split_last_turn(r) for r in recs), strict=True)
-            outs = generate_chat(m, t, list(prompts), template=template, max_new_tokens=cfg.max_new_tokens,
-                                 batch_size=cfg.eval_batch_size, progress=cfg.progress)
-            scores = memorisation_scores(outs, list(refs))
-            scores["examples"] = [{"id": r.id, "output": o} for r, o in zip(recs, outs, strict=True)]
-            return scores
-
-        results["memorisation"] = _cached(eval_dir / "memorisation.json", params, compute_mem)
+        results["memorisation"] = _memorisation(cfg, train_recs[: cfg.memorisation_n], template, eval_dir,
+                                                model_tok, precision)
     tasks = [e for e in cfg.evals if e not in ("loss", "memorisation")]
     if tasks:
         from imtune.evaluation import run_tasks
 
-        params = {"tasks": tasks, "limit": cfg.eval_limit, "v": 1}
+        params = {"tasks": tasks, "limit": cfg.eval_limit, "v": 1, "precision": precision}
 
         def compute_bench():
             m, t = model_tok()
@@ -251,104 +273,90 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
     return results
 
 
-# ---- statistics --------------------------------------------------------------------------------------------------
+def _memorisation(cfg: CompareConfig, recs, template: str, eval_dir: Path, model_tok, precision: str) -> dict:
+    from imtune.evaluation.chat_generation import generate_chat, split_last_turn
+    from imtune.evaluation.memorisation import memorisation_scores
 
-def _loss_map(ev: dict, split: str) -> dict[str, float]:
-    rows = ev.get(f"loss_{split}", {}).get("rows", [])
-    return {str(r["id"]): float(r["loss"]) for r in rows}
+    params = {"n": len(recs), "max_new_tokens": cfg.max_new_tokens, "template": template, "v": 1,
+              "precision": precision}
 
+    def compute():
+        m, t = model_tok()
+        prompts, refs = zip(*(split_last_turn(r) for r in recs), strict=True)
+        outs = generate_chat(m, t, list(prompts), template=template, max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.eval_batch_size, progress=cfg.progress)
+        scores = memorisation_scores(outs, list(refs))
+        scores["examples"] = [{"id": r.id, "output": o} for r, o in zip(recs, outs, strict=True)]
+        return scores
 
-def verdict(objectives: list[str], evals: dict[str, dict], advice: dict | None) -> dict:
-    """Who won on held-out output loss, by how much, and whether the bootstrap interval resolves it."""
-    base = objectives[0]
-    means = {o: evals[o].get("loss_heldout", {}).get("summary", {}).get("mean") for o in objectives}
-    train_means = {o: evals[o].get("loss_train", {}).get("summary", {}).get("mean") for o in objectives}
-    gaps = {o: (means[o] - train_means[o]) if means[o] is not None and train_means[o] is not None else None
-            for o in objectives}
-    diffs = {o: paired_difference(_loss_map(evals[base], "heldout"), _loss_map(evals[o], "heldout"))
-             for o in objectives[1:]}
-    scored = {o: m for o, m in means.items() if m is not None}
-    winner = min(scored, key=scored.get) if scored else None
-    if winner is None:
-        headline = "No held-out loss was measured, so there is no verdict."
-        resolved = False
-    elif winner == base:
-        others = [diffs[o] for o in objectives[1:]]
-        resolved = all(d["resolved"] for d in others)
-        closest = min(objectives[1:], key=lambda o: diffs[o]["mean"])
-        d = diffs[closest]
-        headline = (f"{base.upper()} {'wins' if resolved else 'is ahead'}: held-out output loss {means[base]:.4f} vs {means[closest]:.4f} for "
-                    f"{closest} ({closest} − {base} = {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
-                    f"{d['ci95'][1]:+.4f}]; " + ("the interval excludes 0)." if d["resolved"] else
-                                                 "the interval includes 0: not resolved at this size)."))
-    else:
-        d = diffs[winner]
-        resolved = d["resolved"]
-        headline = (f"{winner.upper()} {'wins' if resolved else 'is ahead'}: held-out output loss {means[winner]:.4f} vs {means[base]:.4f} for "
-                    f"{base} ({winner} − {base} = {d['mean']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
-                    f"{d['ci95'][1]:+.4f}]; " + ("the interval excludes 0)." if resolved else
-                                                 "the interval includes 0: not resolved at this size)."))
-    out = {"baseline": base, "winner": winner, "resolved": resolved, "headline": headline,
-           "heldout_loss_mean": means, "train_loss_mean": train_means, "overfitting_gap": gaps,
-           "paired_diff_vs_baseline": diffs}
-    if advice:
-        measured = ("IM better" if winner and winner != base and resolved else
-                    "IT better" if winner == base and resolved else "no clear difference")
-        out["advisor"] = {"recommendation": advice.get("recommendation"),
-                          "predicted": advice.get("predicted_im_minus_it"), "measured": measured,
-                          "agrees": advice.get("predicted_im_minus_it") == measured}
-    return out
+    return _cached(eval_dir / "memorisation.json", params, compute)
 
 
 # ---- orchestration -----------------------------------------------------------------------------------------------
 
-def run_compare(cfg: CompareConfig) -> dict:
-    """Run (or resume) the whole comparison and write results.json, report.md, report.html and plots."""
+def _prepare(cfg: CompareConfig, out: Path):
+    """Split, advise and find the examples every objective can train on."""
     from imtune.analysis.advise import advise
-    from imtune.analysis.report import write_report
-    from imtune.evaluation.loss_probe import default_template
-    from imtune.models import load_tokenizer, model_info
+    from imtune.models import load_tokenizer
 
-    cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     train_p, val_p, split = make_split(cfg, out)
     _log(f"split: {split['n_train']} train / {split['n_heldout']} held-out examples → {out / 'data'}")
     objectives = list(cfg.objectives)
-    tcfg0 = _train_config(cfg, objectives[0], train_p, val_p, out / "runs" / slug(objectives[0]))
+    tcfg0 = _train_config(cfg, objectives[0], train_p, val_p, run_dir_of(out, objectives[0], cfg.seed, cfg.seed))
     tok = load_tokenizer(cfg.model)
-    template = tcfg0.template
-    adv, stats = advise(_records(train_p), tok, template=template, max_length=tcfg0.max_length)
+    adv, stats = advise(_records(train_p), tok, template=tcfg0.template, max_length=tcfg0.max_length)
     atomic_write_json(out / "advice.json", {"advice": adv.to_dict(), "stats": stats})
     _log(f"advisor: recommends {adv.recommendation} ({adv.confidence}); predicted {adv.predicted_im_minus_it}")
-
     train_p, n_common = common_training_set(train_p, tok, objectives, tcfg0)
     if n_common is not None:
         split = {**split, "n_train_common": n_common}
         _log(f"{split['n_train'] - n_common} training example(s) keep no weighted token under some objective "
              f"(truncation at {tcfg0.max_length}); every run trains on the {n_common} that all objectives keep")
-    runs = {o: train_run(cfg, o, train_p, val_p, out) for o in objectives}
-    evals = {}
+    return train_p, val_p, split, tcfg0, adv, stats
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Run (or resume) the whole comparison and write results.json, report.md, report.html and plots."""
+    from imtune.analysis.report import write_report
+    from imtune.evaluation.loss_probe import default_template
+    from imtune.models import model_info
+
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_p, val_p, split, tcfg0, adv, stats = _prepare(cfg, out)
+    objectives, seeds = list(cfg.objectives), training_seeds(cfg)
+    # Seed-major order: after the first seed a complete one-seed comparison exists on disk.
+    dirs = {(o, s): train_run(cfg, o, train_p, val_p, out, s) for s in seeds for o in objectives}
     _log("evaluating the starting model (held-out loss only)")
     evals_base = evaluate_model(CompareConfig(**{**asdict(cfg), "evals": ("loss",)}), cfg.model,
-                                out / "base" / "eval", train_p, val_p, template, with_generation=False)
-    for o, run_dir in runs.items():
-        _log(f"evaluating {o}")
-        evals[o] = evaluate_model(cfg, str(run_dir), run_dir / "eval", train_p, val_p,
-                                  default_template(str(run_dir), None))
-    history = {o: _read_metrics(run_dir) for o, run_dir in runs.items()}
+                                out / "base" / "eval", train_p, val_p, tcfg0.template, with_generation=False,
+                                precision=tcfg0.precision)
+    evals = {o: [] for o in objectives}
+    for s in seeds:
+        for o in objectives:
+            d = dirs[(o, s)]
+            _log(f"evaluating {o}" + (f" (seed {s})" if len(seeds) > 1 else ""))
+            evals[o].append(evaluate_model(cfg, str(d), d / "eval", train_p, val_p, default_template(str(d), None),
+                                           precision=tcfg0.precision))
+    runs = {}
+    for o in objectives:
+        per_seed = [{"seed": s, "dir": str(dirs[(o, s)]), "history": _read_metrics(dirs[(o, s)]),
+                     "evals": _strip_rows(ev)} for s, ev in zip(seeds, evals[o], strict=True)]
+        runs[o] = {"dir": per_seed[0]["dir"], "history": per_seed[0]["history"],
+                   "evals": pool_evals(evals[o]), "seeds": per_seed}
     result = {
         "config": {**asdict(cfg), "objectives": objectives, "evals": list(cfg.evals)},
         "model": model_info(cfg.model),
         "split": split,
-        "train_config": {k: v for k, v in tcfg0.to_dict().items() if k not in ("objective", "out", "data")},
+        "seeds": seeds,
+        "train_config": {k: v for k, v in tcfg0.to_dict().items() if k not in ("objective", "out", "data", "seed")},
         "advice": adv.to_dict(),
         "stats": stats,
         "verdict": verdict(objectives, evals, adv.to_dict()),
         "base": {"heldout_loss": evals_base.get("loss_heldout", {}).get("summary"),
                  "train_loss": evals_base.get("loss_train", {}).get("summary")},
-        "runs": {o: {"dir": str(runs[o]), "history": history[o],
-                     "evals": _strip_rows(evals[o])} for o in objectives},
+        "runs": runs,
     }
     atomic_write_json(out / "results.json", result)
     paths = write_report(result, evals, out)
@@ -366,6 +374,39 @@ def _strip_rows(ev: dict) -> dict:
             out[k] = {kk: vv for kk, vv in v.items() if kk not in ("sentence_bleu", "rougeL", "examples")}
         else:
             out[k] = v
+    return out
+
+
+def pool_evals(seed_evals: list[dict]) -> dict:
+    """One objective's evaluations pooled over training seeds: means of the per-seed figures, with intervals from
+    the two-way bootstrap over seeds and examples where per-example values exist. One seed: unchanged."""
+    from imtune.statistics import crossed_bootstrap_means
+
+    if len(seed_evals) == 1:
+        return _strip_rows(seed_evals[0])
+    out: dict = {}
+    for key, field_ in (("loss_heldout", "loss"), ("loss_train", "loss"), ("memorisation", "sentence_bleu")):
+        per = [ev.get(key) for ev in seed_evals]
+        if not all(per):
+            continue
+        rows = [p["rows"] if key.startswith("loss_") else p[field_] for p in per]
+        vals = [[r["loss"] for r in rs] if key.startswith("loss_") else list(rs) for rs in rows]
+        if len({len(v) for v in vals}) != 1 or not vals[0]:
+            continue
+        table = np.asarray(vals, dtype=np.float64)
+        boots = crossed_bootstrap_means(table)
+        mean = float(table.mean())
+        lo, hi = (float(x) for x in np.percentile(boots, [2.5, 97.5]))
+        if key.startswith("loss_"):
+            out[key] = {"n": len(vals[0]), "n_seeds": len(vals), "mean": mean, "ci95": [min(lo, mean), max(hi, mean)],
+                        "per_seed": [p["summary"]["mean"] for p in per]}
+        else:
+            out[key] = {"sentence_bleu_mean": mean, "sentence_bleu_ci95": [min(lo, mean), max(hi, mean)],
+                        "rougeL_mean": float(sum(p["rougeL_mean"] for p in per) / len(per)), "n_seeds": len(per),
+                        "per_seed": [p["sentence_bleu_mean"] for p in per]}
+    benches = [ev.get("benchmarks") for ev in seed_evals]
+    if all(benches):
+        out["benchmarks"] = {"per_seed": benches}
     return out
 
 

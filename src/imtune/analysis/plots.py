@@ -56,52 +56,86 @@ def _colour(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+def _clean(vals) -> np.ndarray:
+    return np.asarray([v for v in vals if v is not None and math.isfinite(v)], dtype=np.float64)
+
+
+def _edges(clean: Mapping[str, np.ndarray], bins: int | None) -> np.ndarray | None:
+    """Shared bin edges; `bins=None` scales the count with the sample size (10 to 40)."""
+    allv = np.concatenate([v for v in clean.values() if v.size] or [np.zeros(0)])
+    if not allv.size:
+        return None
+    lo, hi = float(allv.min()), float(allv.max())
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    if bins is None:
+        n_med = float(np.median([v.size for v in clean.values() if v.size]))
+        bins = int(min(40, max(10, round(1.5 * math.sqrt(n_med)))))
+    return np.linspace(lo, hi, bins + 1)
+
+
+def _hist_panel(ax, clean: Mapping[str, np.ndarray], edges, colours: Mapping[str, str]) -> None:
+    """Step histograms (densities) with each series' mean as a dashed line in its colour."""
+    for name, v in clean.items():
+        c = colours[name]
+        if v.size == 0:
+            ax.plot([], [], color=c, label=f"{name} (no data)")
+            continue
+        ax.hist(v, bins=edges, density=True, histtype="step", linewidth=1.6, color=c,
+                label=f"{name}  (n={v.size}, mean {v.mean():.3f})")
+        ax.axvline(float(v.mean()), color=c, linestyle="--", linewidth=1.2)
+    if clean:
+        ax.legend(frameon=False, fontsize=8)
+
+
 def plot_loss_distributions(series: Mapping[str, Sequence[float]], out_path, *,
                             title: str = "Per-example output loss", xlabel: str = "loss (nats / token)",
                             bins: int | None = None) -> tuple[Path, Path]:
     """Step histograms (as densities, shared bins) of per-example losses, one per series, each with its mean as a
     dashed vertical line in the series' colour. Typical keys: "IT train", "IT held-out", "IM train", "IM held-out".
-
-    `bins=None` scales the bin count with the sample size (10 to 40), so a few hundred examples do not look noisy.
     """
     import matplotlib
 
-    clean = {k: np.asarray([v for v in vals if v is not None and math.isfinite(v)], dtype=np.float64)
-             for k, vals in series.items()}
+    clean = {k: _clean(v) for k, v in series.items()}
     with matplotlib.rc_context(_RC):
         fig = _figure()
         ax = fig.add_subplot()
-        allv = np.concatenate([v for v in clean.values() if v.size] or [np.zeros(0)])
-        if allv.size:
-            lo, hi = float(allv.min()), float(allv.max())
-            if hi - lo < 1e-9:
-                lo, hi = lo - 0.5, hi + 0.5
-            if bins is None:
-                n_med = float(np.median([v.size for v in clean.values() if v.size]))
-                bins = int(min(40, max(10, round(1.5 * math.sqrt(n_med)))))
-            edges = np.linspace(lo, hi, bins + 1)
-        for i, (name, v) in enumerate(clean.items()):
-            c = _colour(i)
-            if v.size == 0:
-                ax.plot([], [], color=c, label=f"{name} (no data)")
-                continue
-            ax.hist(v, bins=edges, density=True, histtype="step", linewidth=1.6, color=c,
-                    label=f"{name}  (n={v.size}, mean {v.mean():.3f})")
-            ax.axvline(float(v.mean()), color=c, linestyle="--", linewidth=1.2)
+        _hist_panel(ax, clean, _edges(clean, bins), {k: _colour(i) for i, k in enumerate(clean)})
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")
-        if clean:
-            ax.legend(frameon=False, fontsize=8)
         return _save(fig, out_path)
 
 
-def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], out_path, *,
-                     eval_points: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+def plot_loss_distribution_panels(panels: Mapping[str, Mapping[str, Sequence[float]]], out_path, *,
+                                  title: str = "Per-example output loss", xlabel: str = "loss (nats / token)",
+                                  bins: int | None = None) -> tuple[Path, Path]:
+    """One panel per split (e.g. "train", "held-out"), each with one histogram per objective, as in the IM
+    paper's Figure 3. Bins and x-axis are shared across panels; an objective keeps its colour in every panel."""
+    import matplotlib
+
+    clean = {p: {k: _clean(v) for k, v in series.items()} for p, series in panels.items()}
+    names = list(dict.fromkeys(k for series in clean.values() for k in series))
+    colours = {k: _colour(i) for i, k in enumerate(names)}
+    edges = _edges({f"{p}/{k}": v for p, s in clean.items() for k, v in s.items()}, bins)
+    with matplotlib.rc_context(_RC):
+        fig = _figure(figsize=(4.2 * max(1, len(clean)), 4.0))
+        axes = fig.subplots(1, max(1, len(clean)), sharex=True, squeeze=False)[0]
+        for ax, (panel, series) in zip(axes, clean.items(), strict=False):
+            _hist_panel(ax, series, edges, colours)
+            ax.set_title(panel)
+            ax.set_xlabel(xlabel)
+        axes[0].set_ylabel("density")
+        fig.suptitle(title)
+        return _save(fig, out_path)
+
+
+def plot_seed_curves(curves: Mapping[str, Sequence[Sequence[tuple[int, float]]]], out_path, *,
+                     eval_points: Mapping[str, Sequence[Sequence[tuple[int, float]]]] | None = None,
                      title: str = "Training loss", xlabel: str = "step", ylabel: str = "loss",
                      smooth: int = 0) -> tuple[Path, Path]:
-    """Training loss against step, one line per objective; `eval_points` (same keys) drawn as markers in the same
-    colour. `smooth` > 1 overlays a trailing moving average of that many logged points over the faint raw line."""
+    """Training loss per objective and seed: a thin line per seed and a thick line for the mean over seeds (at the
+    steps every seed logged); held-out evaluations (same keys, one list per seed) as markers of their mean."""
     import matplotlib
 
     eval_points = eval_points or {}
@@ -111,27 +145,45 @@ def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], out_path
         ax = fig.add_subplot()
         for i, name in enumerate(names):
             c = _colour(i)
-            pts = sorted((int(s), float(v)) for s, v in curves.get(name, ()))
-            if pts:
-                x = np.array([p[0] for p in pts])
-                y = np.array([p[1] for p in pts])
-                if smooth and smooth > 1 and len(y) >= smooth:
-                    ax.plot(x, y, color=c, alpha=0.25, linewidth=1.0)
-                    kernel = np.ones(smooth) / smooth
-                    ys = np.convolve(y, kernel, mode="valid")
-                    ax.plot(x[smooth - 1:], ys, color=c, linewidth=1.8, label=f"{name} (train)")
-                else:
-                    ax.plot(x, y, color=c, linewidth=1.5, label=f"{name} (train)")
-            ev = sorted((int(s), float(v)) for s, v in eval_points.get(name, ()))
-            if ev:
-                ax.plot([p[0] for p in ev], [p[1] for p in ev], color=c, marker="o", linestyle=":", linewidth=1.0,
-                        markersize=5, label=f"{name} (eval)")
+            runs = [sorted((int(s), float(v)) for s, v in run) for run in curves.get(name, ()) if run]
+            for run in runs:
+                ax.plot([p[0] for p in run], [p[1] for p in run], color=c, alpha=0.35, linewidth=0.8)
+            x, y = _mean_curve(runs)
+            if x.size:
+                if smooth and smooth > 1 and len(y) >= 4 * smooth:  # shorter curves are drawn as logged
+                    y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+                    x = x[smooth - 1:]
+                label = f"{name} (train, mean of {len(runs)} seeds)" if len(runs) > 1 else f"{name} (train)"
+                ax.plot(x, y, color=c, linewidth=2.0, label=label)
+            ex, ey = _mean_curve([sorted((int(s), float(v)) for s, v in r) for r in eval_points.get(name, ()) if r])
+            if ex.size:
+                ax.plot(ex, ey, color=c, marker="o", linestyle=":", linewidth=1.0, markersize=5,
+                        label=f"{name} (held-out)")
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if names:
             ax.legend(frameon=False, fontsize=8)
         return _save(fig, out_path)
+
+
+def _mean_curve(runs: Sequence[Sequence[tuple[int, float]]]) -> tuple[np.ndarray, np.ndarray]:
+    if not runs:
+        return np.zeros(0), np.zeros(0)
+    steps = sorted(set.intersection(*(set(s for s, _ in r) for r in runs)))
+    maps = [dict(r) for r in runs]
+    return np.asarray(steps, dtype=float), np.asarray([np.mean([m[s] for m in maps]) for s in steps])
+
+
+def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], out_path, *,
+                     eval_points: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+                     title: str = "Training loss", xlabel: str = "step", ylabel: str = "loss",
+                     smooth: int = 0) -> tuple[Path, Path]:
+    """Training loss against step, one line per objective (one run each); `eval_points` (same keys) drawn as
+    markers in the same colour. `smooth` > 1 draws a trailing moving average over the faint raw line."""
+    return plot_seed_curves({k: [v] for k, v in curves.items()}, out_path,
+                            eval_points={k: [v] for k, v in (eval_points or {}).items()}, title=title,
+                            xlabel=xlabel, ylabel=ylabel, smooth=smooth)
 
 
 def plot_metric_bars(values: Mapping[str, Mapping[str, tuple[float, float | None, float | None]]], out_path, *,

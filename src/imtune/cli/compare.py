@@ -25,8 +25,8 @@ def add_parser(sub):
     p.add_argument("config", nargs="?", default=None, help="optional training YAML (see imtune train)")
     add_data(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to fine-tune (default: {DEFAULT_MODEL})")
-    p.add_argument("--objectives", default="it,im", help="comma-separated objectives; the first is the baseline "
-                                                         "(default: it,im)")
+    p.add_argument("--objectives", default="it,im", help="comma-separated objectives in any order, named as you "
+                                                         "write them in the verdict (default: it,im)")
     p.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
     p.add_argument("--val-data", default=None, help="held-out data file (default: split off --val-fraction)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out when no --val-data "
@@ -35,6 +35,9 @@ def add_parser(sub):
                                                              "held-out split)")
     p.add_argument("--n-val", type=int, default=None, help="use only this many held-out examples")
     p.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and data order")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every objective with this many seeds (--seed, --seed+1, ...) on the same split; the "
+                        "verdict's interval then covers run-to-run variation too (default: 1)")
     p.add_argument("--eval", dest="evals", default="loss,memorisation",
                    help="comma-separated: loss, memorisation, and benchmark tasks (see imtune evaluate --tasks "
                         "list); default: loss,memorisation")
@@ -67,7 +70,7 @@ def config_from_args(args):
         data=args.data, out=args.out, model=args.model,
         objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()),
         val_data=args.val_data, val_fraction=args.val_fraction, n_train=args.n_train, n_val=args.n_val,
-        seed=args.seed, evals=tuple(e.strip() for e in args.evals.split(",") if e.strip()),
+        seed=args.seed, seeds=args.seeds, evals=tuple(e.strip() for e in args.evals.split(",") if e.strip()),
         eval_limit=args.eval_limit, memorisation_n=args.memorisation_n, max_new_tokens=args.max_new_tokens,
         eval_batch_size=args.eval_batch_size, train_overrides=overrides, data_format=args.data_format,
         skip_invalid=args.skip_invalid)

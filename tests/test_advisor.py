@@ -1,0 +1,159 @@
+"""The advisor: a rule fitted to measured comparisons, its leave-one-source-out accuracy, "no clear difference"
+where the evidence says so, the nearest rows, users' own evidence, and the study script that makes the table."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imtune.analysis.advise import (
+    NO_DIFF,
+    advise_from_stats,
+    evidence_rows,
+    fit,
+    leave_one_source_out,
+    load_table,
+    nearest_rows,
+)
+from imtune.errors import ImtuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stats(ratio, n, out_mean=100.0):
+    tok = {"mean": out_mean, "median": out_mean}
+    return {"instruction_output_ratio": ratio, "examples": n, "instruction_tokens": {"mean": ratio * out_mean,
+                                                                                     "median": ratio * out_mean},
+            "output_tokens": tok}
+
+
+def _row(source, ratio, n, delta, half=0.01):
+    lo, hi = delta - half, delta + half
+    measured = NO_DIFF if lo <= 0 <= hi else "IM better" if delta < 0 else "IT better"
+    return {"source": source, "ratio": ratio, "n": n, "im_minus_it": delta, "ci95": [lo, hi], "measured": measured,
+            "model": "m", "seeds": 2}
+
+
+def _trend_table():
+    """IM − IT = 0.05 − 0.1·ln(ratio) + 0.01·ln(n): IM better for instruction-heavy data, IT for output-heavy."""
+    rows = []
+    for s, ratio in (("a", 0.2), ("b", 0.5), ("c", 1.0), ("d", 2.0), ("e", 4.0)):
+        for n in (8, 16, 32):
+            rows.append(_row(s, ratio, n, 0.05 - 0.1 * np.log(ratio) + 0.01 * np.log(n)))
+    return {"meta": {"date": "2026-12-02", "settings": {"max_length": 128, "epochs": 2}}, "rows": rows}
+
+
+def test_fit_recovers_the_trend_and_states_its_accuracy():
+    t = _trend_table()
+    f = fit(t["rows"])
+    assert f.coef == pytest.approx([0.05, -0.1, 0.01], abs=1e-6)
+    acc = leave_one_source_out(t["rows"])
+    assert acc["total"] == 15 and acc["sources"] == 5 and acc["correct"] >= 12
+    hi = advise_from_stats(_stats(4.0, 16), table=t)
+    assert hi.predicted_im_minus_it == "IM better" and hi.recommendation == "im"
+    lo = advise_from_stats(_stats(0.2, 16), table=t)
+    assert lo.predicted_im_minus_it == "IT better" and lo.recommendation == "it"
+    for a in (hi, lo):
+        assert a.accuracy.startswith(f"{acc['correct']}/15") and any(a.accuracy in r for r in a.reasons)
+        assert "m:" in a.evidence and "8–32 training examples" in a.evidence
+
+
+def test_no_clear_difference_where_the_data_say_so_even_against_the_paper():
+    """Every measured interval contains 0: long instructions and few examples (the paper's IM regime) still get
+    'no clear difference expected'."""
+    rng = np.random.default_rng(0)
+    rows = [_row(s, r, n, float(rng.normal(0, 0.002)), half=0.05)
+            for s, r in (("a", 0.3), ("b", 1.0), ("c", 3.0)) for n in (8, 16, 32)]
+    a = advise_from_stats(_stats(5.0, 8), table={"meta": {}, "rows": rows})
+    assert a.predicted_im_minus_it == NO_DIFF and a.confidence == "weak"
+    assert any("No clear difference expected" in r for r in a.reasons)
+    assert a.interval[0] < 0 < a.interval[1]
+
+
+def test_large_data_is_not_extrapolated_and_empty_table_claims_nothing():
+    a = advise_from_stats(_stats(4.0, 10_000), table=_trend_table())
+    assert any("outside the measured sizes" in r for r in a.reasons) and a.figures["examples"] == 10_000
+    e = advise_from_stats(_stats(4.0, 100), table={"meta": {}, "rows": []})
+    assert e.predicted_im_minus_it == NO_DIFF and e.accuracy == "not measurable"
+
+
+def test_nearest_rows_and_user_evidence(tmp_path):
+    rows = _trend_table()["rows"]
+    near = nearest_rows(rows, 2.1, 15, k=3)
+    assert near[0]["source"] == "d" and near[0]["n"] == 16
+    res = {"verdict": {"im_minus_it": {"mean": -0.2, "ci95": [-0.3, -0.1], "n": 40, "n_seeds": 3,
+                                       "resolved": True}, "measured_im_vs_it": "IM better"},
+           "split": {"n_train": 200}, "stats": {"instruction_output_ratio": 1.5}, "config": {"model": "m"},
+           "train_config": {"template": "tulu"}}
+    p = tmp_path / "results.json"
+    p.write_text(json.dumps(res))
+    (ev,) = evidence_rows([p])
+    assert ev["n"] == 200 and ev["ratio"] == 1.5 and ev["im_minus_it"] == -0.2 and ev["seeds"] == 3
+    a = advise_from_stats(_stats(1.5, 32), table=_trend_table(), evidence=[p])
+    assert "16 measured comparisons (6 sources)" in a.evidence
+    res["verdict"]["im_minus_it"] = None
+    p.write_text(json.dumps(res))
+    with pytest.raises(ImtuneError, match="did not run both it and im"):
+        evidence_rows([p])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ImtuneError, match="not an imtune compare results.json"):
+        evidence_rows([tmp_path / "bad.json"])
+
+
+def test_bundled_table_is_labelled_and_the_advisor_works_from_it():
+    t = load_table()
+    meta = t["meta"]
+    for k in ("date", "machine", "torch", "transformers", "model", "settings", "cells_done", "cells_planned"):
+        assert k in meta, k
+    for r in t["rows"]:
+        assert {"source", "ratio", "n", "im_minus_it", "ci95", "measured", "model", "seeds"} <= set(r)
+        assert r["measured"] in ("IM better", "IT better", NO_DIFF)
+    a = advise_from_stats(_stats(0.5, 1000))
+    assert a.predicted_im_minus_it in ("IM better", "IT better", NO_DIFF) and a.accuracy and a.evidence
+
+
+def test_advise_cli_explain_json(tiny_dir, tmp_path, capsys):
+    from imtune.cli.main import main
+
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps(_trend_table()))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} " * 5},
+                                                     {"role": "assistant", "content": "ok"}]}) + "\n"
+                            for i in range(10)))
+    assert main(["advise", "--data", str(data), "--model", str(tiny_dir), "--template", "chatml",
+                 "--table", str(table), "--explain", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["nearest"]) == 5 and out["advice"]["accuracy"]
+    assert main(["advise", "--data", str(data), "--model", str(tiny_dir), "--template", "chatml",
+                 "--table", str(table), "--explain"]) == 0
+    text = capsys.readouterr().out
+    assert "Nearest measured comparisons" in text and "leave one source out" in text
+
+
+@pytest.mark.slow
+def test_advisor_study_script_on_the_tiny_model(tiny_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("advisor_study", ROOT / "bench" / "advisor_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    table = tmp_path / "study.json"
+    argv = ["--model", str(tiny_dir), "--sources", "code-alpaca,dolly-instruction-heavy,dolly-output-heavy",
+            "--sizes", "4,8", "--seeds", "2", "--n-val", "4", "--max-length", "256", "--epochs", "1",
+            "--template", "chatml", "--out", str(tmp_path / "runs"), "--table", str(table)]
+    assert study.main(argv) == 0
+    t = json.loads(table.read_text())
+    assert t["meta"]["cells_done"] == t["meta"]["cells_planned"] == 6
+    assert {r["source"] for r in t["rows"]} == {"code-alpaca", "dolly-instruction-heavy", "dolly-output-heavy"}
+    assert all(r["seeds"] == 2 and r["n"] == r["n_requested"] for r in t["rows"])
+    heavy = {r["source"]: r["ratio"] for r in t["rows"] if r["n"] == 8}
+    assert heavy["dolly-instruction-heavy"] > heavy["dolly-output-heavy"]
+    # Resumable: a rerun trains nothing and gives the same table rows.
+    assert study.main(argv) == 0
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert strip(json.loads(table.read_text())["rows"]) == strip(t["rows"])
+    a = advise_from_stats(_stats(1.0, 8), table=t)
+    assert a.accuracy and a.predicted_im_minus_it in ("IM better", "IT better", NO_DIFF)
