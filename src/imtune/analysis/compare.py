@@ -234,11 +234,12 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
     from imtune.evaluation.loss_probe import per_example_loss, summarise
     from imtune.models import load_for_inference
 
+    precision = eval_precision(precision)  # cached results record the precision they were computed in
     state: dict = {}
 
     def model_tok():
         if not state:
-            state["model"], state["tok"], _ = load_for_inference(model_ref, dtype=eval_precision(precision))
+            state["model"], state["tok"], _ = load_for_inference(model_ref, dtype=precision)
         return state["model"], state["tok"]
 
     max_len = int(cfg.train_overrides.get("max_length", DEFAULT_MAX_LENGTH))
