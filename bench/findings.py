@@ -62,6 +62,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def throughput_note(study_runs: Path) -> str:
+    """The training speed the advisor study's runs logged (tokens/s per optimiser step), and what the full
+    findings grid (3 sets × 3 objectives × 3 seeds × 200 examples × 2 epochs, ≤ 256 tokens) would take at it."""
+    speeds = []
+    for p in study_runs.glob("*/n*/runs/*/metrics.jsonl"):
+        for line in p.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("tokens_per_s"):
+                speeds.append(float(row["tokens_per_s"]))
+    if not speeds:
+        return "it was not run here."
+    med = sorted(speeds)[len(speeds) // 2]
+    tokens = 3 * 3 * 3 * 200 * 2 * 200  # ~200 tokens per example after truncation at 256
+    return (f"the advisor study's {len(speeds)} training steps today ran at a median {med:.1f} tokens/s (niced, on "
+            f"the shared 2 cores), at which the grid's ~{tokens / 1e6:.1f}M training tokens would take "
+            f"~{tokens / med / 86400:.0f} days (at the ~130 tokens/s of 2 quiet cores noted in cli/demo.py, "
+            f"~{tokens / 130 / 3600:.1f} hours), so it was not run here.")
+
+
 def needed_heldout(d: dict) -> str:
     """Held-out examples that would make the 95% half-width equal the measured |IM − IT| (half-width ∝ 1/√n,
     seeds fixed): a planning figure that assumes the measured difference is the true one."""
@@ -109,11 +128,12 @@ def study_rows(table: dict) -> tuple[list[str], str]:
     return out, accuracy_text(leave_one_source_out(rows)) if rows else "not measurable"
 
 
-def write_findings(root: Path, doc: Path) -> None:
+def write_findings(root: Path, doc: Path, study_runs: str | Path = ROOT / "runs" / "advisor_study",
+                   table_path: str | Path | None = None) -> None:
     from imtune.analysis.advise import load_table
     from imtune.io_utils import atomic_write_text
 
-    table = load_table()
+    table = load_table(table_path)
     meta, s = table.get("meta", {}), table.get("meta", {}).get("settings", {})
     f_rows = findings_rows(root)
     st_rows, acc = study_rows(table)
@@ -127,10 +147,9 @@ below is read from a results file, none is typed in.
 """ + ("""| dataset | train / held-out / seeds | instr/output ratio | held-out output loss | verdict | IM − IT [95% CI] | advisor predicted → measured | held-out examples to resolve |
 |---|---|---|---|---|---|---|---|
 """ + "\n".join(f_rows) if f_rows else """Not run at the issue's size yet. `python bench/findings.py` (defaults: 200 training examples, 48 held out,
-3 seeds, objectives it,im,weighted:0.1, max length 256, 2 epochs) trains 27 SmolLM2-135M runs of ~100 steps
-each; at the ~5–10 tokens/s that a niced job gets on this shared 2-core machine that is days, not hours, so it
-was not run here. It is resumable per (objective, seed): run it on a quiet machine (or a GPU) and then
-`--report-only`. An earlier three-row table (2026-11-27, 24 examples, one seed) was made before imtune trained
+3 seeds, objectives it,im,weighted:0.1, max length 256, 2 epochs) trains 27 SmolLM2-135M runs of 100 steps;
+""" + throughput_note(Path(study_runs)) + """ It is resumable per (objective, seed): run it on a quiet machine
+(or a GPU) and then `--report-only`. An earlier three-row table (2026-11-27, 24 examples, one seed) was made before imtune trained
 every objective on the same examples and is superseded; it is in the git history of this file.""") + f"""
 
 ## 2. The advisor study (`bench/advisor_study.py`, the table `imtune advise` is fitted to)

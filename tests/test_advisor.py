@@ -157,3 +157,26 @@ def test_advisor_study_script_on_the_tiny_model(tiny_dir, tmp_path):
     assert strip(json.loads(table.read_text())["rows"]) == strip(t["rows"])
     a = advise_from_stats(_stats(1.0, 8), table=t)
     assert a.accuracy and a.predicted_im_minus_it in ("IM better", "IT better", NO_DIFF)
+
+
+def test_findings_doc_is_built_from_measured_rows(tmp_path):
+    spec = importlib.util.spec_from_file_location("findings", ROOT / "bench" / "findings.py")
+    findings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(findings)
+    t = _trend_table()
+    t["rows"][0]["seeds"], t["rows"][0]["n_heldout"] = 2, 16
+    t["rows"][0]["resolved"] = True
+    for r in t["rows"]:
+        r.setdefault("n_heldout", 16)
+        r.setdefault("resolved", r["measured"] != NO_DIFF)
+    noisy = _row("z", 1.0, 8, -0.01, half=0.02) | {"n_heldout": 16, "resolved": False}
+    t["rows"].append(noisy)
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps(t))
+    doc = tmp_path / "F.md"
+    findings.write_findings(tmp_path / "none", doc, study_runs=tmp_path / "none", table_path=p)
+    text = doc.read_text()
+    assert text.count("\n| ") == 1 + 16 and "Advisor accuracy, leave one source out: " in text
+    # The unresolved row: half-width 0.02 vs |mean| 0.01 → 4× the 16 held-out examples.
+    assert "| z | 1.00 | 8 | 2 | 16 | -0.0100 [-0.0300, +0.0100] | no | no clear difference |" in text
+    assert text.rstrip().endswith("recommendation.") and "≈ 64 |" in text
