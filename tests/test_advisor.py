@@ -180,3 +180,12 @@ def test_findings_doc_is_built_from_measured_rows(tmp_path):
     # The unresolved row: half-width 0.02 vs |mean| 0.01 → 4× the 16 held-out examples.
     assert "| z | 1.00 | 8 | 2 | 16 | -0.0100 [-0.0300, +0.0100] | no | no clear difference |" in text
     assert text.rstrip().endswith("recommendation.") and "≈ 64 |" in text
+
+
+def test_a_term_the_evidence_does_not_vary_is_left_out():
+    rows = [r for r in _trend_table()["rows"] if r["n"] == 8]
+    f = fit(rows)
+    assert f.terms == (True, True, False) and f.coef[2] == 0.0
+    assert f.coef[1] == pytest.approx(-0.1, abs=1e-6)
+    a = advise_from_stats(_stats(4.0, 8), table={"meta": {}, "rows": rows})
+    assert a.predicted_im_minus_it == "IM better" and any("n is not in the rule" in r for r in a.reasons)

@@ -100,9 +100,10 @@ def _sd(row: dict) -> float:
 
 @dataclass
 class Fit:
-    coef: np.ndarray
+    coef: np.ndarray  # intercept, log ratio, log n (0 for a term the evidence does not vary)
     cov: np.ndarray
     rows: int
+    terms: tuple[bool, bool, bool] = (True, True, True)
 
     def predict(self, ratio: float, n: float) -> tuple[float, float]:
         x = _design(ratio, n)[0]
@@ -111,10 +112,13 @@ class Fit:
 
 def fit(rows: list[dict]) -> Fit | None:
     """Weighted least squares on log ratio and log n; the coefficient covariance is scaled by the residual spread
-    (at least 1), so rows that disagree beyond their own intervals widen the predictions."""
+    (at least 1), so rows that disagree beyond their own intervals widen the predictions. A term whose input does
+    not vary in the evidence (e.g. every row at one size) is left out rather than guessed."""
     if len(rows) < MIN_ROWS:
         return None
-    x = _design([r["ratio"] for r in rows], [r["n"] for r in rows])
+    full = _design([r["ratio"] for r in rows], [r["n"] for r in rows])
+    terms = (True, *(bool(np.ptp(full[:, j]) > 1e-9) for j in (1, 2)))
+    x = full[:, list(terms)]
     y = np.asarray([r["im_minus_it"] for r in rows], float)
     w = np.asarray([1.0 / _sd(r) ** 2 for r in rows])
     xtw = x.T * w
@@ -125,7 +129,11 @@ def fit(rows: list[dict]) -> Fit | None:
     coef = inv @ xtw @ y
     dof = max(len(rows) - x.shape[1], 1)
     scale = max(float(np.sum(w * (y - x @ coef) ** 2)) / dof, 1.0)
-    return Fit(coef, inv * scale, len(rows))
+    idx = np.flatnonzero(terms)
+    full_coef, full_cov = np.zeros(3), np.zeros((3, 3))
+    full_coef[idx] = coef
+    full_cov[np.ix_(idx, idx)] = inv * scale
+    return Fit(full_coef, full_cov, len(rows), terms)
 
 
 def label(delta: float, sd: float) -> str:
@@ -211,8 +219,9 @@ def advise_from_stats(stats: dict, table: dict | None = None, evidence=()) -> Ad
     rec = {"IM better": "im", "IT better": "it"}.get(pred, DEFAULT_OBJECTIVE)
     conf = "weak" if pred == NO_DIFF else "strong" if abs(delta) > 2 * 1.96 * sd else "moderate"
     b = f.coef
-    reasons.append(f"Fitted to the measured comparisons: IM − IT held-out loss ≈ {b[0]:+.4f} {b[1]:+.4f}·ln(ratio) "
-                   f"{b[2]:+.4f}·ln(n). At ratio {r:.2f} and n {n_used:,} it predicts {delta:+.4f} "
+    formula = f"{b[0]:+.4f}" + (f" {b[1]:+.4f}·ln(ratio)" if f.terms[1] else "") + (
+        f" {b[2]:+.4f}·ln(n)" if f.terms[2] else " (every measured row has one size, so n is not in the rule)")
+    reasons.append(f"Fitted to the measured comparisons: IM − IT held-out loss ≈ {formula}. At ratio {r:.2f} and n {n_used:,} it predicts {delta:+.4f} "
                    f"(95% interval [{delta - 1.96 * sd:+.4f}, {delta + 1.96 * sd:+.4f}]) → {pred}"
                    + (" expected." if pred == NO_DIFF else "."))
     if n_used != n:
