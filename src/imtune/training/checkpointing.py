@@ -10,9 +10,14 @@ A checkpoint is a directory `<out>/checkpoints/checkpoint-<step>/` holding
                           written so far, and the config it was saved with; written last, so its presence marks a
                           complete checkpoint
 
-It is written into `.tmp-checkpoint-<step>-<pid>/` and renamed into place, so a run killed mid-save leaves a temp
-dir that is ignored (and cleaned up) rather than a checkpoint that looks complete. DeepSpeed and FSDP shard the
-model and optimizer across processes; there `accelerator.save_state` writes those parts (documented as untested).
+Under FSDP (see distributed.py) the first two are replaced by `sharded/`, a torch.distributed.checkpoint directory:
+each process writes its own shards of the trainable parameters and their AdamW state (`__<rank>_0.distcp`) and
+the main process writes `.metadata`. DCP re-shards on load, so a run may resume on another number of processes as
+long as the global batch is the same.
+
+It is written into `.tmp-checkpoint-<step>/` and renamed into place, so a run killed mid-save leaves a temp
+dir that is ignored (and cleaned up) rather than a checkpoint that looks complete. With several processes the
+directory must be on a file system they all see.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from imtune.errors import ImtuneError
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
+SHARDED_DIR = "sharded"
 _NAME = re.compile(r"checkpoint-(\d+)$")
 _TMP = ".tmp-checkpoint-"
 
@@ -108,7 +114,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler, accelerator,
                     sharded: bool = False, save_total_limit: int = 0) -> Path:
-    """Every process calls this (collective under DeepSpeed/FSDP); the main process owns the directory."""
+    """Every process calls this (collective under FSDP); the main process owns the directory."""
     out = Path(out)
     final = checkpoint_path(out, state.global_step)
     # One temp name for all ranks: the pid would differ, so it is keyed by the main process' choice via the step.
@@ -119,7 +125,7 @@ def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler,
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if sharded:
-        accelerator.save_state(str(tmp / "accelerate_state"))
+        _save_sharded(tmp / SHARDED_DIR, model, optimizer)
     elif accelerator.is_main_process:
         _write_weights(tmp, accelerator.unwrap_model(model))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -184,8 +190,13 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator, sharde
     ckpt = Path(ckpt)
     state = read_state(ckpt)
     if sharded:
-        accelerator.load_state(str(ckpt / "accelerate_state"))
+        if not (ckpt / SHARDED_DIR).is_dir():
+            raise ImtuneError(f"{ckpt}: saved without FSDP (no {SHARDED_DIR}/); resume it with the launch it was "
+                              f"saved with")
+        _load_sharded(ckpt / SHARDED_DIR, model, optimizer)
     else:
+        if not (ckpt / WEIGHTS_FILE).is_file():
+            raise ImtuneError(f"{ckpt}: saved under FSDP (no {WEIGHTS_FILE}); resume it with an FSDP launch")
         _load_weights(ckpt, accelerator.unwrap_model(model))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
@@ -211,3 +222,32 @@ def _load_weights(ckpt: Path, model) -> None:
         params = dict(model.named_parameters())
         for n, t in sd.items():
             params[n].copy_(t)
+
+
+def _dcp_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Frozen weights (the base model under LoRA) never change: they come from --model, as without FSDP.
+    opts = StateDictOptions(ignore_frozen_params=True)
+    msd, osd = get_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=opts)
+    return {"model": msd, "optimizer": osd}
+
+
+def _save_sharded(d: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(d))
+
+
+def _load_sharded(d: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _dcp_state(model, optimizer)  # the layout to load into; DCP fills it in place
+    try:
+        dcp.load(state, checkpoint_id=str(d))
+    except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in several exception types
+        raise ImtuneError(f"{d}: cannot load the sharded checkpoint into this model ({str(e).splitlines()[0]}); "
+                          f"was it saved with other --lora / --model settings?") from None
+    set_state_dict(model, getattr(optimizer, "optimizer", optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"], options=StateDictOptions(ignore_frozen_params=True))

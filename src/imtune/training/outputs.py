@@ -203,26 +203,27 @@ def save_final(cfg: TrainConfig, run_dir: RunDir, model, tokenizer, accelerator,
                chat_template: str | None) -> None:
     """Write model, tokenizer and card to a temp dir, then rename the files into the run directory (config.json
     and README last, so a directory that looks loadable is complete). Refuses non-finite weights."""
+    from imtune.training import distributed
     from imtune.training.health import all_finite
 
-    state_dict = accelerator.get_state_dict(model) if sharded else None
+    full = distributed.full_state_dict(accelerator, model) if sharded else None  # collective: every process
     if not accelerator.is_main_process:
         return
     from imtune.io_utils import atomic_write_text
 
-    out, unwrapped = run_dir.out, accelerator.unwrap_model(model)
+    out = run_dir.out
+    unwrapped = distributed.unsharded_copy(model, full) if sharded else accelerator.unwrap_model(model)
     tmp = out / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         if cfg.lora and cfg.merge:
             unwrapped = unwrapped.merge_and_unload()
-            state_dict = None
-        if not all_finite(state_dict.values() if state_dict is not None else unwrapped.parameters()):
+        if not all_finite(unwrapped.parameters()):
             raise ImtuneError("the final weights are not finite (inf/NaN); nothing was saved")
         if hasattr(unwrapped, "config"):
             unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        unwrapped.save_pretrained(str(tmp), safe_serialization=True)
         tok = copy.copy(tokenizer)  # load_tokenizer memoises: never mutate the shared instance
         if chat_template:
             tok.chat_template = chat_template

@@ -20,7 +20,9 @@ split into micro-batches or processes.
 
 Sharding. A global step is `accumulation x world_size` consecutive micro-batches of the plan; process r takes
 micro-batches r, r + world_size, ... of each step. A process left without one (a short last step) runs a zero-weight
-pass so that DDP's gradient all-reduce still happens on every process.
+pass so that DDP's gradient all-reduce still happens on every process; under FSDP every process runs as many passes
+as the busiest one (`distributed.share_of_step`). FSDP (`accelerate launch --config_file fsdp.yaml`, also on CPU)
+averages gradients like DDP, so the same normaliser holds (tests/test_fsdp.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 from imtune.config import TrainConfig
 from imtune.errors import ImtuneError
 from imtune.masking.templates import CHAT_TEMPLATES
-from imtune.training import checkpointing, fast_defaults
+from imtune.training import checkpointing, distributed, fast_defaults
 from imtune.training.components import build_model, build_optimizer, lr_lambda
 from imtune.training.data import Plan, encode_sets, load_records, make_batch
 from imtune.training.health import StallWatch, trainable_finite
@@ -113,19 +115,16 @@ class Recipe:
 
     # ---- set up: everything that can fail on bad input happens before the output directory is touched --------------
     def set_up(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedType
-
         cfg = self.cfg
         self.run_dir = RunDir(cfg.out)
         self.run_dir.check(cfg)
         self.out = self.run_dir.out
         # cpu=True on a machine without an accelerator lets a multi-process launch (`accelerate launch --multi_gpu`,
-        # torchrun) run as MULTI_CPU over gloo instead of as independent single processes.
-        acc = self.accelerator = Accelerator(cpu=not _has_accelerator())
+        # torchrun) run as MULTI_CPU over gloo instead of as independent single processes; FSDP configs as FSDP.
+        acc = self.accelerator = distributed.make_accelerator(cpu=not _has_accelerator())
         self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
         self.run_dir.active = self.is_main
-        self.sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        self.sharded = distributed.is_fsdp(acc)
         self.accumulation = cfg.accumulation_steps(self.world)
         self.ckpt = checkpointing.find_checkpoint(self.out, cfg.resume) if cfg.resume else None
         if self.ckpt:
@@ -269,12 +268,12 @@ class Recipe:
         from imtune.training.loss import weighted_loss_sum
 
         cfg, acc, world = self.cfg, self.accelerator, self.world
-        mine = step_mbs[self.rank::world]
+        passes = distributed.share_of_step(step_mbs, self.rank, world, lockstep=self.sharded)
         scale = world / norm
         stats = torch.zeros(3, dtype=torch.float64)  # loss_sum, ce_sum, kl_sum over this process
-        for i, mb in enumerate(mine or step_mbs[:1]):
+        for i, (mb, real) in enumerate(passes):  # real = 0.0: a stand-in pass that contributes nothing
             batch = make_batch(cfg, [self.train_data.examples[j] for j in mb], self.pad_id, acc.device, self.packed)
-            last = i == max(len(mine), 1) - 1
+            last = i == len(passes) - 1
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             if self.sharded:
                 acc.gradient_state._set_sync_gradients(last)
@@ -283,7 +282,6 @@ class Recipe:
                     o = weighted_loss_sum(self.model, batch, chunk_size=cfg.loss_chunk_size, kl_coef=cfg.kl_coef,
                                           kl_type=cfg.kl_type, ref_model=self.ref_model,
                                           ref_adapter_disabled=cfg.lora and cfg.kl_coef > 0)
-                real = 1.0 if mine else 0.0  # a stand-in pass contributes nothing
                 acc.backward(o.loss_sum * (scale * real))
             stats += torch.tensor([float(o.loss_sum.detach()) * real, o.ce_sum * real, o.kl_sum * real],
                                   dtype=torch.float64)

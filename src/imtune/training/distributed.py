@@ -1,0 +1,143 @@
+"""Several processes: the Accelerator (with FSDP2 on CPU too), workers that die with their launcher, and the
+full state dict of a sharded model.
+
+FSDP. `accelerate launch --config_file fsdp.yaml` sets `ACCELERATE_USE_FSDP` and the `FSDP_*` settings for every
+process. accelerate 1.x only honours them on GPU-like devices: on a CPU-only machine the launch becomes plain
+MULTI_CPU data parallelism over gloo and the FSDP settings are dropped without a word. FSDP2 (`fully_shard`)
+itself runs on CPU over gloo, so `make_accelerator` promotes that state to FSDP. The model then goes through
+accelerate's own `fsdp2_prepare_model`, FSDP-aware clipping and state-dict gathering, exactly as on GPUs; that is
+what makes the CPU tests (tests/test_fsdp.py) a check of the path users run on GPUs.
+
+With FSDP every parameter outside a forward pass is a DTensor shard. Two things follow:
+- checkpoints are torch.distributed.checkpoint (DCP) directories, one file per process (`checkpointing.py`);
+- the final model is gathered into one full state dict on the main process and saved from an unsharded copy
+  built on the meta device (`unsharded_copy`), so `merge_and_unload` and `save_pretrained` see plain tensors.
+
+Launcher death. torchrun starts each worker in its own session, so `kill -9` of the launcher (or of
+`accelerate launch`) leaves the workers running on their own: they would go on training and writing into the
+output directory. Each worker therefore asks the kernel to SIGKILL it when its launcher dies; the run stops as a
+whole and `--resume` continues from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+from imtune.errors import ImtuneError
+
+
+def fsdp_requested() -> bool:
+    """True inside a launch made with an FSDP accelerate config (accelerate's own environment flag)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def make_accelerator(cpu: bool):
+    """The run's Accelerator; FSDP on CPU when the launch asked for FSDP (see the module doc)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    if deepspeed_requested():
+        raise ImtuneError("DeepSpeed launches are not supported: use the FSDP config "
+                          "(src/imtune/accelerate_configs/fsdp.yaml), see docs/TRAINING.md")
+    die_with_launcher()
+    accelerator = Accelerator(cpu=cpu)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_requested():
+        _fsdp_over_gloo(accelerator)
+    return accelerator
+
+
+def die_with_launcher() -> None:
+    """Under torchrun / accelerate launch on Linux: SIGKILL this worker when the launcher process dies."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl (an unusual libc): keep the old behaviour
+        return
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsdp_over_gloo(accelerator) -> None:
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
+    if plugin.fsdp_version != 2:
+        raise ImtuneError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (FSDP1 has no gloo path)")
+    if accelerator.state.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    # AcceleratorState re-reads PartialState's shared dict whenever it is instantiated again, so both change.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+
+
+def share_of_step(step: list[list[int]], rank: int, world: int, lockstep: bool) -> list[tuple[list[int], float]]:
+    """This process' passes for one optimizer step: (micro-batch, 1.0), or (any micro-batch, 0.0) for a stand-in
+    whose loss is multiplied by zero.
+
+    Process r takes micro-batches r, r + world, ... Every process runs at least one pass, so that DDP's gradient
+    all-reduce happens everywhere. Under FSDP (`lockstep`) every process runs the same number of passes: each
+    forward and backward all-gathers and reduce-scatters, and a process with one pass fewer would leave the others
+    waiting in a collective forever.
+    """
+    mine = [(mb, 1.0) for mb in step[rank::world]]
+    n = -(-len(step) // world) if lockstep else max(len(mine), 1)
+    return mine + [(step[0], 0.0)] * (n - len(mine))
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_state_dict(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """Every process calls this (all-gathers); the main process gets the full state dict on CPU, others None."""
+    sd = accelerator.get_state_dict(model)
+    return sd if accelerator.is_main_process else None
+
+
+def unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
+    """A plain (unsharded) copy of the FSDP-wrapped `model` holding `state_dict`'s tensors, for saving.
+
+    Built on the meta device, so no memory beyond the gathered state dict; the parameters are the state dict's
+    own tensors. Non-persistent buffers (rotary tables) stay on meta: nothing that saves or merges reads them.
+    """
+    from imtune.training.loss import causal_lm_of, peft_model_of
+
+    base = causal_lm_of(model)
+    with torch.device("meta"):
+        copy = type(base)(base.config)
+    peft = peft_model_of(model)
+    if peft is not None:
+        from peft import get_peft_model
+
+        copy = get_peft_model(copy, peft.peft_config[peft.active_adapter], adapter_name=peft.active_adapter)
+    missing, unexpected = copy.load_state_dict(state_dict, strict=False, assign=True)
+    tied = _tied_names(copy)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"gathered FSDP state dict does not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    if hasattr(copy, "tie_weights"):
+        copy.tie_weights()
+    return copy
+
+
+def _tied_names(model) -> set[str]:
+    # Tied parameters appear once in named_parameters() but under both names in state_dict().
+    named = {n for n, _ in model.named_parameters(remove_duplicate=True)}
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - named
