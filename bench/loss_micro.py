@@ -1,6 +1,11 @@
 """Micro-benchmark: forward+backward of HF's full-logits loss vs `imtune.training.loss.weighted_loss_sum`.
 
     .venv/bin/python bench/loss_micro.py [--batch 8] [--seq 512] [--threads 2] [--repeats 2]
+    .venv/bin/python bench/loss_micro.py --heldout 32 [--seq 512] [--batch 4]   # held-out scoring vs training
+
+`--heldout N`: per-example time of held-out scoring (`imtune loss`'s `per_example_loss`, forward only through the
+token log-prob engine) against a training step (weighted_loss_sum forward+backward and an AdamW update, micro-batches
+of --batch) on the same first N LIMA examples (tulu template, `it` weights, truncated to --seq), same precision.
 
 Model: SmolLM2-135M via `imtune.models.load_model("smollm2-135m")`, or, when that is unavailable, a randomly
 initialised Llama of the same shape (timings and memory depend on the shape, not the weights). Weights: "IT"
@@ -112,6 +117,45 @@ def run_case(args) -> dict:
             "weighted": int((batch["weights"] > 0).sum())}
 
 
+def heldout_vs_training(args) -> None:
+    import torch
+
+    from imtune.evaluation.loss_probe import per_example_loss
+    from imtune.masking.encoding import encode
+    from imtune.models import load_tokenizer
+    from imtune.records.loading import load_records
+    from imtune.training.batching import collate
+    from imtune.training.loss import weighted_loss_sum
+
+    torch.set_num_threads(args.threads)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recs = load_records(os.path.join(root, "src/imtune/data/train/lima.jsonl"), skip_invalid=True)[:args.heldout]
+    model, name = load(args.dtype)
+    tok = load_tokenizer("smollm2-135m")
+    enc = encode(recs, tok, "it", "tulu", max_length=args.seq)
+    n_tok = sum(map(len, enc))
+    per_example_loss(model.eval(), tok, recs[:2], template="tulu", max_length=args.seq, progress=False)  # warm-up
+    t0 = time.perf_counter()
+    rows = per_example_loss(model, tok, recs, template="tulu", max_length=args.seq, batch_size=args.batch,
+                            progress=False)
+    score_s = (time.perf_counter() - t0) / len(rows)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))  # the same length-sorted batches as the probe
+    t0 = time.perf_counter()
+    for s in range(0, len(order), args.batch):
+        o = weighted_loss_sum(model, collate([enc[i] for i in order[s:s + args.batch]], tok.pad_token_id))
+        (o.loss_sum / o.weight_sum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    train_s = (time.perf_counter() - t0) / len(enc)
+    print(f"{name}, {args.threads} threads, {args.dtype}, {len(enc)} LIMA examples ({n_tok / len(enc):.0f} tokens "
+          f"each on average, max {args.seq}), micro-batch {args.batch}, load {os.getloadavg()[0]:.1f}")
+    print(f"  held-out scoring: {score_s * 1000:7.0f} ms per example")
+    print(f"  training step:    {train_s * 1000:7.0f} ms per example")
+    print(f"  ratio: held-out scoring is x{train_s / score_s:.1f} faster per example")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -121,8 +165,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--heldout", type=int, default=0, help="time held-out scoring vs training on N examples")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.heldout:
+        heldout_vs_training(args)
+        return
     if args.case:
         print(json.dumps(run_case(args)))
         return
