@@ -93,7 +93,7 @@ def test_training_eval_loss_equals_the_probe(tiny_dir, tiny_tok, tmp_path):
     val = RECORDS[2:]
     res = train({"model": str(tiny_dir), "data": write(tmp_path / "t.jsonl", RECORDS[:2] * 2),
                  "val_data": write(tmp_path / "v.jsonl", val), "epochs": 1, "lr": 1e-3, "micro_batch_size": 2,
-                 "max_length": 64, "template": "chatml", "out": str(tmp_path / "run")})
+                 "max_length": 64, "template": "chatml", "precision": "fp32", "out": str(tmp_path / "run")})
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run")).eval()
     rows = per_example_loss(model, tiny_tok, val, objective="it", max_length=64, progress=False)
     assert len(rows) == len(val)
