@@ -155,3 +155,12 @@ def test_missing_lm_eval_is_one_line(monkeypatch, capsys):
     assert main(["evaluate", "--tasks", "lm-eval:hellaswag"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'imtune[lmeval]'" in err
+
+
+def test_offline_hub_task_says_to_use_the_bundled_copy(tiny_dir, capsys, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as conftest's HF_HUB_OFFLINE=1: no network
+    assert main(["evaluate", "--model", str(tiny_dir), "--tasks", "lm-eval:arc_easy", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "could not load the data of arc_easy" in err and "lm-eval:imtune_arc_easy" in err

@@ -240,8 +240,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str], *, num_fewshot: int | None 
                               log_samples=log_samples, random_seed=seed,
                               gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None)
     except (ConnectionError, OSError) as e:
-        raise ImtuneError(f"lm-eval could not load the data of {', '.join(tasks)} ({type(e).__name__}); offline, "
-                          f"run the bundled copies (lm-eval:imtune, lm-eval:imtune_arc_easy, ...)") from e
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ImtuneError(f"lm-eval could not load the data of {', '.join(tasks)} ({type(e).__name__}: {why}); "
+                          f"offline, run the bundled copies (lm-eval:imtune, lm-eval:imtune_arc_easy, ...)") from e
     seconds = time.perf_counter() - t0
     counts = res.get("n-samples", {})
     out = {}
