@@ -115,6 +115,8 @@ def test_fsdp_two_processes_match_one(name, fsdp_runs, tiny_dir, tmp_path):
     assert not (ckpt / "weights.safetensors").exists()
     # One full Hugging Face model (or adapter) directory that plain transformers loads.
     m = AutoModelForCausalLM.from_pretrained(str(two))
+    if (two / "config.json").exists():
+        assert json.loads((two / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     ids = torch.tensor([[1, 2, 3]])
     assert torch.isfinite(m(input_ids=ids).logits).all()
 

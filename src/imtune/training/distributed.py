@@ -116,11 +116,15 @@ def unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
     Built on the meta device, so no memory beyond the gathered state dict; the parameters are the state dict's
     own tensors. Non-persistent buffers (rotary tables) stay on meta: nothing that saves or merges reads them.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     from imtune.training.loss import causal_lm_of, peft_model_of
 
     base = causal_lm_of(model)
+    # fully_shard swaps in a subclass (FSDPLlamaForCausalLM): build the model's own class.
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
-        copy = type(base)(base.config)
+        copy = cls(base.config)
     peft = peft_model_of(model)
     if peft is not None:
         from peft import get_peft_model

@@ -242,7 +242,7 @@ class Recipe:
             [p for p in self.model.parameters() if p.requires_grad],
             self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not self.sharded):
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
             raise self._stopped(self.global_step + 1, f"{what}; training stopped before applying it")
