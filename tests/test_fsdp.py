@@ -10,6 +10,7 @@ the suite pays the start-up of a distributed job once. Max abs weight difference
 """
 
 import json
+import shutil
 import signal
 import textwrap
 from pathlib import Path
@@ -75,25 +76,30 @@ def fsdp_runs(tiny_dir, tmp_path_factory):
         pytest.skip("accelerate launcher not installed")
     d = tmp_path_factory.mktemp("fsdp")
     data = write_data(d / "d.jsonl")
+    # The base model carries a generation config of its own, which the gathered FSDP output must keep.
+    base = d / "base"
+    shutil.copytree(tiny_dir, base)
+    (base / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 0, "eos_token_id": [0, 2], "pad_token_id": 3, "do_sample": True, "temperature": 0.7}))
     outs = {name: d / name for name in [*CASES, "resume-ref"]}
-    cfgs = [dict(BASE, **CASES[n], model=str(tiny_dir), data=str(data), out=str(outs[n])) for n in CASES]
-    cfgs.append(dict(RESUME, model=str(tiny_dir), data=str(data), out=str(outs["resume-ref"])))
+    cfgs = [dict(BASE, **CASES[n], model=str(base), data=str(data), out=str(outs[n])) for n in CASES]
+    cfgs.append(dict(RESUME, model=str(base), data=str(data), out=str(outs["resume-ref"])))
     (d / "cfgs.json").write_text(json.dumps(cfgs))
     (d / "driver.py").write_text(DRIVER)
     log = d / "launch.log"
     rc = launching.run(launching.command(["--config_file", str(FSDP_CPU)], [str(d / "driver.py"), str(d / "cfgs.json")]),
                        log)
     assert rc == 0, launching.tail(log)
-    return {"data": data, **outs}
+    return {"data": data, "model": base, **outs}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_fsdp_two_processes_match_one(name, fsdp_runs, tiny_dir, tmp_path):
+def test_fsdp_two_processes_match_one(name, fsdp_runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     two = fsdp_runs[name]
-    one = imtune.train(dict(BASE, **CASES[name], model=str(tiny_dir), data=str(fsdp_runs["data"]),
+    one = imtune.train(dict(BASE, **CASES[name], model=str(fsdp_runs["model"]), data=str(fsdp_runs["data"]),
                             out=str(tmp_path / "one")))
     r2 = rows(two)
     r1 = [json.loads(x) for x in (one.output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -117,17 +123,19 @@ def test_fsdp_two_processes_match_one(name, fsdp_runs, tiny_dir, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(str(two))
     if (two / "config.json").exists():
         assert json.loads((two / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        gen = json.loads((two / "generation_config.json").read_text())
+        assert (gen["eos_token_id"], gen["temperature"]) == ([0, 2], 0.7)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.isfinite(m(input_ids=ids).logits).all()
 
 
 @pytest.mark.slow
-def test_kill9_launcher_mid_run_then_resume(fsdp_runs, tiny_dir, tmp_path):
+def test_kill9_launcher_mid_run_then_resume(fsdp_runs, tmp_path):
     """The real CLI under the FSDP config; SIGKILL to the launcher only, as a scheduler or OOM killer would."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "killed"
-    cfg = dict(RESUME, model=str(tiny_dir), data=str(fsdp_runs["data"]), out=str(out))
+    cfg = dict(RESUME, model=str(fsdp_runs["model"]), data=str(fsdp_runs["data"]), out=str(out))
     cmd = launching.command(["--config_file", str(FSDP_CPU)], ["-m", "imtune.cli.main", "train",
                                                                *launching.cli_args(cfg)])
     log = tmp_path / "killed.log"
@@ -167,10 +175,10 @@ def test_kill9_launcher_mid_run_then_resume(fsdp_runs, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_two_machines(fsdp_runs, tiny_dir, tmp_path):
+def test_fsdp_two_machines(fsdp_runs, tmp_path):
     """The 2-machine form of the launch (--num_machines 2, --machine_rank, --main_process_ip), one process per
     "machine" on loopback, gives the run that one 2-process launch gives."""
-    cfg = dict(BASE, **CASES["weighted:0.3-kl0"], model=str(tiny_dir), data=str(fsdp_runs["data"]),
+    cfg = dict(BASE, **CASES["weighted:0.3-kl0"], model=str(fsdp_runs["model"]), data=str(fsdp_runs["data"]),
                out=str(tmp_path / "o"))
     port = str(launching.free_port())
     procs = []

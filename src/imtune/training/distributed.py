@@ -21,6 +21,7 @@ whole and `--resume` continues from the last complete checkpoint.
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import sys
@@ -124,21 +125,23 @@ def unsharded_copy(model, state_dict: dict[str, torch.Tensor]):
     # fully_shard swaps in a subclass (FSDPLlamaForCausalLM): build the model's own class.
     cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
-        copy = cls(base.config)
+        plain = cls(base.config)
+    if getattr(base, "generation_config", None) is not None:
+        # The constructor derives one from the config; the checkpoint's own (eos ids, sampling defaults) is kept.
+        plain.generation_config = copy.deepcopy(base.generation_config)
     peft = peft_model_of(model)
     if peft is not None:
         from peft import get_peft_model
 
-        copy = get_peft_model(copy, peft.peft_config[peft.active_adapter], adapter_name=peft.active_adapter)
-    missing, unexpected = copy.load_state_dict(state_dict, strict=False, assign=True)
-    tied = _tied_names(copy)
-    missing = [k for k in missing if k not in tied]
+        plain = get_peft_model(plain, peft.peft_config[peft.active_adapter], adapter_name=peft.active_adapter)
+    missing, unexpected = plain.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in missing if k not in _tied_names(plain)]
     if missing or unexpected:
         raise RuntimeError(f"gathered FSDP state dict does not fit the model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    if hasattr(copy, "tie_weights"):
-        copy.tie_weights()
-    return copy
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    return plain
 
 
 def _tied_names(model) -> set[str]:
