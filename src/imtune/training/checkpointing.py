@@ -249,5 +249,7 @@ def _load_sharded(d: Path, model, optimizer) -> None:
     except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures in several exception types
         raise ImtuneError(f"{d}: cannot load the sharded checkpoint into this model ({str(e).splitlines()[0]}); "
                           f"was it saved with other --lora / --model settings?") from None
+    # strict=False: the frozen weights are absent by design; DCP has already checked every key it loaded.
     set_state_dict(model, getattr(optimizer, "optimizer", optimizer), model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"], options=StateDictOptions(ignore_frozen_params=True))
+                   optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
