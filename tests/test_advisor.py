@@ -74,7 +74,8 @@ def test_no_clear_difference_where_the_data_say_so_even_against_the_paper():
 
 def test_large_data_is_not_extrapolated_and_empty_table_claims_nothing():
     a = advise_from_stats(_stats(4.0, 10_000), table=_trend_table())
-    assert any("outside the measured sizes" in r for r in a.reasons) and a.figures["examples"] == 10_000
+    assert any("10,000 examples (measured: 8–32) lie outside the evidence" in r for r in a.reasons)
+    assert a.figures["examples"] == 10_000
     e = advise_from_stats(_stats(4.0, 100), table={"meta": {}, "rows": []})
     assert e.predicted_im_minus_it == NO_DIFF and e.accuracy == "not measurable"
 
@@ -189,3 +190,15 @@ def test_a_term_the_evidence_does_not_vary_is_left_out():
     assert f.coef[1] == pytest.approx(-0.1, abs=1e-6)
     a = advise_from_stats(_stats(4.0, 8), table={"meta": {}, "rows": rows})
     assert a.predicted_im_minus_it == "IM better" and any("n is not in the rule" in r for r in a.reasons)
+
+
+def test_a_rule_no_better_than_saying_no_difference_claims_none():
+    """Five one-size rows like the first cells of the real study: the fitted line favours IM at low ratios, but
+    it predicts left-out sources worse than 'no clear difference' does, so that is what it says."""
+    rows = [_row("ih", 1.39, 8, -0.017, 0.06), _row("oh", 0.30, 8, -0.016, 0.008), _row("lima", 0.31, 8, 0.002, 0.045),
+            _row("code", 0.66, 8, -0.049, 0.03), _row("dolly", 0.55, 8, 0.002, 0.046)]
+    acc = leave_one_source_out(rows)
+    assert acc["correct"] <= acc["baseline_no_diff"] == 3 and acc["total"] == 5
+    a = advise_from_stats(_stats(0.3, 8), table={"meta": {}, "rows": rows})
+    assert a.predicted_im_minus_it == NO_DIFF and a.recommendation == "im" and a.confidence == "weak"
+    assert any("claims no difference" in r for r in a.reasons)

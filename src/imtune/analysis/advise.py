@@ -144,15 +144,15 @@ def label(delta: float, sd: float) -> str:
 def leave_one_source_out(rows: list[dict]) -> dict:
     """Refit without each source and predict its rows; compare with what each row measured."""
     sources = sorted({r["source"] for r in rows})
-    hits = total = 0
+    hits = total = baseline = 0
     for s in sources:
         f = fit([r for r in rows if r["source"] != s])
         if f is None:
             continue
         for r in (r for r in rows if r["source"] == s):
             hits += label(*f.predict(r["ratio"], r["n"])) == r["measured"]
+            baseline += r["measured"] == NO_DIFF
             total += 1
-    baseline = sum(r["measured"] == NO_DIFF for r in rows)
     return {"correct": hits, "total": total, "sources": len(sources), "baseline_no_diff": baseline,
             "rows": len(rows)}
 
@@ -162,7 +162,7 @@ def accuracy_text(acc: dict) -> str:
         return "not measurable (too few table rows to refit without a source)"
     return (f"{acc['correct']}/{acc['total']} table rows ({100 * acc['correct'] / acc['total']:.0f}%) predicted "
             f"correctly with their source left out; always saying '{NO_DIFF}' gets {acc['baseline_no_diff']}/"
-            f"{acc['rows']}")
+            f"{acc['total']}")
 
 
 def nearest_rows(rows: list[dict], ratio: float, n: int, k: int = 5) -> list[dict]:
@@ -178,6 +178,11 @@ def nearest_rows(rows: list[dict], ratio: float, n: int, k: int = 5) -> list[dic
 
 # ---- advice ------------------------------------------------------------------------------------------------------
 
+def _span(xs, fmt: str) -> str:
+    lo, hi = min(xs), max(xs)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
 def _evidence_text(meta: dict, rows: list[dict]) -> str:
     if not rows:
         return "no measured evidence (the advisor study table is empty)"
@@ -186,8 +191,8 @@ def _evidence_text(meta: dict, rows: list[dict]) -> str:
     ratios = [r["ratio"] for r in rows]
     s = meta.get("settings", {})
     return (f"{len(rows)} measured comparisons ({len({r['source'] for r in rows})} sources) with "
-            f"{', '.join(models)}: {min(ns)}–{max(ns)} training examples, instruction/output ratio "
-            f"{min(ratios):.2f}–{max(ratios):.2f}" + (f", max length {s['max_length']}, {s.get('epochs')} epoch(s)"
+            f"{', '.join(models)}: {_span(ns, '{:,}')} training examples, instruction/output ratio "
+            f"{_span(ratios, '{:.2f}')}" + (f", max length {s['max_length']}, {s.get('epochs')} epoch(s)"
                                                       if s.get("max_length") else "")
             + (f"; table dated {meta['date']}" if meta.get("date") else ""))
 
@@ -211,22 +216,34 @@ def advise_from_stats(stats: dict, table: dict | None = None, evidence=()) -> Ad
                        f"{NO_DIFF} can be claimed. Run `imtune compare` on your data to measure it.")
         return Advice(DEFAULT_OBJECTIVE, "weak", NO_DIFF, round(r, 4), n, accuracy="not measurable",
                       evidence=evidence_text, reasons=reasons, figures=figures)
-    ns = [row["n"] for row in rows]
+    ns, rs = [row["n"] for row in rows], [row["ratio"] for row in rows]
     n_used = min(max(n, min(ns)), max(ns))
-    delta, sd = f.predict(r, n_used)
+    r_used = min(max(r, min(rs)), max(rs))
+    delta, sd = f.predict(r_used, n_used)
     pred = label(delta, sd)
-    acc = accuracy_text(leave_one_source_out(rows))
+    loso = leave_one_source_out(rows)
+    acc = accuracy_text(loso)
+    fitted_pred = pred
+    if pred != NO_DIFF and loso["correct"] <= loso["baseline_no_diff"]:
+        # A rule that predicts unseen sources no better than "no difference" does not get to claim a difference.
+        pred = NO_DIFF
     rec = {"IM better": "im", "IT better": "it"}.get(pred, DEFAULT_OBJECTIVE)
     conf = "weak" if pred == NO_DIFF else "strong" if abs(delta) > 2 * 1.96 * sd else "moderate"
     b = f.coef
     formula = f"{b[0]:+.4f}" + (f" {b[1]:+.4f}·ln(ratio)" if f.terms[1] else "") + (
         f" {b[2]:+.4f}·ln(n)" if f.terms[2] else " (every measured row has one size, so n is not in the rule)")
-    reasons.append(f"Fitted to the measured comparisons: IM − IT held-out loss ≈ {formula}. At ratio {r:.2f} and n {n_used:,} it predicts {delta:+.4f} "
+    reasons.append(f"Fitted to the measured comparisons: IM − IT held-out loss ≈ {formula}. At ratio {r_used:.2f} and n {n_used:,} it predicts {delta:+.4f} "
                    f"(95% interval [{delta - 1.96 * sd:+.4f}, {delta + 1.96 * sd:+.4f}]) → {pred}"
                    + (" expected." if pred == NO_DIFF else "."))
-    if n_used != n:
-        reasons.append(f"Your {n:,} examples lie outside the measured sizes ({min(ns)}–{max(ns)}); the rule is "
-                       f"evaluated at the nearest measured size, {n_used}, rather than extrapolated.")
+    if n_used != n or r_used != r:
+        outside = ([f"{n:,} examples (measured: {_span(ns, '{:,}')})"] if n_used != n else []) + (
+            [f"ratio {r:.2f} (measured: {_span(rs, '{:.2f}')})"] if r_used != r else [])
+        reasons.append(f"Your {' and '.join(outside)} lie outside the evidence; the rule is evaluated at the nearest "
+                       "measured point rather than extrapolated.")
+    if fitted_pred != pred:
+        reasons.append(f"The fitted rule says {fitted_pred}, but on sources left out of the fit it was right no more "
+                       f"often than always saying '{NO_DIFF}' ({loso['correct']} vs {loso['baseline_no_diff']} of "
+                       f"{loso['total']}), so it claims no difference.")
     if pred == NO_DIFF:
         reasons.append(f"No clear difference expected, so the recommendation is imtune's default objective "
                        f"({DEFAULT_OBJECTIVE}); the IM paper's trend (larger IM gains for long instructions and few "
