@@ -44,6 +44,14 @@ def add_objective(p: argparse.ArgumentParser, default: str = DEFAULT_OBJECTIVE) 
                    help="which end to cut when an example is longer than --max-length (default: right)")
 
 
+def add_token_count_options(p: argparse.ArgumentParser) -> None:
+    """--template and --max-length for commands that count tokens the way training would (stats, advise)."""
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help=f"template used for token counts (default: {DEFAULT_TEMPLATE})")
+    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help=f"report how many examples this length would truncate/drop (default: {DEFAULT_MAX_LENGTH})")
+
+
 def load_data(args):
     """Load records per the common flags, printing a one-line note about skipped records."""
     import sys

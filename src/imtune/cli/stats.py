@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from imtune.cli.common import add_data, add_model, load_data
-from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
+from imtune.cli.common import add_data, add_model, add_token_count_options, load_data
 
 
 def add_parser(sub):
@@ -15,10 +14,7 @@ def add_parser(sub):
                                    "many examples --max-length would cut or drop.")
     add_data(p)
     add_model(p)
-    p.add_argument("--template", default=DEFAULT_TEMPLATE,
-                   help=f"template used for token counts (default: {DEFAULT_TEMPLATE})")
-    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
-                   help=f"report how many examples this length would truncate/drop (default: {DEFAULT_MAX_LENGTH})")
+    add_token_count_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
