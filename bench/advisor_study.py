@@ -116,7 +116,7 @@ def write_table(args, cells: list[tuple[str, int, Path]], started: str) -> dict:
     rows = [row for c in cells if (row := cell_row(*c)) is not None]
     table = {
         "meta": {"date": datetime.date.today().isoformat(), "started": started,
-                 "machine": f"{cpu_name()}, {_cores()} cores shared, run under nice -n 19",
+                 "machine": f"{cpu_name()}, {_cores()} cores, niceness {_niceness()}",
                  "python": platform.python_version(), "torch": torch.__version__,
                  "transformers": transformers.__version__, "imtune": __version__, "model": args.model,
                  "grid": {"sources": [c for c in args.sources.split(",")], "sizes": args.sizes,
@@ -139,6 +139,12 @@ def _cores() -> int:
     import os
 
     return os.cpu_count() or 1
+
+
+def _niceness() -> int:
+    import os
+
+    return os.nice(0)
 
 
 def parse(argv=None):
