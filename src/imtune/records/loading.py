@@ -176,25 +176,25 @@ def _text(raw: dict, key: str, required: bool = True) -> str:
     return v
 
 
+def _turns(raw: dict, field: str, role_key: str, text_key: str, word: str) -> list[dict]:
+    """The list of turns under `field`, each a dict with `role_key` and `text_key` (else ValueError naming it)."""
+    turns = raw.get(field)
+    if not isinstance(turns, list):
+        raise ValueError(f"missing field '{field}' (a list of {{{role_key}, {text_key}}})")
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict) or role_key not in m or text_key not in m:
+            raise ValueError(f"{word} {i}: expected {{{role_key}, {text_key}}}")
+    return turns
+
+
 def normalise(raw: dict, schema: str, id_default: str = "") -> Conversation:
     """Turn one raw record into a validated `Conversation` (raises ValueError with the reason)."""
     if schema == "messages":
-        msgs = raw.get("messages")
-        if not isinstance(msgs, list):
-            raise ValueError("missing field 'messages' (a list of {role, content})")
-        messages = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i}: expected {{role, content}}")
-            messages.append(_message(m["role"], m["content"], i, ROLES))
+        messages = [_message(m["role"], m["content"], i, ROLES)
+                    for i, m in enumerate(_turns(raw, "messages", "role", "content", "message"))]
     elif schema == "sharegpt":
-        msgs = raw.get("conversations")
-        if not isinstance(msgs, list):
-            raise ValueError("missing field 'conversations' (a list of {from, value})")
         messages = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "from" not in m or "value" not in m:
-                raise ValueError(f"turn {i}: expected {{from, value}}")
+        for i, m in enumerate(_turns(raw, "conversations", "from", "value", "turn")):
             role = SHAREGPT_ROLES.get(m["from"]) if isinstance(m["from"], str) else None
             if role is None:
                 raise ValueError(f"turn {i}: unknown role {m['from']!r} (expected human, gpt or system)")
