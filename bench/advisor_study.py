@@ -1,6 +1,6 @@
 """The advisor's evidence: `imtune compare` (it vs im) over a grid of training sets × sizes × seeds.
 
-    python bench/advisor_study.py --model smollm2-135m --sizes 8,16,32 --seeds 2 --max-length 160
+    python bench/advisor_study.py                      # 5 sources × sizes 8,16,32 × 2 seeds (~40 min, bf16)
     python bench/advisor_study.py --model smollm2-135m --table-only     # rebuild the table from finished cells
 
 Sources: the bundled LIMA, Alpagasus-Dolly-3k and Code-Alpaca-2k, plus the instruction-heavy and output-heavy
@@ -81,7 +81,7 @@ def compare_args(args, data: Path, out: Path, n: int, seeds: int) -> list[str]:
             "--n-train", str(n), "--n-val", str(args.n_val), "--seeds", str(seeds), "--eval", "loss",
             "--max-length", str(args.max_length), "--epochs", str(args.epochs), "--lr", str(args.lr),
             "--micro-batch-size", str(args.batch), "--global-batch-size", str(args.batch),
-            "--eval-batch-size", "8", "--skip-invalid", "--no-progress"]
+            "--eval-batch-size", "8", "--precision", args.precision, "--skip-invalid", "--no-progress"]
     if args.template:
         argv += ["--template", args.template]
     return argv
@@ -124,7 +124,7 @@ def write_table(args, cells: list[tuple[str, int, Path]], started: str) -> dict:
                  "settings": {"examples": f"only those whose content fits {args.max_length} - {TEMPLATE_MARGIN} tokens",
                               "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr,
                               "batch": args.batch, "n_heldout": args.n_val, "template": args.template or "default",
-                              "precision": "fp32"},
+                              "precision": _precision(args.precision)},
                  "outcome": "held-out output loss of IM minus IT (negative: IM better); 95% interval from a two-way "
                             "bootstrap over training seeds and held-out examples",
                  "cells_planned": len(cells), "cells_done": len(rows),
@@ -133,6 +133,14 @@ def write_table(args, cells: list[tuple[str, int, Path]], started: str) -> dict:
     }
     atomic_write_json(Path(args.table), table)
     return table
+
+
+def _precision(requested: str) -> str:
+    """What the runs trained in (compare resolves `auto` the same way on this machine's CPU)."""
+    from imtune.training.fast_defaults import resolve_precision
+
+    used, _ = resolve_precision(requested, "cpu")
+    return used if used == requested else f"{used} ({requested})"
 
 
 def _cores() -> int:
@@ -154,11 +162,12 @@ def parse(argv=None):
     ap.add_argument("--sizes", default="8,16,32", help="training-set sizes (comma-separated)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--n-val", type=int, default=32, help="held-out examples per source (the same for every size)")
-    ap.add_argument("--max-length", type=int, default=160)
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--template", default=None, help="chat template (default: imtune's default)")
+    ap.add_argument("--precision", default="auto", help="training precision (auto: bf16 where the CPU has it)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "advisor_study"))
     ap.add_argument("--table", default=str(TABLE))
     ap.add_argument("--table-only", action="store_true", help="only rebuild the table from finished cells")

@@ -1,6 +1,6 @@
 """Does IM beat IT? `imtune compare` on the bundled training sets, and docs/FINDINGS.md from what was measured.
 
-    python bench/findings.py                       # it,im,weighted:0.1 × 3 seeds × 200 examples per set (hours)
+    python bench/findings.py                       # it,im,weighted:0.1 × 3 seeds × 200 examples per set (~1 h, 2 cores, bf16)
     python bench/findings.py --only LIMA --n-train 64 --seeds 2
     python bench/findings.py --report-only         # rewrite docs/FINDINGS.md from finished runs + the study table
 
@@ -30,13 +30,13 @@ SETS = {"LIMA": "lima.jsonl", "Alpagasus-Dolly-3k": "alpagasus_dolly_3k.jsonl", 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-train", type=int, default=200)
-    ap.add_argument("--n-val", type=int, default=48)
+    ap.add_argument("--n-val", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--objectives", default="it,im,weighted:0.1")
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--precision", default="auto")
     ap.add_argument("--out", default=str(ROOT / "runs" / "findings"))
     ap.add_argument("--only", default=None, help="comma-separated dataset names to run")
     ap.add_argument("--report-only", action="store_true", help="only rewrite FINDINGS.md from finished work")
@@ -62,25 +62,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def throughput_note(study_runs: Path) -> str:
-    """The training speed the advisor study's runs logged (tokens/s per optimiser step), and what the full
-    findings grid (3 sets × 3 objectives × 3 seeds × 200 examples × 2 epochs, ≤ 256 tokens) would take at it."""
-    speeds = []
-    for p in study_runs.glob("*/n*/runs/*/metrics.jsonl"):
-        for line in p.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if row.get("tokens_per_s"):
-                speeds.append(float(row["tokens_per_s"]))
-    if not speeds:
-        return "it was not run here."
-    med = sorted(speeds)[len(speeds) // 2]
-    tokens = 3 * 3 * 3 * 200 * 2 * 200  # ~200 tokens per example after truncation at 256
-    return (f"the advisor study's {len(speeds)} training steps today ran at a median {med:.1f} tokens/s (niced, on "
-            f"the shared 2 cores), at which the grid's ~{tokens / 1e6:.1f}M training tokens would take "
-            f"~{tokens / med / 86400:.0f} days (at the ~130 tokens/s of 2 quiet cores noted in cli/demo.py, "
-            f"~{tokens / 130 / 3600:.1f} hours), so it was not run here.")
-
-
 def needed_heldout(d: dict) -> str:
     """Held-out examples that would make the 95% half-width equal the measured |IM − IT| (half-width ∝ 1/√n,
     seeds fixed): a planning figure that assumes the measured difference is the true one."""
@@ -93,23 +74,58 @@ def needed_heldout(d: dict) -> str:
     return "resolved" if d["resolved"] else f"≈ {math.ceil(d['n'] * k):,}"
 
 
-def findings_rows(root: Path) -> list[str]:
+def _ci_text(d: dict | None) -> str:
+    if not d or d.get("mean") is None:
+        return "—"
+    return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]{' *' if d.get('resolved') else ''}"
+
+
+def set_minutes(set_dir: Path) -> float:
+    """Wall time of one set's comparison, from its first written file (the split) to its results file."""
+    start = (set_dir / "data" / "split.json").stat().st_mtime
+    return ((set_dir / "results.json").stat().st_mtime - start) / 60
+
+
+def findings_settings(root: Path) -> str:
+    """The settings every finished set ran with, read back from its results.json (never from this script's
+    defaults), and the precision the runs resolved to (from the first run's summary)."""
+    from imtune.training.fast_defaults import resolve_precision
+
+    seen = []
+    for name in SETS:
+        p = root / name / "results.json"
+        if p.exists():
+            r = json.loads(p.read_text())
+            t = r["train_config"]
+            used, _ = resolve_precision(t["precision"], "cpu")
+            seen.append(f"`{r['config']['model']}`, full fine-tuning, precision {t['precision']} (here: {used}), "
+                        f"{t['epochs']} epochs, lr {t['lr']}, batch {t['global_batch_size']}, max length "
+                        f"{t['max_length']}, template `{t['template']}`, objectives {','.join(r['config']['objectives'])}")
+    return "; ".join(sorted(set(seen))) or "—"
+
+
+def findings_rows(root: Path, table: dict) -> list[str]:
+    from imtune.analysis.advise import advise_from_stats
+
     rows = []
     for name in SETS:
         p = root / name / "results.json"
         if not p.exists():
             continue
         r = json.loads(p.read_text())
-        v, a = r["verdict"], r["advice"]
+        v = r["verdict"]
         d = v.get("im_minus_it") or {}
         if d.get("mean") is None:
             continue
+        # The prediction of the advisor as it is now (fitted to the current study table), from the set's statistics.
+        pred = advise_from_stats(r["stats"], table=table).predicted_im_minus_it
         means = " / ".join(f"{o} {m:.4f}" for o, m in v["heldout_loss_mean"].items() if m is not None)
+        others = "; ".join(f"{o} − it {_ci_text(x)}" for o, x in v["paired_diff_vs_baseline"].items()
+                           if o != "im") if v["baseline"] == "it" else ""
         rows.append(f"| {name} | {r['split'].get('n_train_common', r['split']['n_train'])} / {d['n']} / "
                     f"{d['n_seeds']} | {r['stats']['instruction_output_ratio']:.2f} | {means} | `{v['winner']}` "
-                    f"{'wins' if v['resolved'] else 'ahead, not resolved'} | {d['mean']:+.4f} "
-                    f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] | {a['predicted_im_minus_it']} → "
-                    f"{v['measured_im_vs_it']} | {needed_heldout(d)} |")
+                    f"{'wins' if v['resolved'] else 'ahead, not resolved'} | {_ci_text(d)} | {others or '—'} | "
+                    f"{pred} → {v['measured_im_vs_it']} | {needed_heldout(d)} | {set_minutes(root / name):.0f} |")
     return rows
 
 
@@ -132,14 +148,13 @@ def study_rows(table: dict) -> tuple[list[str], str]:
     return out, (accuracy_text(leave_one_source_out(rows)) if rows else "not measurable"), summary
 
 
-def write_findings(root: Path, doc: Path, study_runs: str | Path = ROOT / "runs" / "advisor_study",
-                   table_path: str | Path | None = None) -> None:
+def write_findings(root: Path, doc: Path, table_path: str | Path | None = None) -> None:
     from imtune.analysis.advise import load_table
     from imtune.io_utils import atomic_write_text
 
     table = load_table(table_path)
     meta, s = table.get("meta", {}), table.get("meta", {}).get("settings", {})
-    f_rows = findings_rows(root)
+    f_rows = findings_rows(root, table)
     st_rows, acc, summary = study_rows(table)
     text = f"""# Findings: does IM beat IT at CPU scale?
 
@@ -148,13 +163,14 @@ below is read from a results file, none is typed in.
 
 ## 1. Per-set comparisons (`bench/findings.py`: it, im, weighted:0.1 × seeds × ≥ 200 examples)
 
-""" + ("""| dataset | train / held-out / seeds | instr/output ratio | held-out output loss | verdict | IM − IT [95% CI] | advisor predicted → measured | held-out examples to resolve |
-|---|---|---|---|---|---|---|---|
-""" + "\n".join(f_rows) if f_rows else """Not run at the issue's size yet. `python bench/findings.py` (defaults: 200 training examples, 48 held out,
-3 seeds, objectives it,im,weighted:0.1, max length 256, 2 epochs) trains 27 SmolLM2-135M runs of 100 steps;
-""" + throughput_note(Path(study_runs)) + """ It is resumable per (objective, seed): run it on a quiet machine
-(or a GPU) and then `--report-only`. An earlier three-row table (2026-11-27, 24 examples, one seed) was made before imtune trained
-every objective on the same examples and is superseded; it is in the git history of this file.""") + f"""
+""" + ("""Settings (read from each results.json): """ + findings_settings(root) + """. Machine: """ + cpu_name() + """,
+2 cores. Intervals: 95%, two-way bootstrap over training seeds and held-out examples; `*` marks one that excludes 0.
+"Advisor predicted" is what `imtune advise` says for the set's statistics with the study table of section 2.
+
+| dataset | train / held-out / seeds | instr/output ratio | held-out output loss | verdict | IM − IT [95% CI] | other − IT [95% CI] | advisor predicted → measured | held-out examples to resolve | minutes |
+|---|---|---|---|---|---|---|---|---|---|
+""" + "\n".join(f_rows) if f_rows else """Not run yet: `python bench/findings.py` (about an hour on 2 cores with
+bf16) and then `--report-only`.""") + f"""
 
 ## 2. The advisor study (`bench/advisor_study.py`, the table `imtune advise` is fitted to)
 

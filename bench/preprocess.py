@@ -31,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL_DIR = Path("/tmp/smoltok")
+sys.path.insert(0, str(ROOT / "bench"))
+from results_md import write_section  # noqa: E402  (a sibling script, not a package)
+
 SECTION = "## Preprocessing (encode) throughput"
 
 
@@ -181,7 +184,7 @@ def main(argv=None):
     print()
     print(text)
     if not args.no_write:
-        write_section(Path(args.out), text)
+        write_section(SECTION, text, Path(args.out))
         print(f"wrote {args.out}")
 
 
@@ -214,18 +217,6 @@ def mask_diff(ours, reference, tok):
                 seg = e.segments[i]
                 causes[f"{'ours' if a else 'ref'} trains {seg} {tok.convert_ids_to_tokens(e.input_ids[i])!r}"] += 1
     return differ / max(total, 1), total, causes
-
-
-def write_section(path: Path, text: str):
-    """Replace (or append) our section of RESULTS.md, leaving other sections as they are."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(new)
 
 
 if __name__ == "__main__":

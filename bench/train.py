@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -41,9 +40,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import machine, write_section  # noqa: E402  (a sibling script, not a package)
+
 ROOT = Path(__file__).resolve().parents[1]
 LIMA = ROOT / "src" / "imtune" / "data" / "train" / "lima.jsonl"
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Training throughput vs TRL"
 MODEL, TEMPLATE, SEED = "smollm2-135m", "tulu", 42
 N_EXAMPLES, MICRO_BATCH, THREADS, LR = 64, 4, 2, 2e-5
@@ -211,27 +212,6 @@ def spawn(kind: str, objective: str, args) -> dict:
     return r
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-        flags = re.search(r"Flags:\s*(.+)", out).group(1).split()
-        bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    except (OSError, AttributeError):
-        model, bf16 = "unknown CPU", []
-    return f"{model} ({', '.join(bf16) or 'no native bf16'}), {os.cpu_count()} cores visible"
-
-
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    new = re.sub(rf"(?<=[^\n])\n(?={re.escape(SECTION)})", "\n\n", new)  # a blank line before the heading
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(RESULTS)
-
-
 def summarise(objective: str, reps: list[dict]) -> dict:
     """Medians over repetitions: each ratio per repetition first, then the median (and range) of the ratios."""
     med = statistics.median
@@ -338,7 +318,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 def _opts(opts: dict) -> str:

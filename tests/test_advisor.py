@@ -175,7 +175,7 @@ def test_findings_doc_is_built_from_measured_rows(tmp_path):
     p = tmp_path / "t.json"
     p.write_text(json.dumps(t))
     doc = tmp_path / "F.md"
-    findings.write_findings(tmp_path / "none", doc, study_runs=tmp_path / "none", table_path=p)
+    findings.write_findings(tmp_path / "none", doc, table_path=p)
     text = doc.read_text()
     assert text.count("\n| ") == 1 + 16 and "Advisor accuracy, leave one source out: " in text
     # The unresolved row: half-width 0.02 vs |mean| 0.01 → 4× the 16 held-out examples.

@@ -4,6 +4,7 @@ import itertools
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,17 @@ def test_compare_cli_seeds_3_any_order_resumable(tiny_dir, tmp_path, capsys):
     assert len(weights) == 6
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in weights} == weights
+    # bench/findings.py reads its row back from this results.json: the same IM − IT, winner and seed count.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("findings", Path(__file__).parents[1] / "bench" / "findings.py")
+    findings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(findings)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "LIMA").symlink_to(out)
+    [row] = findings.findings_rows(tmp_path / "f", {"meta": {}, "rows": []})
+    d = v["im_minus_it"]
+    assert row.startswith(f"| LIMA | {r['split'].get('n_train_common', r['split']['n_train'])} / {d['n']} / 3 |") and f"`{v['winner']}`" in row
+    assert f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" in row
+    assert f"no clear difference → {v['measured_im_vs_it']}" in row
+    assert "max length 512" in findings.findings_settings(tmp_path / "f")
