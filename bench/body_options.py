@@ -7,6 +7,7 @@ One optimizer step = forward + backward of SmolLM2-135M under bf16 autocast (imt
 process (one at a time), interleaved over repetitions:
 
 * eager-sdpa: what `imtune train` runs (and TRL runs);
+* sdpa-math: the same, with sdpa restricted to its math backend (bmm + softmax) instead of the CPU flash kernel;
 * eager-attention: `attn_implementation="eager"` (matmul + softmax attention);
 * compiled-layers: regional `torch.compile(dynamic=True)` of every decoder layer (the recipe that keeps compile
   time lowest; the layers share one compiled graph).
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import machine, write_section  # noqa: E402  (a sibling script, not a package)
 
 SECTION = "## Transformer body: eager vs compiled (why the default stays eager)"
-VARIANTS = ("eager-sdpa", "eager-attention", "compiled-layers")
+VARIANTS = ("eager-sdpa", "sdpa-math", "eager-attention", "compiled-layers")
 LENGTHS = (256, 240, 256, 224, 248, 232, 256, 240)
 
 
@@ -52,9 +53,16 @@ def worker(variant: str, steps: int) -> dict:
         for layer in m.model.layers:
             layer.compile(dynamic=True)
 
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def backend():  # a fresh context each step: sdpa_kernel is a one-shot context manager
+        return sdpa_kernel(SDPBackend.MATH) if variant == "sdpa-math" else nullcontext()
+
     def step(length: int) -> float:
         ids = torch.randint(0, m.config.vocab_size - 1, (4, length))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), backend():
             h = m.model(input_ids=ids).last_hidden_state[:, length // 2:]
             loss = torch.nn.functional.cross_entropy(m.lm_head(h).float().flatten(0, 1),
                                                      ids[:, length // 2:].flatten())

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from advisor_study import cpu_name  # noqa: E402  (a sibling script, not a package)
+from advisor_study import cpu_name, prune  # noqa: E402  (a sibling script, not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "src" / "imtune" / "data" / "train"
@@ -40,6 +40,8 @@ def parse(argv=None):
     ap.add_argument("--out", default=str(ROOT / "runs" / "findings"))
     ap.add_argument("--only", default=None, help="comma-separated dataset names to run")
     ap.add_argument("--report-only", action="store_true", help="only rewrite FINDINGS.md from finished work")
+    ap.add_argument("--keep-weights", action="store_true",
+                    help="keep each evaluated run's weights and checkpoints (~2 GB a run; by default they are removed)")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "FINDINGS.md"))
     return ap.parse_args(argv)
 
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
                   "--max-new-tokens", "32", "--skip-invalid"])
         if rc:
             return rc
+        if not args.keep_weights:
+            prune(Path(args.out) / name)
     write_findings(Path(args.out), Path(args.doc))
     return 0
 
@@ -148,6 +152,11 @@ def study_rows(table: dict) -> tuple[list[str], str]:
     return out, (accuracy_text(leave_one_source_out(rows)) if rows else "not measurable"), summary
 
 
+def _study_minutes(table: dict) -> str:
+    secs = [r.get("seconds") for r in table.get("rows", [])]
+    return f"{sum(secs) / 60:.0f}" if secs and all(secs) else "—"
+
+
 def write_findings(root: Path, doc: Path, table_path: str | Path | None = None) -> None:
     from imtune.analysis.advise import load_table
     from imtune.io_utils import atomic_write_text
@@ -181,7 +190,8 @@ full fine-tuning in {s.get('precision', '—')}, {s.get('epochs', '—')} epoch(
 same {s.get('n_heldout', '—')} held-out examples per source at every size. Cells finished:
 {meta.get('cells_done', 0)} of {meta.get('cells_planned', 0)} planned
 ({meta.get('grid', {}).get('sizes', '—')} examples × {meta.get('grid', {}).get('seeds', '—')} seeds ×
-{len(meta.get('grid', {}).get('sources', []))} sources). Interval: {meta.get('outcome', '—')}.
+{len(meta.get('grid', {}).get('sources', []))} sources), {_study_minutes(table)} minutes of wall time summed over
+cells. Interval: {meta.get('outcome', '—')}.
 
 | source | instr/output ratio | n train | seeds | held-out | IM − IT [95% CI] | resolved | measured | fitted rule, source left out | held-out examples to resolve |
 |---|---|---|---|---|---|---|---|---|---|
@@ -197,7 +207,7 @@ exclude 0 — a planning figure that assumes the measured difference is the true
 seeds are needed as well.
 
 Caveats: a 135M model, 8–32 training examples of at most {s.get('max_length', '—')} tokens, a few optimiser steps
-on a busy CPU — far from the paper's LLaMA-2-7B/13B with thousands of examples and an LLM judge. These rows check
+on 2 CPU cores — far from the paper's LLaMA-2-7B/13B with thousands of examples and an LLM judge. These rows check
 direction and noise at toy scale; the advisor says which scale its evidence comes from with every recommendation.
 """
     atomic_write_text(doc, text)

@@ -281,3 +281,30 @@ def test_compare_cli_seeds_3_any_order_resumable(tiny_dir, tmp_path, capsys):
     assert f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" in row
     assert f"no clear difference → {v['measured_im_vs_it']}" in row
     assert "max length 512" in findings.findings_settings(tmp_path / "f")
+
+
+@pytest.mark.slow
+def test_compare_rerun_with_changed_settings_retrains_and_keeps_foreign_files(tiny_dir, tmp_path, capsys):
+    """A finished run whose settings changed is retrained from scratch (never resumed from its old checkpoints,
+    never reused with its old evaluations); compare's own files are in the run's manifest, so the retrain may
+    remove them, while a file the user put in a run directory stops it with nothing removed."""
+    from imtune.cli.main import main
+
+    out = tmp_path / "cmp"
+    base = ["compare", "--data", str(_data(tmp_path)), "--model", str(tiny_dir), "--objectives", "it,im",
+            "--n-val", "6", "--eval", "loss", "--out", str(out), "--epochs", "1", "--micro-batch-size", "4",
+            "--max-length", "512", "--template", "chatml", "--no-progress"]
+    assert main(base + ["--lr", "1e-3"]) == 0
+    assert any((out / "runs" / "it" / "checkpoints").iterdir())
+    first = json.loads((out / "results.json").read_text())["verdict"]["heldout_loss_mean"]
+    capsys.readouterr()
+    assert main(base + ["--lr", "5e-3"]) == 0
+    err = capsys.readouterr().err
+    assert "it: settings changed since the finished run; retraining" in err and "resuming" not in err
+    second = json.loads((out / "results.json").read_text())["verdict"]["heldout_loss_mean"]
+    assert second["it"] != first["it"] and second["im"] != first["im"]
+    mine = out / "runs" / "im" / "notes.txt"
+    mine.write_text("the user's")
+    assert main(base + ["--lr", "2e-3"]) == 2
+    assert "notes.txt was not written by imtune" in capsys.readouterr().err and mine.read_text() == "the user's"
+    assert (out / "runs" / "im" / "eval").is_dir()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,16 +164,31 @@ def train_run(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path, ou
     if _run_done(run_dir, tcfg):
         _log(f"{name}: reusing finished run in {run_dir}")
         return run_dir
-    has_ckpt = run_dir.exists() and any(run_dir.glob("checkpoint*"))
-    if has_ckpt:
+    # A finished run with other settings is stale: its checkpoints belong to those settings, so it is retrained
+    # from scratch (and its cached evaluations go with it); only an interrupted run is resumed.
+    stale = (run_dir / "compare_done.json").exists()
+    if not stale and run_dir.exists() and any(run_dir.glob("checkpoint*")):
         _log(f"{name}: resuming the interrupted run in {run_dir}")
         tcfg = tcfg.replace(resume="latest")
     elif run_dir.exists() and any(run_dir.iterdir()):
-        tcfg = tcfg.replace(overwrite=True)  # a run that died before its first checkpoint: start it over
+        _log(f"{name}: settings changed since the finished run; retraining" if stale else
+             f"{name}: the run died before its first checkpoint; starting it over")
+        tcfg = tcfg.replace(overwrite=True)
     _log(f"{name}: training → {run_dir}")
     train(tcfg)
+    _own(run_dir, "compare_done.json")
     atomic_write_json(run_dir / "compare_done.json", {"config": _config_key(tcfg), "objective": objective})
     return run_dir
+
+
+def _own(run_dir: Path, rel: str, kind: str = "files") -> None:
+    """Record a path compare is about to create inside a run directory in the run's manifest, so that a later
+    --overwrite (a retrain with changed settings) may remove it with the rest of the run. One that exists already
+    is left as it is (claimed before, or from an older version: then a retrain refuses rather than removes it)."""
+    from imtune.training.outputs import RunDir
+
+    if not os.path.lexists(run_dir / rel):
+        RunDir(run_dir).claim(rel, kind)
 
 
 def common_training_set(train_p: Path, tokenizer, objectives, tcfg) -> tuple[Path, int | None]:
@@ -338,6 +354,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         for o in objectives:
             d = dirs[(o, s)]
             _log(f"evaluating {o}" + (f" (seed {s})" if len(seeds) > 1 else ""))
+            _own(d, "eval", "trees")
             evals[o].append(evaluate_model(cfg, str(d), d / "eval", train_p, val_p, default_template(str(d), None),
                                            precision=tcfg0.precision))
     runs = {}
