@@ -114,6 +114,7 @@ def write_table(args, cells: list[tuple[str, int, Path]], started: str) -> dict:
     from imtune.io_utils import atomic_write_json
 
     rows = [row for c in cells if (row := cell_row(*c)) is not None]
+    started = _first_start(Path(args.table), Path(args.out), started)
     table = {
         "meta": {"date": datetime.date.today().isoformat(), "started": started,
                  "machine": f"{cpu_name()}, {_cores()} cores, niceness {_niceness()}",
@@ -128,11 +129,21 @@ def write_table(args, cells: list[tuple[str, int, Path]], started: str) -> dict:
                  "outcome": "held-out output loss of IM minus IT (negative: IM better); 95% interval from a two-way "
                             "bootstrap over training seeds and held-out examples",
                  "cells_planned": len(cells), "cells_done": len(rows),
-                 "command": "python bench/advisor_study.py " + " ".join(sys.argv[1:])},
+                 "command": "python bench/advisor_study.py " + " ".join(sys.argv[1:]), "out": str(args.out)},
         "rows": rows,
     }
     atomic_write_json(Path(args.table), table)
     return table
+
+
+def _first_start(table: Path, out: Path, started: str) -> str:
+    """A resumed study keeps the start of its first sitting (the table says when its earliest cell began)."""
+    try:
+        meta = json.loads(table.read_text())["meta"]
+    except (OSError, ValueError, KeyError):
+        return started
+    same = meta.get("out", str(out)) == str(out) and meta.get("cells_done", 0) > 0
+    return min(meta.get("started", started), started) if same else started
 
 
 def _precision(requested: str) -> str:

@@ -175,6 +175,8 @@ below is read from a results file, none is typed in.
 """ + ("""Settings (read from each results.json): """ + findings_settings(root) + """. Machine: """ + cpu_name() + """,
 2 cores. Intervals: 95%, two-way bootstrap over training seeds and held-out examples; `*` marks one that excludes 0.
 "Advisor predicted" is what `imtune advise` says for the set's statistics with the study table of section 2.
+"Minutes" is wall time from the set's split to its results file, so it includes anything else the machine ran and
+any interruption before a resumed run finished.
 
 | dataset | train / held-out / seeds | instr/output ratio | held-out output loss | verdict | IM − IT [95% CI] | other − IT [95% CI] | advisor predicted → measured | held-out examples to resolve | minutes |
 |---|---|---|---|---|---|---|---|---|---|

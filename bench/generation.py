@@ -7,7 +7,7 @@ Prompts are the first user turns of the bundled LIMA set rendered with the tulu 
 judge setting). For each batch size the same prompts are generated greedily (batched, KV-cached, sorted by length,
 stopping at EOS or the template's stop strings) and the script prints wall time, completion tokens/s and prompts/s.
 Completion tokens are counted by re-tokenising the returned completions (stop strings and EOS excluded). Batch size
-1 is the unbatched baseline; greedy outputs must be identical at every batch size, which is checked.
+1 is the unbatched baseline; greedy outputs are compared with it (identical in fp32; bf16 may flip near-ties).
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ def prompts_from_lima(tokenizer, n: int) -> list[str]:
     recs = load_records(ROOT / "src/imtune/data/train/lima.jsonl", skip_invalid=True)[:n]
     firsts = [next(m for m in r.messages if m.role == "user") for r in recs]
     return [render_prompt([{"role": "user", "content": m.content}], tokenizer, "tulu") for m in firsts]
+
+
+def _same(outs: list[str], ref: list[str]) -> str:
+    differ = sum(a != b for a, b in zip(outs, ref, strict=True))
+    return "identical" if not differ else f"{differ} of {len(ref)} differ"
 
 
 def timed_generation(model, tok, prompts, stops, bs: int, max_new: int) -> tuple[float, int, list[str]]:
@@ -85,7 +90,7 @@ def main(argv=None) -> None:
         speedup = statistics.median(a / b for a, b in zip(walls[(prec, sizes[0])], ws, strict=True))
         rows.append(f"| {prec} | {bs} | {statistics.median(ws):.2f} | {tokens[(prec, bs)] / statistics.median(ws):.1f} "
                     f"| {len(prompts) / statistics.median(ws):.2f} | {speedup:.2f}x | "
-                    f"{'reference' if bs == sizes[0] else 'identical' if outputs[(prec, bs)] == ref else 'DIFFERENT'} |")
+                    f"{_same(outputs[(prec, bs)], ref) if bs != sizes[0] else 'reference'} |")
     text = f"""{SECTION}
 
 `bench/generation.py`, {started:%Y-%m-%d %H:%M} UTC; {machine()}; torch {torch.__version__}, {args.threads} threads;
@@ -95,7 +100,9 @@ loads it (`load_for_inference`, each dtype); {len(prompts)} first user turns of 
 template's stop strings. `generate_texts` sorts prompts by length, batches them and decodes with the KV cache;
 batch size {sizes[0]} is the unbatched baseline (what calling `model.generate` per prompt does). Median of
 {args.reps} interleaved repetitions; the speed-up is the median of the per-repetition ratios. Completion tokens are
-counted by re-tokenising the returned texts.
+counted by re-tokenising the returned texts. In fp32, batched greedy outputs must equal the unbatched ones; in bf16
+a padded batch rounds differently from a single row, so a near-tie between two tokens can flip and the text
+diverge from there (the column counts such prompts).
 
 | dtype | batch | wall s | completion tok/s | prompts/s | vs batch {sizes[0]} | greedy outputs |
 |---|---:|---:|---:|---:|---:|---|

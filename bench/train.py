@@ -55,8 +55,10 @@ imtune (the padding column); in bf16 both autocast the same Hugging Face transfo
 step for SmolLM2-135M. What is left is TRL's extra per-step work (entropy and top-1 accuracy in its head, Trainer
 bookkeeping); the table shows how much that is. The earlier 1.08-1.86x figures came from TRL's random batches (9%
 padding) and its fp32/gradient-checkpointing defaults. imtune's part of a step beyond the body is now the chunked
-head on weighted positions and the fused AdamW step; a 1.5x lead needs a faster body (fused kernels or
-`torch.compile`), which is not a safe default here (a compilation per new sequence length, on 2 cores).
+head on weighted positions and the fused AdamW step; a 1.5x lead needs a faster body. The section "Transformer
+body" below measures the candidates: regional `torch.compile` 1.08x and eager attention 1.18x over sdpa, in one
+repetition (a pilot at 05:17 had both slower). TRL can use either as well (`model_init_kwargs`, `torch_compile`), so
+neither would change the ratio between the tools, and neither is a default until three repetitions confirm it.
 
 Settings chosen from pilots on this machine (2026-12-02, shared, load 4-9, so single figures are rough):
 * bf16 autocast vs fp32, imtune, one micro-batch of 4 x 128 tokens, forward+backward, interleaved: best 3.7 s bf16
