@@ -56,9 +56,9 @@ step for SmolLM2-135M. What is left is TRL's extra per-step work (entropy and to
 bookkeeping); the table shows how much that is. The earlier 1.08-1.86x figures came from TRL's random batches (9%
 padding) and its fp32/gradient-checkpointing defaults. imtune's part of a step beyond the body is now the chunked
 head on weighted positions and the fused AdamW step; a 1.5x lead needs a faster body. The section "Transformer
-body" below measures the candidates: regional `torch.compile` 1.08x and eager attention 1.18x over sdpa, in one
-repetition (a pilot at 05:17 had both slower). TRL can use either as well (`model_init_kwargs`, `torch_compile`), so
-neither would change the ratio between the tools, and neither is a default until three repetitions confirm it.
+body" below measures the candidates (median of 3): regional `torch.compile` 0.99x (no gain, 8 s more to start)
+and eager attention 1.12x over sdpa. TRL can use either as well (`model_init_kwargs`, `torch_compile`), so neither
+changes the ratio between the tools; eager attention is the one lever left for CPU users of both.
 
 Settings chosen from pilots on this machine (2026-12-02, shared, load 4-9, so single figures are rough):
 * bf16 autocast vs fp32, imtune, one micro-batch of 4 x 128 tokens, forward+backward, interleaved: best 3.7 s bf16
