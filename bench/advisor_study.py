@@ -147,10 +147,10 @@ def _first_start(table: Path, out: Path, started: str) -> str:
 
 
 def _precision(requested: str) -> str:
-    """What the runs trained in (compare resolves `auto` the same way on this machine's CPU)."""
-    from imtune.training.fast_defaults import resolve_precision
+    """What the runs trained in, as compare resolves it on this machine."""
+    from imtune.analysis.compare import eval_precision
 
-    used, _ = resolve_precision(requested, "cpu")
+    used = eval_precision(requested)
     return used if used == requested else f"{used} ({requested})"
 
 

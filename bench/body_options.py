@@ -38,15 +38,14 @@ LENGTHS = (256, 240, 256, 224, 248, 232, 256, 240)
 
 def worker(variant: str, steps: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from imtune.models import resolve_model
+    from imtune.models import load_model
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    attn = "eager" if variant == "eager-attention" else "sdpa"
-    m = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"), dtype=torch.float32,
-                                             attn_implementation=attn)
+    m = load_model("smollm2-135m")  # the one loader (fp32 master weights, sdpa), as `imtune train` loads it
+    if variant == "eager-attention":
+        m.set_attn_implementation("eager")
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
     if variant == "compiled-layers":

@@ -92,8 +92,8 @@ def set_minutes(set_dir: Path) -> float:
 
 def findings_settings(root: Path) -> str:
     """The settings every finished set ran with, read back from its results.json (never from this script's
-    defaults), and the precision the runs resolved to (from the first run's summary)."""
-    from imtune.training.fast_defaults import resolve_precision
+    defaults), and the precision the runs resolved to on this machine (as compare resolves it)."""
+    from imtune.analysis.compare import eval_precision
 
     seen = []
     for name in SETS:
@@ -101,8 +101,8 @@ def findings_settings(root: Path) -> str:
         if p.exists():
             r = json.loads(p.read_text())
             t = r["train_config"]
-            used, _ = resolve_precision(t["precision"], "cpu")
-            seen.append(f"`{r['config']['model']}`, full fine-tuning, precision {t['precision']} (here: {used}), "
+            seen.append(f"`{r['config']['model']}`, full fine-tuning, precision {t['precision']} "
+                        f"(here: {eval_precision(t['precision'])}), "
                         f"{t['epochs']} epochs, lr {t['lr']}, batch {t['global_batch_size']}, max length "
                         f"{t['max_length']}, template `{t['template']}`, objectives {','.join(r['config']['objectives'])}")
     return "; ".join(sorted(set(seen))) or "—"
