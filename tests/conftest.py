@@ -6,6 +6,8 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Training runs write their encode cache here, not into the user's HF cache (one directory per test session).
+os.environ.setdefault("IMTUNE_ENCODE_CACHE", __import__("tempfile").mkdtemp(prefix="imtune-encode-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -24,6 +24,7 @@ CHOICES = {
     "loss_normalization": ("weight", "tokens"),
     "precision": ("auto", "fp32", "bf16"),
     "kl_type": ("target_token", "full"),
+    "kernels": ("auto", "none", "liger"),
 }
 
 
@@ -34,6 +35,16 @@ DEFAULT_TEMPLATE = "tulu"
 DEFAULT_OBJECTIVE = "im"
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_TRUNCATION_SIDE = "right"
+DEFAULT_DATA_SPLIT = "train"  # the split of a Hub dataset or dataset directory given as --data
+DATA_HELP = ("data file (.jsonl, .json, .csv, .parquet), Hugging Face Hub dataset id (ORG/NAME or "
+             "hf://datasets/ORG/NAME, fetched once into the standard HF cache), or a dataset directory "
+             "(save_to_disk, or a folder of data files)")
+# `imtune advise --pilot`'s wall-clock budget: ~10 minutes of a 135M model on 2 CPU cores (its cost model plans to it)
+DEFAULT_PILOT_BUDGET_MIN = 10.0
+# Run trackers (`report_to`) and the pip extra that installs each; tensorboard is a core dependency.
+TRACKERS = {"tensorboard": None, "wandb": "wandb", "mlflow": "mlflow"}
+DEFAULT_REPORT_TO = ("tensorboard",)
+DEFAULT_TRACKING_PROJECT = "imtune"  # wandb project / MLflow experiment when neither the config nor the env names one
 
 
 def _f(default, help: str, **meta):
@@ -50,7 +61,10 @@ class TrainConfig:
     attn_implementation: str | None = _f(None, "eager, sdpa or flash_attention_2 (default: the model's own choice)")
 
     # data
-    data: str | None = _f(None, "training data file: .jsonl, .json, .csv or .parquet (required)")
+    data: str | None = _f(None, f"training {DATA_HELP} (required)")
+    data_split: str = _f(DEFAULT_DATA_SPLIT, "with a Hub id or dataset directory: the split to use")
+    data_config: str | None = _f(None, "with a Hub id or dataset directory: the configuration (subset) to use")
+    data_revision: str | None = _f(None, "with a Hub dataset id: branch, tag or commit to use (default: main)")
     data_format: str | None = _f(None, "force the record schema instead of auto-detecting it")
     skip_invalid: bool = _f(False, "skip bad records (and report which) instead of stopping at the first one")
     objective: str = _f(DEFAULT_OBJECTIVE, "it | im | im-all | weighted:λ[:ρ], optionally suffixed @last")
@@ -61,6 +75,11 @@ class TrainConfig:
         False, "let special-token text typed inside a message (e.g. <|im_end|>) become the special token")
     val_data: str | None = _f(None, "held-out data file, evaluated each epoch on output-only (it) loss")
     val_fraction: float = _f(0.0, "hold out this fraction of --data instead (split deterministically by --seed)")
+    encode_cache: bool = _f(True, "encode once into a memory-mapped Arrow cache that later runs with the same data, "
+                                  "tokenizer, template and max length reuse (any objective); off: encode in memory")
+    encode_cache_dir: str | None = _f(None, "where the encode cache lives (default: $IMTUNE_ENCODE_CACHE, else "
+                                            "$HF_HOME/imtune/encoded)")
+    num_proc: int | None = _f(None, "processes that encode the data (default: the CPU cores)")
 
     # optimisation
     epochs: int = _f(2, "passes over the training data")
@@ -89,6 +108,8 @@ class TrainConfig:
                               "position_ids only)")
     padding_free: bool | None = _f(None, "run each micro-batch as one unpadded row (same examples per step); default "
                                          "auto: on with a variable-length attention kernel (flash-attention)")
+    kernels: str = _f("auto", "fused GPU kernels: liger (Liger-Kernel fused lm_head + CE with exact token weights, "
+                              "RMSNorm/SwiGLU/RoPE), none, or auto: liger on a CUDA device where it is installed")
     loss_chunk_size: int = _f(1024, "tokens per chunk when computing the loss (bounds the logits' memory)")
     neftune_alpha: float = _f(0.0, "NEFTune embedding noise scale (0 = off; the paper used 5)")
     kl_coef: float = _f(0.0, "weight of a KL penalty towards the starting model (0 = off)")
@@ -111,6 +132,15 @@ class TrainConfig:
     save_total_limit: int = _f(2, "keep only the newest N checkpoints (0 = keep all)")
     logging_steps: int = _f(1, "write a metrics row every N optimizer steps")
     progress: bool = _f(True, "show a progress bar")
+
+    # tracking
+    report_to: list[str] = field(default_factory=lambda: list(DEFAULT_REPORT_TO), metadata={
+        "help": "comma-separated run trackers: tensorboard, wandb (offline unless WANDB_MODE says otherwise), "
+                "mlflow (a file store in the output directory unless MLFLOW_TRACKING_URI is set), or none"})
+    run_name: str | None = _f(None, "run name in wandb / MLflow (default: the output directory's name)")
+    wandb_project: str | None = _f(None, f"wandb project (default: $WANDB_PROJECT, else {DEFAULT_TRACKING_PROJECT})")
+    mlflow_experiment: str | None = _f(None, "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else "
+                                             f"{DEFAULT_TRACKING_PROJECT})")
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -173,12 +203,12 @@ class TrainConfig:
             if v is not None and v not in allowed:
                 raise ImtuneError(f"{name}: {v!r} is not one of {', '.join(allowed)}")
         if not self.data:
-            raise ImtuneError("data: no training data given (use --data FILE)")
+            raise ImtuneError("data: no training data given (use --data FILE or --data ORG/NAME)")
         if not self.out:
             raise ImtuneError("out: no output directory given (use --out DIR)")
         parse_objective(self.objective)
         _positive(self, "epochs", "max_length", "micro_batch_size", "lora_r", "loss_chunk_size", "logging_steps")
-        _positive(self, "max_steps", "gradient_accumulation_steps", "global_batch_size", optional=True)
+        _positive(self, "max_steps", "gradient_accumulation_steps", "global_batch_size", "num_proc", optional=True)
         _non_negative(self, "save_steps", "save_total_limit")
         _finite(self, "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "neftune_alpha", "kl_coef", "lora_alpha",
                 "lora_dropout", "val_fraction", "adam_beta1", "adam_beta2", "adam_epsilon")
@@ -202,6 +232,7 @@ class TrainConfig:
             raise ImtuneError("merge only applies to LoRA training (add --lora)")
         if not self.lora_target_modules.strip():
             raise ImtuneError("lora_target_modules is empty (use all-linear or a comma-separated list)")
+        _check_trackers(self.report_to)
         return self
 
     def accumulation_steps(self, world_size: int = 1) -> int:
@@ -233,6 +264,32 @@ def _non_negative(cfg, *names):
     for n in names:
         if getattr(cfg, n) < 0:
             raise ImtuneError(f"{n} must be >= 0, got {getattr(cfg, n)}")
+
+
+def _check_trackers(report_to: list[str]) -> None:
+    """Known names, and each tracker importable: a missing one stops the run before any work, not after it."""
+    import importlib.util
+
+    for name in report_to:
+        if name == "none":
+            raise ImtuneError("report_to: none turns tracking off and cannot be combined with a tracker")
+        if name not in TRACKERS:
+            raise ImtuneError(f"report_to: {name!r} is not one of {', '.join(TRACKERS)}, none")
+        try:
+            missing = TRACKERS[name] is not None and importlib.util.find_spec(name) is None
+        except ValueError:  # imported already, without a spec: it is there
+            missing = False
+        if missing:
+            raise ImtuneError(f"report_to: {name} is not installed; pip install 'imtune[{TRACKERS[name]}]'")
+
+
+def _string_list(value) -> list[str]:
+    """`a,b` or a YAML list -> ["a", "b"] (lower case, duplicates dropped); `none` alone -> []."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise ValueError
+    out = list(dict.fromkeys(v.strip().lower() for v in items if v.strip()))
+    return [] if out == ["none"] else out
 
 
 def _finite(cfg, *names):
@@ -275,6 +332,8 @@ def coerce(name: str, value, spec: tuple[type, bool], source: str = "config"):
             return None
         raise ImtuneError(f"{source}: {name} cannot be empty")
     try:
+        if typing.get_origin(base) is list:
+            return _string_list(value)
         if base is bool:
             if isinstance(value, bool):
                 return value
@@ -303,7 +362,8 @@ def coerce(name: str, value, spec: tuple[type, bool], source: str = "config"):
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+            base, "a comma-separated list of names")
         raise ImtuneError(f"{source}: {name} must be {kind}, got {value!r}") from None
     raise AssertionError(f"unhandled type {base} for {name}")  # pragma: no cover
 
@@ -322,6 +382,8 @@ def add_config_arguments(p: argparse.ArgumentParser, exclude: tuple[str, ...] = 
             continue
         base, _ = spec[f.name]
         default = f.default if f.default is not MISSING else None
+        if f.default_factory is not MISSING:
+            default = ",".join(f.default_factory())
         help_ = f.metadata.get("help", "")
         if f.name in CHOICES:
             help_ += f"; one of {', '.join(CHOICES[f.name])}"

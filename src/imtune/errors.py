@@ -16,6 +16,11 @@ class InputError(ImtuneError):
         self.path, self.reason, self.line, self.record = str(path), reason, line, record
         super().__init__(self.format())
 
+    def __reduce__(self):
+        # Rebuilt from its fields, not from the formatted message, so it survives pickling (a bad record found in a
+        # `datasets` worker process reaches the parent as the same one-line error).
+        return type(self), (self.path, self.reason, self.line, self.record)
+
     @property
     def where(self) -> str:
         if self.line is not None:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_TEMPLATE
-from imtune.masking.encoding import encode
-from imtune.masking.templates import ASSISTANT, SYSTEM, TEMPLATE, USER
+from imtune.masking.encoding import N_CLASSES, EncodeSettings, class_weights, encode_raw
+from imtune.masking.templates import ASSISTANT, SEGMENTS, SYSTEM, TEMPLATE, USER
 from imtune.records.conversation import Conversation
 
 
@@ -20,48 +20,71 @@ def _dist(x: np.ndarray) -> dict:
 
 
 def dataset_stats(records: Sequence[Conversation], tokenizer, template: str | None = DEFAULT_TEMPLATE,
-                  max_length: int | None = DEFAULT_MAX_LENGTH) -> dict:
-    """Token-level statistics of one tokenisation of every example (template included, no truncation)."""
-    enc = encode(records, tokenizer, objective="im-all", template=template, max_length=None, keep_empty=True)
-    instr, out, total, markup = (np.zeros(len(enc), np.int64) for _ in range(4))
-    for i, e in enumerate(enc):
-        c = e.segment_codes
-        instr[i] = int(np.count_nonzero((c == USER) | (c == SYSTEM)))
-        out[i] = int(np.count_nonzero(c == ASSISTANT))
-        markup[i] = int(np.count_nonzero(c == TEMPLATE))
-        total[i] = len(e)
-    turns = np.asarray([r.n_turns for r in records], dtype=np.int64)
+                  max_length: int | None = DEFAULT_MAX_LENGTH, cache: bool = False, cache_dir: str | None = None,
+                  num_proc: int | None = None) -> dict:
+    """Token-level statistics of one tokenisation of every example (template included, no truncation).
+
+    Computed from per-example segment counts, not tokens: with `cache` those of the encode cache (built once, the
+    same cache `imtune train` uses with this template and max length), else encoded in memory by the same encoder.
+    """
+    col = _columns(records, tokenizer, template, max_length, cache, cache_dir, num_proc)
+    seg = col["segment"].astype(np.int64)
+    instr, out, markup = seg[:, SYSTEM] + seg[:, USER], seg[:, ASSISTANT], seg[:, TEMPLATE]
+    total = col["n_full"].astype(np.int64)
+    turns = col["n_turns"].astype(np.int64)
+    n = len(total)
     with np.errstate(divide="ignore", invalid="ignore"):
         per_ex_ratio = np.where(out > 0, instr / np.maximum(out, 1), np.nan)
     stats = {
-        "examples": len(records),
-        "turns": {"total": int(turns.sum()), "mean": round(float(turns.mean()), 3),
+        "examples": n,
+        "turns": {"total": int(turns.sum()), "mean": round(float(turns.mean()), 3) if n else 0.0,
                   "multi_turn_examples": int((turns > 1).sum())},
         "instruction_tokens": _dist(instr),
         "output_tokens": _dist(out),
         "template_tokens": _dist(markup),
         "total_tokens": _dist(total),
         # The paper's key factor: average instruction length over average output length.
-        "instruction_output_ratio": round(float(instr.mean() / max(out.mean(), 1e-9)), 4) if len(enc) else 0.0,
-        "median_example_ratio": round(float(np.nanmedian(per_ex_ratio)), 4) if len(enc) else 0.0,
+        "instruction_output_ratio": round(float(instr.mean() / max(out.mean(), 1e-9)), 4) if n else 0.0,
+        "median_example_ratio": round(float(np.nanmedian(per_ex_ratio)), 4) if n else 0.0,
         "template": template,
     }
     if max_length is not None:
-        stats["truncation"] = truncation_effect(records, tokenizer, template, max_length, total)
+        stats["truncation"] = _truncation(col, max_length)
+    if col.get("cache"):
+        stats["encode_cache"] = col["cache"]
     return stats
 
 
-def truncation_effect(records, tokenizer, template, max_length: int, totals: np.ndarray | None = None) -> dict:
-    """How many examples `max_length` would cut, and how many would be dropped (no weighted token left)."""
-    if totals is None:
-        totals = np.asarray([len(e) for e in encode(records, tokenizer, "im-all", template, None, keep_empty=True)])
-    cut = int((totals > max_length).sum())
-    dropped = {}
-    for obj in ("it", "im"):
-        if cut == 0:
-            dropped[obj] = 0
-            continue
-        long_recs = [r for r, n in zip(records, totals, strict=True) if n > max_length]
-        kept = encode(long_recs, tokenizer, obj, template, max_length)
-        dropped[obj] = len(long_recs) - len(kept)
-    return {"max_length": max_length, "truncated": cut, "dropped_it": dropped["it"], "dropped_im": dropped["im"]}
+def _columns(records, tokenizer, template, max_length, cache: bool, cache_dir, num_proc) -> dict:
+    """Per-example arrays: segment counts and length before truncation, turns, weight-class counts after it."""
+    settings = EncodeSettings.of(tokenizer, template, max_length)
+    if cache:
+        from imtune.masking.encode_cache import encode_cached, records_table
+
+        if hasattr(records, "dataset"):  # a records.sources.ConversationTable
+            ds, fp, name = records.dataset, records.fingerprint, records.name
+        else:
+            (ds, fp), name = records_table(records, "data"), "data"
+        if ds is not None:
+            c = encode_cached(ds, fp, name, tokenizer, settings, root=cache_dir, num_proc=num_proc)
+            return {"segment": c.counts["segment"], "window": c.counts["window"], "n_full": c.col["n_full"],
+                    "n_turns": c.col["n_turns"], "cache": str(c.path)}
+    records = list(records)
+    parts = [encode_raw(records[b:b + 512], tokenizer, settings, first_index=b) for b in range(0, len(records), 512)]
+    return {"segment": _stack([p.segment_counts for p in parts], len(SEGMENTS)),
+            "window": _stack([p.window_counts for p in parts], N_CLASSES),
+            "n_full": np.concatenate([p.n_full for p in parts]) if parts else np.zeros(0, np.int64),
+            "n_turns": np.asarray([r.n_turns for r in records], dtype=np.int64)}
+
+
+def _stack(arrays, width: int) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros((0, width), np.int64)
+
+
+def _truncation(col: dict, max_length: int) -> dict:
+    """How many examples `max_length` cuts, and how many of those it drops (no weighted token left)."""
+    cut = col["n_full"] > max_length
+    dropped = {obj: int((cut & ~(col["window"][:, class_weights(obj) > 0] > 0).any(axis=1)).sum())
+               for obj in ("it", "im")}
+    return {"max_length": max_length, "truncated": int(cut.sum()), "dropped_it": dropped["it"],
+            "dropped_im": dropped["im"]}

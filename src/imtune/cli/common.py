@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE
+from imtune.config import (
+    DATA_HELP,
+    DEFAULT_DATA_SPLIT,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MODEL,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_TEMPLATE,
+)
 
 MODEL_HELP = ("Hugging Face Hub id (ORG/NAME, fetched once into the standard HF cache), alias (smollm2-135m, "
               "gemma3-270m), local model directory, or .gguf file")
@@ -23,12 +30,30 @@ def add_revision(p) -> None:
 
 
 def add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help="data file: .jsonl, .json, .csv or .parquet")
+    p.add_argument("--data", required=required, help=DATA_HELP)
+    add_data_source(p)
     p.add_argument("--data-format", dest="data_format", default=None,
                    choices=["messages", "sharegpt", "alpaca", "prompt_completion"],
                    help="force the record schema instead of auto-detecting it")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip bad records (and report which) instead of stopping at the first one")
+
+
+def add_data_source(p) -> None:
+    """--data-split / --data-config / --data-revision: which part of a Hub dataset or dataset directory."""
+    p.add_argument("--data-split", dest="data_split", default=DEFAULT_DATA_SPLIT,
+                   help=f"with a Hub id or dataset directory: the split to use (default: {DEFAULT_DATA_SPLIT})")
+    p.add_argument("--data-config", dest="data_config", default=None,
+                   help="with a Hub id or dataset directory: the configuration (subset) to use")
+    p.add_argument("--data-revision", dest="data_revision", default=None,
+                   help="with a Hub dataset id: branch, tag or commit to use (default: main)")
+
+
+def data_source(args) -> dict:
+    """The split / config / revision keywords of `load_dataset` that the flags set (others keep their defaults)."""
+    given = {"split": getattr(args, "data_split", DEFAULT_DATA_SPLIT), "config": getattr(args, "data_config", None),
+             "revision": getattr(args, "data_revision", None)}
+    return {k: v for k, v in given.items() if v is not None and not (k == "split" and v == DEFAULT_DATA_SPLIT)}
 
 
 def add_objective(p: argparse.ArgumentParser, default: str = DEFAULT_OBJECTIVE) -> None:
@@ -54,13 +79,29 @@ def add_token_count_options(p: argparse.ArgumentParser) -> None:
 
 def load_data(args):
     """Load records per the common flags, printing a one-line note about skipped records."""
-    import sys
 
     from imtune.records.loading import load_dataset
 
-    res = load_dataset(args.data, format=args.data_format, skip_invalid=args.skip_invalid)
-    if res.skipped:
-        shown = "; ".join(e.format() for e in res.skipped[:5])
-        more = f" (+{len(res.skipped) - 5} more)" if len(res.skipped) > 5 else ""
-        print(f"skipped {len(res.skipped)} invalid record(s): {shown}{more}", file=sys.stderr)
+    res = load_dataset(args.data, format=args.data_format, skip_invalid=args.skip_invalid, **data_source(args))
+    _note_skipped(res.skipped)
     return res.records
+
+
+def load_data_table(args):
+    """The canonical Arrow table of --data (memory-mapped, built once per content; what `stats` and `advise` read at
+    any size), printing the same one-line note about skipped records as `load_data`."""
+    from imtune.masking.encode_cache import tables_dir
+    from imtune.records.sources import DataSpec, conversation_table
+
+    table = conversation_table(DataSpec.of(args), skip_invalid=args.skip_invalid, cache_dir=tables_dir())
+    _note_skipped(table.skipped_errors())
+    return table
+
+
+def _note_skipped(skipped) -> None:
+    import sys
+
+    if skipped:
+        shown = "; ".join(e.format() for e in skipped[:5])
+        more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        print(f"skipped {len(skipped)} invalid record(s): {shown}{more}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from imtune.cli.common import add_data, add_model, add_token_count_options, load_data
+from imtune.cli.common import add_data, add_model, add_token_count_options, load_data_table
 
 
 def add_parser(sub):
@@ -23,9 +23,9 @@ def run(args) -> int:
     from imtune.analysis.stats import dataset_stats
     from imtune.models import load_tokenizer
 
-    records = load_data(args)
+    records = load_data_table(args)
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
-    s = dataset_stats(records, tok, template=args.template, max_length=args.max_length)
+    s = dataset_stats(records, tok, template=args.template, max_length=args.max_length, cache=True)
     s["data"], s["model"] = str(args.data), args.model
     if args.json:
         print(json.dumps(s, indent=2))

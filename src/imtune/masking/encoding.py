@@ -17,11 +17,13 @@ import numpy as np
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE, DEFAULT_TRUNCATION_SIDE
 from imtune.errors import ImtuneError, InputError
 from imtune.masking.objectives import Objective, parse_objective
+from imtune.masking.segments import TokenBatch, batch_token_segments, char_segments, token_segments  # noqa: F401
 from imtune.masking.templates import (
     ASSISTANT,
     EOS,
     SEGMENTS,
     SYSTEM,
+    TEMPLATE,
     USER,
     Rendered,
     render,
@@ -70,18 +72,6 @@ class EncodeReport:
         return len(self.dropped_no_weight)
 
 
-@dataclass(frozen=True, slots=True)
-class TokenBatch:
-    """Several texts' tokens in flat arrays: text i owns ids[bounds[i]:bounds[i+1]] and the same rows of offsets."""
-
-    ids: np.ndarray
-    offsets: np.ndarray  # (n_tokens, 2) character offsets into each token's own text
-    bounds: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.bounds) - 1
-
-
 def encode(records: Iterable[Conversation], tokenizer, objective: str | Objective = DEFAULT_OBJECTIVE,
            template: str | None = DEFAULT_TEMPLATE, max_length: int = DEFAULT_MAX_LENGTH,
            truncation_side: str = DEFAULT_TRUNCATION_SIDE, batch_size: int = 512,
@@ -99,49 +89,203 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective=DEF
 
     Special-token text typed inside a message (e.g. "<|im_end|>") is tokenised by the tokenizer as the special token;
     that silently changes what the model learns, so it stops with an `InputError` naming the record unless
-    `allow_special_tokens_in_content` is set.
+    `allow_special_tokens_in_content` is set. The objective-independent part is `encode_raw` (the encode cache
+    stores its output); the objective only enters through `class_weights`.
     """
     obj = parse_objective(objective)
-    tpl = resolve_template(template, tokenizer)
-    if truncation_side not in ("right", "left"):
-        raise ImtuneError("truncation_side must be 'right' or 'left'")
-    if max_length is not None and max_length < 2:
-        raise ImtuneError("max_length must be at least 2")
-    _require_fast(tokenizer)
-    seg_w = np.asarray(obj.segment_weights(), dtype=np.float32)
-    special = _special_ids(tokenizer)
+    settings = EncodeSettings.of(tokenizer, template, max_length, truncation_side, allow_special_tokens_in_content)
     records = list(records)
     report = EncodeReport(n_input=len(records))
-    out: list[tuple[int, Encoded]] = []
+    encoded: list[Encoded] = []
+    cw = class_weights(obj)
     for b0 in range(0, len(records), max(1, batch_size)):
         batch = records[b0:b0 + max(1, batch_size)]
-        rendered = [_render_checked(c, tokenizer, tpl) for c in batch]
-        for add_special in (False, True):
-            idx = [i for i, r in enumerate(rendered) if r.add_special_tokens == add_special]
-            if not idx:
+        raw = encode_raw(batch, tokenizer, settings, first_index=b0)
+        weights = weigh(raw.classes, raw.bounds, cw)
+        any_w = _any_weight(weights, raw.bounds[:-1], raw.bounds[1:])
+        had_w = (raw.full_counts[:, cw > 0] > 0).any(axis=1)
+        ids, wl = raw.ids.tolist(), weights.tolist()
+        for k, conv in enumerate(batch):
+            a, b = int(raw.bounds[k]), int(raw.bounds[k + 1])
+            report.n_truncated += bool(raw.truncated[k])
+            if raw.special[k]:
+                report.special_in_content.append(conv.id)
+            if not keep_empty and not any_w[k]:
+                report.dropped_no_weight.append(conv.id)
+                if had_w[k]:
+                    report.truncated_to_nothing.append(conv.id)
                 continue
-            convs = [batch[i] for i in idx]
-            tb = tokenize_batch(tokenizer, [rendered[i].text for i in idx], add_special)
-            codes, turns = batch_token_segments([rendered[i] for i in idx], tb)
-            for k, pos in _special_in_content(tb, codes, special):
-                if not allow_special_tokens_in_content:
-                    raise _special_token_error(convs[k], b0 + idx[k], tokenizer.convert_ids_to_tokens(int(tb.ids[pos])),
-                                               int(turns[pos]))
-                report.special_in_content.append(convs[k].id)
-            for k, e, any_weight, had_weight in _weigh_batch(convs, tb, codes, turns, seg_w, obj, max_length,
-                                                             truncation_side):
-                report.n_truncated += e.truncated
-                if not keep_empty and not any_weight:
-                    report.dropped_no_weight.append(e.id)
-                    if had_weight:
-                        report.truncated_to_nothing.append(e.id)
-                    continue
-                out.append((b0 + idx[k], e))
+            encoded.append(Encoded(ids[a:b], wl[a:b], raw.codes[a:b], raw.turns[a:b], conv.id,
+                                   int(raw.n_full[k]), bool(raw.truncated[k])))
     report.trailing_user = [c.id for c in records if c.messages and c.messages[-1].role == "user"]
-    out.sort(key=lambda t: t[0])
-    encoded = [e for _, e in out]
     report.n_kept = len(encoded)
     return encoded, report
+
+
+# ---- the objective-independent encoder ---------------------------------------------------------------------------
+# Weight classes: what a token's weight depends on. A token's class is fixed by the encode; an objective maps the
+# classes to weights (`class_weights`), so one encode serves every objective.
+CLASS_TEMPLATE, CLASS_PROMPT, CLASS_REPLY, CLASS_EARLIER_REPLY = range(4)
+N_CLASSES = 4
+
+
+def class_weights(obj: str | Objective) -> np.ndarray:
+    """float32 weight of each class under `obj`: markup, prompt, last-turn reply, earlier reply."""
+    o = parse_objective(obj)
+    m, p, r = (float(np.float32(x)) for x in (o.markup_weight, o.prompt_weight, o.response_weight))
+    return np.asarray([m, p, r, p if o.last_turn_only else r], dtype=np.float32)
+
+
+def weigh(classes: np.ndarray, bounds: np.ndarray, cw: np.ndarray) -> np.ndarray:
+    """Weights of flat tokens whose examples are [bounds[i], bounds[i+1]); nothing predicts an example's first."""
+    w = cw[classes]
+    starts = bounds[:-1][np.diff(bounds) > 0]
+    w[starts] = 0.0
+    return w
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """Everything besides the data and the objective that the encoder's output depends on."""
+
+    template: str
+    max_length: int | None
+    truncation_side: str
+    allow_special_tokens_in_content: bool
+
+    @classmethod
+    def of(cls, tokenizer, template=DEFAULT_TEMPLATE, max_length=DEFAULT_MAX_LENGTH,
+           truncation_side=DEFAULT_TRUNCATION_SIDE, allow_special_tokens_in_content=False) -> EncodeSettings:
+        if truncation_side not in ("right", "left"):
+            raise ImtuneError("truncation_side must be 'right' or 'left'")
+        if max_length is not None and max_length < 2:
+            raise ImtuneError("max_length must be at least 2")
+        _require_fast(tokenizer)
+        return cls(resolve_template(template, tokenizer), max_length, truncation_side,
+                   bool(allow_special_tokens_in_content))
+
+
+@dataclass
+class RawBatch:
+    """`encode_raw` output: flat truncated tokens (example i owns [bounds[i], bounds[i+1])) and per-example facts."""
+
+    ids: np.ndarray  # int64
+    codes: np.ndarray  # int8 segment codes
+    turns: np.ndarray  # int32 message index (-1 for markup)
+    classes: np.ndarray  # int8 weight class
+    bounds: np.ndarray
+    n_full: np.ndarray  # tokens before truncation
+    truncated: np.ndarray  # bool
+    full_counts: np.ndarray  # (n, N_CLASSES) tokens of each class before truncation, first token excluded
+    window_counts: np.ndarray  # the same after truncation
+    segment_counts: np.ndarray  # (n, len(SEGMENTS)) tokens of each segment before truncation, all positions
+    special: np.ndarray  # bool: special-token text in content (allowed by the settings)
+    errors: list  # (example index, InputError) when collect_errors; the rows are then empty
+
+
+def encode_raw(convs: Sequence[Conversation], tokenizer, settings: EncodeSettings, first_index: int = 0,
+               collect_errors: bool = False) -> RawBatch:
+    """Render, tokenise (one batched call per add-special-tokens mode) and truncate `convs`; no objective involved.
+
+    A bad record raises its `InputError`, or with `collect_errors` is returned in `errors` (a worker process of the
+    encode cache hands errors back as data rather than raising them through a process pool).
+    """
+    n = len(convs)
+    errors: list = []
+    rendered: list[Rendered | None] = []
+    for k, c in enumerate(convs):
+        try:
+            rendered.append(_render_checked(c, tokenizer, settings.template))
+        except InputError as e:
+            if not collect_errors:
+                raise
+            errors.append((k, e))
+            rendered.append(None)
+    ok = [k for k in range(n) if rendered[k] is not None]
+    tb = tokenize_mixed(tokenizer, [rendered[k].text for k in ok], [rendered[k].add_special_tokens for k in ok])
+    codes, turns = batch_token_segments([rendered[k] for k in ok], tb)
+    special = np.zeros(n, dtype=bool)
+    for j, pos in _special_in_content(tb, codes, _special_ids(tokenizer)):
+        k = ok[j]
+        if settings.allow_special_tokens_in_content:
+            special[k] = True
+            continue
+        e = _special_token_error(convs[k], first_index + k, tokenizer.convert_ids_to_tokens(int(tb.ids[pos])),
+                                 int(turns[pos]))
+        if not collect_errors:
+            raise e
+        errors.append((k, e))
+    n_ok = np.zeros(n, dtype=np.int64)
+    n_ok[ok] = np.diff(tb.bounds)
+    bounds = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(n_ok, out=bounds[1:])
+    last = np.asarray([max((i for i, m in enumerate(c.messages) if m.role == "assistant"), default=-1)
+                       for c in convs], dtype=np.int32)
+    classes = _classes(codes, turns, np.repeat(last, n_ok))
+    raw = _truncate(tb.ids, codes, turns, classes, bounds, settings)
+    raw.special = special
+    raw.errors = sorted(errors, key=lambda t: t[0])
+    return raw
+
+
+def tokenize_mixed(tokenizer, texts: list[str], add_special: list[bool]) -> TokenBatch:
+    """`tokenize_batch` for texts that differ in whether the tokenizer adds its special tokens, in input order."""
+    if not texts:
+        return TokenBatch(np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(1, np.int64))
+    modes = sorted(set(add_special))
+    if len(modes) <= 1:
+        return tokenize_batch(tokenizer, texts, bool(modes[0]) if modes else False)
+    parts = {m: tokenize_batch(tokenizer, [t for t, a in zip(texts, add_special, strict=True) if a == m], m)
+             for m in modes}
+    seen = dict.fromkeys(modes, 0)
+    ids, offs, lens = [], [], []
+    for a in add_special:
+        tb, i = parts[a], seen[a]
+        seen[a] += 1
+        ids.append(tb.ids[tb.bounds[i]:tb.bounds[i + 1]])
+        offs.append(tb.offsets[tb.bounds[i]:tb.bounds[i + 1]])
+        lens.append(len(ids[-1]))
+    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(lens, out=bounds[1:])
+    return TokenBatch(np.concatenate(ids), np.concatenate(offs).reshape(-1, 2), bounds)
+
+
+def _classes(codes: np.ndarray, turns: np.ndarray, last: np.ndarray) -> np.ndarray:
+    reply = (codes == ASSISTANT) | (codes == EOS)
+    cls = np.where(codes == TEMPLATE, CLASS_TEMPLATE, CLASS_PROMPT).astype(np.int8)
+    cls[reply] = np.where(turns[reply] == last[reply], CLASS_REPLY, CLASS_EARLIER_REPLY)
+    return cls
+
+
+def _counts(values: np.ndarray, bounds: np.ndarray, n_values: int, skip_first: bool) -> np.ndarray:
+    """(n_examples, n_values): how many tokens of each example have each value."""
+    n = len(bounds) - 1
+    example = np.repeat(np.arange(n, dtype=np.int64), np.diff(bounds))
+    keep = np.ones(len(values), dtype=bool)
+    if skip_first:
+        keep[bounds[:-1][np.diff(bounds) > 0]] = False
+    flat = example[keep] * n_values + values[keep].astype(np.int64)
+    return np.bincount(flat, minlength=n * n_values).reshape(n, n_values).astype(np.int32)
+
+
+def _truncate(ids, codes, turns, classes, bounds, settings: EncodeSettings) -> RawBatch:
+    n_full = np.diff(bounds)
+    start, end = bounds[:-1].copy(), bounds[1:].copy()
+    cut = np.zeros(len(n_full), dtype=bool)
+    if settings.max_length is not None:
+        cut = n_full > settings.max_length
+        if settings.truncation_side == "right":
+            end = np.where(cut, start + settings.max_length, end)
+        else:
+            start = np.where(cut, end - settings.max_length, start)
+    lens = end - start
+    new_bounds = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=new_bounds[1:])
+    take = np.repeat(start - new_bounds[:-1], lens) + np.arange(int(new_bounds[-1]), dtype=np.int64)
+    t_cls = classes[take]
+    return RawBatch(ids[take], codes[take], turns[take], t_cls, new_bounds, n_full, cut,
+                    _counts(classes, bounds, N_CLASSES, True), _counts(t_cls, new_bounds, N_CLASSES, True),
+                    _counts(codes, bounds, len(SEGMENTS), False), np.zeros(len(lens), dtype=bool), [])
 
 
 def tokenize_batch(tokenizer, texts: list[str], add_special_tokens: bool) -> TokenBatch:
@@ -193,168 +337,6 @@ def _render_checked(conv: Conversation, tokenizer, tpl: str) -> Rendered:
         return render(conv, tokenizer, tpl)
     except ValueError as e:
         raise InputError(conv.source or "data", str(e), record=None if conv.source else conv.id) from None
-
-
-def char_segments(rendered: Rendered) -> tuple[np.ndarray, np.ndarray]:
-    """Per-character segment code and message index (-1 for markup)."""
-    n = len(rendered.text)
-    codes = np.zeros(n + 1, dtype=np.int8)
-    turns = np.full(n + 1, -1, dtype=np.int32)
-    for s, e, c, m in rendered.spans:
-        codes[s:e] = c
-        turns[s:e] = m
-    return codes, turns
-
-
-def token_segments(rendered: Rendered, offsets: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the boundary rule: each token takes the max segment code over its characters (see module doc)."""
-    codes, turns = char_segments(rendered)
-    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    n_tok = off.shape[0]
-    if n_tok == 0:
-        return np.zeros(0, np.int8), np.zeros(0, np.int32)
-    starts, ends = off[:, 0], off[:, 1]
-    empty = ends <= starts
-    # reduceat over [s, e) pairs: result[2k] = max(a[s_k:e_k]); clamp empty spans to a harmless index.
-    s = np.where(empty, 0, starts)
-    e = np.where(empty, 1, ends)
-    idx = np.empty(2 * n_tok, dtype=np.int64)
-    idx[0::2], idx[1::2] = s, e
-    # reduceat needs indices < len: arrays carry one padding element (codes[n] == 0, turns[n] == -1).
-    tok_codes = np.maximum.reduceat(codes, idx)[0::2]
-    tok_turns = np.maximum.reduceat(turns, idx)[0::2]
-    tok_codes[empty] = 0
-    tok_turns[empty] = -1
-    return tok_codes.astype(np.int8), tok_turns.astype(np.int32)
-
-
-def batch_token_segments(rendered: Sequence[Rendered], tb: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
-    """`token_segments` for a whole batch at once: (segment code, message index) of every token of `tb`.
-
-    Same boundary rule (a token takes the max code and max message index over the characters it covers), computed
-    from the spans' side: spans are disjoint and sorted, and so are the tokens, so each span covers a contiguous run
-    of tokens (found by two binary searches per span) that is painted with a difference array; the few tokens that
-    meet several spans get the max explicitly.
-    """
-    n_tok = len(tb.ids)
-    codes = np.zeros(n_tok, dtype=np.int8)
-    turns = np.full(n_tok, -1, dtype=np.int32)
-    ss, se, sc, sm = [], [], [], []
-    base = 0
-    bases = []
-    for r in rendered:
-        bases.append(base)
-        spans = r.spans if _sorted_disjoint(r.spans) else _normalise_spans(r)
-        for s, e, c, m in spans:
-            if e > s:
-                ss.append(base + s)
-                se.append(base + e)
-                sc.append(c)
-                sm.append(m)
-        base += len(r.text) + 1  # a gap between texts, so no token of one text meets a span of the next
-    if not n_tok or not ss:
-        return codes, turns
-    shift = np.repeat(np.asarray(bases, dtype=np.int64), np.diff(tb.bounds))
-    tok_s = tb.offsets[:, 0] + shift
-    tok_e = tb.offsets[:, 1] + shift
-    empty = tok_e <= tok_s
-    # Binary search needs sorted offsets. Tokens with no characters (a BOS/EOS the post-processor adds, at (0, 0))
-    # break the order: give them their predecessor's values (they end up template anyway). Any other disorder (an
-    # unusual tokenizer) is handled text by text with the plain per-character rule.
-    s_m, e_m = np.maximum.accumulate(tok_s), np.maximum.accumulate(tok_e)
-    if (s_m[~empty] != tok_s[~empty]).any() or (e_m[~empty] != tok_e[~empty]).any():
-        return _segments_per_text(rendered, tb)
-    tok_s, tok_e = s_m, e_m
-    SC, SM = np.asarray(sc, dtype=np.int64), np.asarray(sm, dtype=np.int64)
-    t0 = np.searchsorted(tok_e, np.asarray(ss, dtype=np.int64), side="right")  # first token ending after the start
-    t1 = np.searchsorted(tok_s, np.asarray(se, dtype=np.int64), side="left")  # one past the last starting before the end
-    live = t1 > t0
-    t0, t1, SC, SM = t0[live], t1[live], SC[live], SM[live]
-    cover = np.zeros(n_tok + 1, dtype=np.int32)
-    np.add.at(cover, t0, 1)
-    np.add.at(cover, t1, -1)
-    dc = np.zeros(n_tok + 1, dtype=np.int64)
-    np.add.at(dc, t0, SC)
-    np.add.at(dc, t1, -SC)
-    dm = np.zeros(n_tok + 1, dtype=np.int64)
-    np.add.at(dm, t0, SM + 1)
-    np.add.at(dm, t1, -(SM + 1))
-    cover = np.cumsum(cover[:-1])
-    codes[:] = np.cumsum(dc[:-1])
-    turns[:] = np.cumsum(dm[:-1]) - 1
-    multi = np.flatnonzero(cover > 1)
-    if len(multi):  # a token over several spans (rare): max over exactly those spans
-        j0 = np.searchsorted(t1, multi, side="right")  # first span whose run ends after k
-        j1 = np.searchsorted(t0, multi, side="right")  # one past the last span whose run starts at or before k
-        for k, a, b in zip(multi.tolist(), j0.tolist(), j1.tolist(), strict=True):
-            codes[k] = SC[a:b].max()
-            turns[k] = SM[a:b].max()
-    if empty.any():
-        codes[empty] = 0
-        turns[empty] = -1
-    return codes, turns
-
-
-def _segments_per_text(rendered: Sequence[Rendered], tb: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
-    parts = [token_segments(r, tb.offsets[tb.bounds[i]:tb.bounds[i + 1]]) for i, r in enumerate(rendered)]
-    if not parts:
-        return np.zeros(0, np.int8), np.zeros(0, np.int32)
-    return (np.concatenate([c for c, _ in parts]).astype(np.int8),
-            np.concatenate([t for _, t in parts]).astype(np.int32))
-
-
-def _sorted_disjoint(spans) -> bool:
-    prev = 0
-    for s, e, _, _ in spans:
-        if s < prev:
-            return False
-        prev = max(prev, e)
-    return True
-
-
-def _normalise_spans(rendered: Rendered):
-    """Disjoint sorted spans equivalent to `char_segments` (later spans overwrite earlier ones)."""
-    codes, turns = char_segments(rendered)
-    out, n = [], len(rendered.text)
-    k = 0
-    while k < n:
-        j = k
-        while j < n and codes[j] == codes[k] and turns[j] == turns[k]:
-            j += 1
-        if codes[k] != 0 or turns[k] != -1:
-            out.append((k, j, int(codes[k]), int(turns[k])))
-        k = j
-    return out
-
-
-def _weigh_batch(convs, tb: TokenBatch, codes, turns, seg_w, obj: Objective, max_length, truncation_side):
-    """Weights, truncation and `Encoded` objects for a batch, vectorised over all its tokens."""
-    n = len(convs)
-    bounds = tb.bounds
-    n_full = np.diff(bounds)
-    weights = seg_w[codes]
-    if obj.last_turn_only:
-        last = np.asarray([max((i for i, m in enumerate(c.messages) if m.role == "assistant"), default=-1)
-                           for c in convs], dtype=np.int32)
-        earlier = ((codes == ASSISTANT) | (codes == EOS)) & (turns != np.repeat(last, n_full))
-        weights[earlier] = np.float32(obj.prompt_weight)
-    start, end = bounds[:-1].copy(), bounds[1:].copy()
-    had_w = _any_weight(weights, np.minimum(start + 1, end), end)  # before truncation (the first token is never predicted)
-    if max_length is not None:
-        cut = n_full > max_length
-        if truncation_side == "right":
-            end = np.where(cut, start + max_length, end)
-        else:
-            start = np.where(cut, end - max_length, start)
-    else:
-        cut = np.zeros(n, dtype=bool)
-    nonempty = end > start
-    weights[start[nonempty]] = 0.0  # nothing predicts the first token
-    any_w = _any_weight(weights, start, end)
-    ids, wl = tb.ids.tolist(), weights.tolist()
-    for k, (a, b, nf, tr, aw, hw) in enumerate(zip(start.tolist(), end.tolist(), n_full.tolist(), cut.tolist(),
-                                                   any_w.tolist(), had_w.tolist(), strict=True)):
-        yield k, Encoded(ids[a:b], wl[a:b], codes[a:b], turns[a:b], convs[k].id, nf, tr), aw, hw
 
 
 def _any_weight(weights: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:

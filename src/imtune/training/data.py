@@ -7,6 +7,7 @@ total weight) is computed from it before the first backward pass, and a resumed 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,32 +21,51 @@ from imtune.errors import ImtuneError
 
 @dataclass
 class EncodedSet:
-    """Encoded examples plus per-example totals the step normaliser is built from."""
+    """Encoded examples plus per-example totals the step normaliser is built from.
 
-    examples: list
+    The examples live either in an in-memory list or in the encode cache (memory-mapped Arrow, read row by row:
+    `take` reads only the rows it is asked for); the arrays here are all the plan needs.
+    """
+
     lengths: np.ndarray
     weight_sums: np.ndarray  # float64
     n_weighted: np.ndarray
+    _take: Callable[[list[int]], list]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def take(self, idx) -> list:
+        """The examples at positions `idx` (objects with `input_ids` and `weights`)."""
+        return self._take(list(idx))
 
     @classmethod
     def of(cls, examples) -> EncodedSet:
-        return cls(examples, np.array([len(e) for e in examples], dtype=np.int64),
+        return cls(np.array([len(e) for e in examples], dtype=np.int64),
                    np.array([math.fsum(e.weights) for e in examples], dtype=np.float64),
-                   np.array([sum(1 for w in e.weights if w > 0) for e in examples], dtype=np.int64))
+                   np.array([sum(1 for w in e.weights if w > 0) for e in examples], dtype=np.int64),
+                   lambda idx: [examples[i] for i in idx])
+
+    @classmethod
+    def cached(cls, cache, rows: np.ndarray, objective) -> EncodedSet:
+        """The encode cache's `rows` (those kept under `objective`) with that objective's weights."""
+        sums, n_weighted = cache.totals(rows, objective)
+        return cls(cache.col["length"][rows].astype(np.int64), sums, n_weighted.astype(np.int64),
+                   lambda idx: cache.take(rows[np.asarray(idx, dtype=np.int64)], objective))
 
 
 def load_records(cfg: TrainConfig, note: Callable[[str], None]) -> tuple[list, list]:
     """Training and held-out records (not yet tokenised)."""
-    from imtune.records.loading import load_dataset
+    from imtune.records.loading import describe_skipped, load_dataset
 
-    def load(path):
-        res = load_dataset(path, format=cfg.data_format, skip_invalid=cfg.skip_invalid)
+    def load(path, **source):
+        # A Hub id or dataset directory as --data takes --data-split/-config/-revision; --val-data its defaults.
+        res = load_dataset(path, format=cfg.data_format, skip_invalid=cfg.skip_invalid, **source)
         if res.skipped:
-            note(f"skipped {len(res.skipped)} invalid record(s) in {path}: {res.skipped[0].format()}"
-                 + (" ..." if len(res.skipped) > 1 else ""))
+            note(describe_skipped(res.skipped, path))
         return res.records
 
-    records = load(cfg.data)
+    records = load(cfg.data, split=cfg.data_split, config=cfg.data_config, revision=cfg.data_revision)
     val_records = load(cfg.val_data) if cfg.val_data else []
     if cfg.val_fraction:
         from imtune.records.split import holdout_split, n_heldout
@@ -55,15 +75,55 @@ def load_records(cfg: TrainConfig, note: Callable[[str], None]) -> tuple[list, l
     return records, val_records
 
 
-def encode_sets(cfg: TrainConfig, tokenizer, records, val_records) -> tuple[EncodedSet, EncodedSet | None, dict,
-                                                                            list[str]]:
-    """(training set, held-out set or None, data summary (counts), notes on what the encoder changed or dropped)."""
-    from imtune.masking.encoding import encode_with_report
+def load_sets(cfg: TrainConfig, note: Callable[[str], None], main_first=contextlib.nullcontext) -> tuple:
+    """Training and held-out data: with `encode_cache`, conversation tables (memory-mapped Arrow, never a list of
+    all records, `records.sources`); else the in-memory records of `load_records`. Both split the same records.
+    `main_first`: a context under which the main process builds a table before the other processes open it."""
+    if not cfg.encode_cache:
+        return load_records(cfg, note)
+    from imtune.masking.encode_cache import tables_dir as tables_dir_of
+    from imtune.records.loading import describe_skipped
+    from imtune.records.sources import DataSpec, conversation_table
 
-    enc_args = dict(template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side,
-                    allow_special_tokens_in_content=cfg.allow_special_tokens_in_content)
-    train, rep = encode_with_report(records, tokenizer, cfg.objective, **enc_args)
-    if not train:
+    tables_dir = tables_dir_of(cfg.encode_cache_dir)
+
+    def table(spec, shown):
+        with main_first():
+            t = conversation_table(spec, skip_invalid=cfg.skip_invalid, num_proc=cfg.num_proc, cache_dir=tables_dir)
+        if t.errors:
+            note(describe_skipped(t.skipped_errors(), shown))
+        return t
+
+    train = table(DataSpec.of(cfg), cfg.data)
+    val = table(DataSpec(str(cfg.val_data), format=cfg.data_format), cfg.val_data) if cfg.val_data else None
+    if cfg.val_fraction:
+        from imtune.records.split import holdout_split, n_heldout
+
+        n = len(train.dataset)
+        rest, held = holdout_split(range(n), n_heldout(n, cfg.val_fraction), cfg.seed,
+                                   source=f"{cfg.data} (val_fraction {cfg.val_fraction:g})")
+        tag = f"val_fraction {cfg.val_fraction!r} seed {cfg.seed}"
+        train, val = _subset(train, rest, f"train, {tag}"), _subset(train, held, f"held out, {tag}")
+    return train, val
+
+
+def _subset(table, rows: list[int], tag: str):
+    import dataclasses
+    import hashlib
+
+    fp = hashlib.blake2b(f"{table.fingerprint} {tag}".encode(), digest_size=16).hexdigest()
+    return dataclasses.replace(table, dataset=table.dataset.select(rows), fingerprint=fp)
+
+
+def encode_sets(cfg: TrainConfig, tokenizer, records, val_records, main_first=contextlib.nullcontext,
+                report=None) -> tuple[EncodedSet, EncodedSet | None, dict, list[str]]:
+    """(training set, held-out set or None, data summary (counts), notes on what the encoder changed or dropped).
+
+    With `encode_cache` (the default) each set is encoded once into the Arrow encode cache and read from there;
+    `main_first` is a context under which the main process builds the cache before the others open it.
+    """
+    train, rep, where = _encode_one(cfg, tokenizer, records, cfg.objective, cfg.data, main_first, report)
+    if not len(train):
         raise ImtuneError(f"{cfg.data}: no example has a token with non-zero weight under objective {cfg.objective}")
     summary = {"train_examples": len(train), "truncated": rep.n_truncated, "dropped_no_weight": rep.n_dropped,
                "dropped_by_truncation": len(rep.truncated_to_nothing), "ending_on_user_turn": len(rep.trailing_user),
@@ -71,14 +131,45 @@ def encode_sets(cfg: TrainConfig, tokenizer, records, val_records) -> tuple[Enco
     val = None
     if val_records:
         # Held-out loss is always output-only, so runs with different training objectives are comparable.
-        val_enc, _ = encode_with_report(val_records, tokenizer, "it", **enc_args)
-        if val_enc:
-            val = EncodedSet.of(val_enc)
-            summary["val_examples"] = len(val_enc)
-    train_set = EncodedSet.of(train)
-    summary["train_tokens"] = int(train_set.lengths.sum())
-    summary["weighted_tokens"] = int(train_set.n_weighted.sum())
-    return train_set, val, summary, encode_notes(cfg, rep)
+        val_set, _, _ = _encode_one(cfg, tokenizer, val_records, "it", cfg.val_data or f"{cfg.data} (held out)",
+                                    main_first, report)
+        if len(val_set):
+            val = val_set
+            summary["val_examples"] = len(val_set)
+    summary["train_tokens"] = int(train.lengths.sum())
+    summary["weighted_tokens"] = int(train.n_weighted.sum())
+    if where:
+        summary["encode_cache"] = where
+    return train, val, summary, encode_notes(cfg, rep)
+
+
+def _encode_one(cfg: TrainConfig, tokenizer, records, objective, name, main_first, report):
+    """(EncodedSet, EncodeReport, cache path or None) of one set of records (a list, or a conversation table)."""
+    enc_args = dict(template=cfg.template, max_length=cfg.max_length, truncation_side=cfg.truncation_side,
+                    allow_special_tokens_in_content=cfg.allow_special_tokens_in_content)
+    if not cfg.encode_cache:
+        from imtune.masking.encoding import encode_with_report
+
+        examples, rep = encode_with_report(records, tokenizer, objective, **enc_args)
+        return EncodedSet.of(examples), rep, None
+    from imtune.masking.encode_cache import encode_cached, records_table
+    from imtune.masking.encoding import EncodeReport, EncodeSettings
+
+    settings = EncodeSettings.of(tokenizer, **enc_args)
+    if hasattr(records, "dataset"):  # a records.sources.ConversationTable
+        ds, fingerprint, name = records.dataset, records.fingerprint, records.name
+    else:
+        ds, fingerprint = records_table(records, str(name))
+    if ds is None:
+        return EncodedSet.of([]), EncodeReport(), None
+    with main_first():
+        cache = encode_cached(ds, fingerprint, str(name), tokenizer, settings, root=cfg.encode_cache_dir,
+                              num_proc=cfg.num_proc, row_kind=getattr(records, "row_kind", "record"))
+    if report is not None:
+        report(f"encode cache {'hit' if cache.hit else 'written'}: {cache.path}"
+               + ("" if cache.hit else f" ({len(cache)} examples encoded)"))
+    rows, rep = cache.report(objective)
+    return EncodedSet.cached(cache, rows, objective), rep, {"path": str(cache.path), "hit": cache.hit}
 
 
 def encode_notes(cfg: TrainConfig, rep) -> list[str]:

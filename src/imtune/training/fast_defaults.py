@@ -11,6 +11,11 @@ Each one is chosen only where it leaves the result unchanged up to bf16 rounding
   with sdpa or eager attention the block-diagonal mask is a dense [T, T] over the whole row, so a row of k
   examples costs k times the attention of running them side by side, which is more than the padding that length
   grouping leaves (about 1% on LIMA; see bench/RESULTS.md).
+  "Flash" covers transformers' `flash_attention_2/3/4` and the Hub-kernel variants (`kernels-community/flash-attn*`).
+  transformers' sdpa path has no variable-length mode (it hands torch a dense mask even where torch has
+  `nn.attention.varlen`), so sdpa keeps auto off.
+* `kernels: auto` -> Liger-Kernel's fused lm_head + cross-entropy and RMSNorm/SwiGLU/RoPE on a CUDA device where
+  `liger-kernel` is installed (`training.kernels`: exact per-token weights, same loss up to bf16 rounding).
 * `group_by_length` (on by default in config.py) batches similar lengths; bin-packing (`packing: true`) stays
   opt-in because it changes which examples share an optimizer step.
 """
@@ -25,7 +30,12 @@ from pathlib import Path
 import torch
 
 # Attention kernels that take per-example boundaries (cu_seqlens from position_ids) instead of a dense mask.
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def is_varlen_attention(attn: str) -> bool:
+    """flash_attention_2/3/4 or a Hub flash kernel (`kernels-community/flash-attn2`, ...), as transformers names them."""
+    return attn in VARLEN_ATTENTION or "flash" in attn
 # CPU feature flags under which oneDNN runs bf16 matmuls natively (names as in /proc/cpuinfo).
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
@@ -37,13 +47,14 @@ class FastSettings:
     packing: bool  # bin-packed rows (opt-in)
     group_by_length: bool
     reasons: tuple[str, ...] = ()  # why, for each automatic choice
+    kernels: str = "none"  # "liger" | "none": the fused-kernel backend of the loss
 
     def summary(self) -> str:
         """One line for the run summary, e.g. `precision bf16 (auto: ...), length grouping on, padding-free off
         (auto: ...)`."""
         layout = "packing on" if self.packing else \
             f"length grouping {'on' if self.group_by_length else 'off'}, padding-free {'on' if self.padding_free else 'off'}"
-        text = f"precision {self.precision}, {layout}"
+        text = f"precision {self.precision}, {layout}, kernels {self.kernels}"
         return text + (f" ({'; '.join(self.reasons)})" if self.reasons else "")
 
     def autocast(self, device_type: str):
@@ -107,22 +118,28 @@ def attention_of(model) -> str:
 
 
 def resolve(cfg, model, device: torch.device | str, movable: bool = True):
-    """(cfg with precision, packing and padding_free resolved, FastSettings) for this model on this device.
+    """(cfg with precision, kernels, packing and padding_free resolved, FastSettings) for this model on this device.
 
     `cfg.packing` / `cfg.padding_free` True are honoured only where `supports_packing` confirms the model keeps
     packed examples apart; `padding_free` None (auto) turns on only with a variable-length attention kernel. The
-    check runs on `device` (flash kernels exist only there): the model is moved there first when `movable` (the
-    prepare step would move it anyway); a model about to be sharded is checked where it is.
+    check runs on `device` (flash kernels exist only there), after any Liger patches, on the model as it will
+    train: the model is moved there first when `movable` (the prepare step would move it anyway); a model about to
+    be sharded is checked where it is. `kernels: liger` where Liger cannot run raises `ImtuneError`.
     """
     from imtune.training.batching import supports_packing
+    from imtune.training.kernels import patch_model, resolve_kernels
 
     device = torch.device(device)
     precision, why = resolve_precision(cfg.precision, device)
     reasons = [f"precision {why}"] if why else []
+    kernels, why = resolve_kernels(cfg.kernels, device)
+    reasons += [why] if why else []
+    if kernels == "liger":
+        reasons.append(patch_model(model))
     fast = FastSettings(precision, False, False, cfg.group_by_length)
     wants_flat = cfg.packing or cfg.padding_free is True
     attn = attention_of(model)
-    auto_flat = cfg.padding_free is None and not cfg.packing and attn in VARLEN_ATTENTION
+    auto_flat = cfg.padding_free is None and not cfg.packing and is_varlen_attention(attn)
     flat_ok = False
     if wants_flat or auto_flat:
         if movable and device.type != "cpu":
@@ -134,8 +151,10 @@ def resolve(cfg, model, device: torch.device | str, movable: bool = True):
             reasons.append(f"{what} off: {type(model).__name__} with {attn} attention does not keep packed "
                            f"examples apart")
     if cfg.padding_free is None and not cfg.packing:
-        reasons.append(f"padding-free auto: {'on' if auto_flat and flat_ok else 'off'} with {attn} attention")
+        reasons.append(f"padding-free auto: {'on' if auto_flat and flat_ok else 'off'} with {attn} attention"
+                       + ("" if is_varlen_attention(attn) else " (no variable-length kernel: a packed row would "
+                          "pay a dense block mask)"))
     packing = cfg.packing and flat_ok
     padding_free = not packing and flat_ok and (cfg.padding_free is True or auto_flat)
-    fast = FastSettings(precision, padding_free, packing, cfg.group_by_length, tuple(reasons))
-    return cfg.replace(precision=precision, packing=packing, padding_free=padding_free), fast
+    fast = FastSettings(precision, padding_free, packing, cfg.group_by_length, tuple(reasons), kernels)
+    return cfg.replace(precision=precision, kernels=kernels, packing=packing, padding_free=padding_free), fast

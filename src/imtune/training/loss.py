@@ -6,7 +6,9 @@ with `logits_to_keep=1` and the backbone's final hidden states captured (`forwar
 *target* carries weight (`weighted_positions`), then lm_head + cross-entropy on those rows in chunks. With a plain `nn.Linear` head (the usual case, tied or not, LoRA or full fine-tuning) a fused autograd
 function computes the chunk's gradient analytically while the chunk logits are live, so backward never
 recomputes them; any other head (peft-wrapped lm_head, quantised layers) goes through per-chunk
-`torch.utils.checkpoint` instead. Either way the peak extra memory is O(chunk_size × vocab).
+`torch.utils.checkpoint` instead. Either way the peak extra memory is O(chunk_size × vocab). On a GPU the head can
+instead run through Liger's fused linear cross-entropy (`kernels`, see `training.kernels`), exact per-token weights
+kept by grouping positions by weight.
 
 The returned `loss_sum` is a *sum*: the trainer divides it by a normaliser for the whole optimizer step, so
 micro-batching, gradient accumulation and data parallelism do not change the objective.
@@ -127,13 +129,18 @@ def _reference(model, batch, sel, kl_type, ref_model, ref_adapter_disabled, chun
 
 
 def weighted_loss_sum(model, batch: dict, *, chunk_size: int = 1024, kl_coef: float = 0.0,
-                      kl_type: str = "target_token", ref_model=None, ref_adapter_disabled: bool = False) -> LossOutput:
+                      kl_type: str = "target_token", ref_model=None, ref_adapter_disabled: bool = False,
+                      kernels: str = "none") -> LossOutput:
     """Σ_t w_t·CE_t (+ kl_coef·Σ_{w_t>0} w_t·KL_t) over `batch` (`input_ids`, `weights`, and `attention_mask` or
-    `position_ids`), never averaged. See the KL block above for `kl_type`."""
+    `position_ids`), never averaged. See the KL block above for `kl_type`. `kernels` picks the lm_head + CE
+    backend: `none` (imtune's chunked head), `liger` (Liger's fused kernel, CUDA) or `torch` (the same grouping
+    over plain torch, for tests); see `training.kernels` for where a fused backend does not apply."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
     if kl_type not in KL_TYPES:
         raise ValueError(f"kl_type must be one of {KL_TYPES}, not {kl_type!r}")
+    if kernels not in ("none", "liger", "torch"):
+        raise ValueError(f"kernels must be none, liger or torch, not {kernels!r}")
     if not (kl_coef >= 0.0 and math.isfinite(kl_coef)):
         raise ValueError("kl_coef must be finite and >= 0")
     use_kl = kl_coef > 0.0
@@ -148,7 +155,10 @@ def weighted_loss_sum(model, batch: dict, *, chunk_size: int = 1024, kl_coef: fl
     h = hidden[:, :-1][sel]
     spec = _Spec(chunk_size, head.tf, kl_coef if use_kl else 0.0, kl_type)
     plain = _plain_weight(head.module)
-    if plain is not None:
+    if kernels != "none" and plain is not None and not use_kl and head.tf.scale == 1.0:
+        loss = _kernel_head_loss(h, plain[0], plain[1], y, w, head.tf, kernels)
+        ce, kl = loss.detach(), loss.new_zeros(())
+    elif plain is not None:
         loss, ce, kl = _fused_head_loss(h, plain[0], plain[1], y, w, ref, spec)
     else:
         loss, ce, kl = _checkpointed_head_loss(h, head.module, y, w, ref, spec)
@@ -162,6 +172,16 @@ class _Spec:
     tf: _LogitTransform
     kl_coef: float
     kl_type: str
+
+
+def _kernel_head_loss(h, weight, bias, y, w, tf: _LogitTransform, kernels: str) -> torch.Tensor:
+    from imtune.training.kernels import BACKENDS, grouped_linear_ce
+
+    dev = h.device.type
+    cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    with torch.autocast(dev, enabled=False):  # the kernel gets one explicit dtype, as the fused path below
+        return grouped_linear_ce(h, weight, bias, y, w, backend=BACKENDS[kernels], softcap=tf.cap,
+                                 compute_dtype=cdtype)
 
 
 # --- generic path: any head module, chunk logits recomputed in backward by checkpoint

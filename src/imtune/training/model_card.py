@@ -49,6 +49,8 @@ def render_model_card(cfg: dict, *, base_model: str, data_summary: dict, final_m
     lines += ["## Data", "", f"- training file: `{cfg['data']}` (template `{cfg['template']}`, max length "
                              f"{cfg['max_length']} tokens)"]
     for k, v in data_summary.items():
+        if k == "encode_cache":  # a local path, of no use to whoever reads the card
+            continue
         lines.append(f"- {k.replace('_', ' ')}: {_fmt(v)}")
     lines += [f"- note: {n}" for n in data_notes]
     lines += ["", "## Hyper-parameters", "", "| option | value |", "| --- | --- |"]

@@ -1,4 +1,4 @@
-"""The run directory: config, metrics log (JSONL + TensorBoard), checkpoints and the final model.
+"""The run directory: config, metrics log (JSONL + the run trackers), checkpoints and the final model.
 
 Every path a run writes is recorded in a manifest (`.imtune-manifest.json`) before it is written, so that
 `--overwrite` and the clean-up after a failed run remove exactly what imtune wrote and never anything else: an
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import re
 import shutil
@@ -20,15 +19,14 @@ from pathlib import Path
 
 from imtune.config import TrainConfig
 from imtune.errors import ImtuneError
-from imtune.training import checkpointing
+from imtune.training import checkpointing, tracking
 
 CONFIG_FILE = "imtune_config.yaml"
 METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tensorboard"
 FINAL_METRICS_FILE = "final_metrics.json"
 MANIFEST = ".imtune-manifest.json"
 # What a failed run keeps when a checkpoint lets it be resumed (top-level names).
-RESUME_STATE = (CONFIG_FILE, METRICS_FILE, TB_DIR, checkpointing.CHECKPOINTS)
+RESUME_STATE = (CONFIG_FILE, METRICS_FILE, *tracking.LOCAL_STATE, checkpointing.CHECKPOINTS)
 # Names imtune gives its own temp files and dirs (an atomic write, a checkpoint or final save in progress): what a
 # killed run leaves behind, and so imtune's to remove.
 _TEMP = re.compile(r"^(\.tmp-checkpoint-\d+|\.tmp-final-\d+|\..+\.[a-z0-9_]{8}\.tmp)$")
@@ -240,14 +238,15 @@ def save_final(cfg: TrainConfig, run_dir: RunDir, model, tokenizer, accelerator,
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard, main process only."""
+    """metrics.jsonl + the trackers of `cfg.report_to` (training.tracking), main process only."""
 
     def __init__(self, run_dir: RunDir, keep_rows: int | None, purge_step: int | None,
-                 resumed_from: Path | None = None):
+                 resumed_from: Path | None = None, cfg: TrainConfig | None = None):
         """`keep_rows`/`resumed_from`: a resumed run keeps the rows written up to its checkpoint, taken from the
-        checkpoint's own run directory when it resumes into another one."""
+        checkpoint's own run directory when it resumes into another one. `cfg`: the resolved config, logged to its
+        trackers (none without it)."""
         self.active, self.rows = run_dir.active, []
-        self.f = self.tb = None
+        self.f, self.trackers = None, []
         if not self.active:
             return
         from imtune.io_utils import atomic_write_text
@@ -259,15 +258,9 @@ class MetricsLog:
             lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_rows]
             atomic_write_text(self.path, "".join(lines))
             self.rows = [json.loads(x) for x in lines]
+        if cfg is not None:
+            self.trackers = tracking.open_trackers(cfg, saved_config(cfg), run_dir, purge_step, resumed_from, note)
         self.f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
-            return
-        before = run_dir.listing(TB_DIR)
-        run_dir.claim(TB_DIR, "dirs")
-        self.tb = SummaryWriter(str(run_dir.out / TB_DIR), purge_step=purge_step)
-        run_dir.adopt_new(TB_DIR, before)  # the event file the writer just created
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
@@ -275,18 +268,24 @@ class MetricsLog:
             return
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
-        if self.tb is not None:
-            tag = "eval" if "eval_loss" in row else "train"
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"{tag}/{k}", v, row["step"])
+        for t in list(self.trackers):
+            try:
+                t.log_step(row)
+            except Exception as e:  # a tracker that breaks mid-run (a server gone) must not cost the training
+                note(f"warning: {t.name} failed ({tracking.error_text(t, e)}); not logging to it any more")
+                self.trackers.remove(t)
 
     def close(self) -> None:
+        """Close metrics.jsonl; the trackers stay open for the final summary (`finish`)."""
         if self.f:
             self.f.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.f = self.tb = None
+        self.f = None
+
+    def finish(self, summary: dict | None = None, failed: bool = False) -> None:
+        """Give the trackers the final metrics and end their runs (as failed after an error); idempotent."""
+        self.close()
+        trackers, self.trackers = self.trackers, []
+        tracking.finish_all(trackers, summary, failed, note)
 
 
 def config_yaml(d: dict) -> str:

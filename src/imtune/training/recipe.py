@@ -43,7 +43,7 @@ from imtune.errors import ImtuneError
 from imtune.masking.templates import CHAT_TEMPLATES
 from imtune.training import checkpointing, distributed, fast_defaults
 from imtune.training.components import build_model, build_optimizer, lr_lambda
-from imtune.training.data import Plan, encode_sets, load_records, make_batch
+from imtune.training.data import Plan, encode_sets, load_sets, make_batch
 from imtune.training.health import StallWatch, trainable_finite
 from imtune.training.outputs import (
     CONFIG_FILE,
@@ -137,11 +137,14 @@ class Recipe:
         from imtune.models import load_tokenizer
 
         cfg = self.cfg
-        records, val_records = load_records(cfg, note)
+        load_notes: list[str] = []  # skipped records: printed and kept in the summary with the encoder's notes
+        records, val_records = load_sets(cfg, load_notes.append, self.accelerator.main_process_first)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
         self.pad_id = self.tokenizer.pad_token_id
         self.train_data, self.val_data, self.data_summary, self.data_notes = encode_sets(
-            cfg, self.tokenizer, records, val_records)
+            cfg, self.tokenizer, records, val_records, main_first=self.accelerator.main_process_first,
+            report=note if self.is_main else None)
+        self.data_notes = load_notes + self.data_notes
 
     def _set_up_model(self) -> None:
         from accelerate.utils import set_seed
@@ -183,7 +186,7 @@ class Recipe:
             atomic_write_text(self.run_dir.claim(CONFIG_FILE), config_yaml(saved_config(cfg)))
         self.accelerator.wait_for_everyone()
         self.log = MetricsLog(self.run_dir, keep_rows, purge_step=self.global_step + 1 if self.ckpt else None,
-                              resumed_from=self.ckpt.parent.parent if self.ckpt else None)
+                              resumed_from=self.ckpt.parent.parent if self.ckpt else None, cfg=self.cfg)
         self.eval_rows = [r for r in self.log.rows if "eval_loss" in r]
         self.tokens_seen = sum(r.get("tokens", 0) for r in self.log.rows if "loss" in r)
         if self.is_main:
@@ -195,8 +198,8 @@ class Recipe:
         cfg, data = self.cfg, self.train_data
         pad = 0.0 if self.packed else padding_fraction(self.plan.micro_batches(self.start_epoch),
                                                        data.lengths.tolist())
-        note(f"{len(data.examples)} training examples"
-             + (f", {len(self.val_data.examples)} held out" if self.val_data else "")
+        note(f"{len(data)} training examples"
+             + (f", {len(self.val_data)} held out" if self.val_data else "")
              + f"; {self.total_steps} steps of {cfg.micro_batch_size} x {self.accumulation} accumulation x "
                f"{self.world} process(es); objective {cfg.objective}; padding {pad:.1%}; {self.fast.summary()}")
         for line in self.data_notes:
@@ -272,7 +275,7 @@ class Recipe:
         scale = world / norm
         stats = torch.zeros(3, dtype=torch.float64)  # loss_sum, ce_sum, kl_sum over this process
         for i, (mb, real) in enumerate(passes):  # real = 0.0: a stand-in pass that contributes nothing
-            batch = make_batch(cfg, [self.train_data.examples[j] for j in mb], self.pad_id, acc.device, self.packed)
+            batch = make_batch(cfg, self.train_data.take(mb), self.pad_id, acc.device, self.packed)
             last = i == len(passes) - 1
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             if self.sharded:
@@ -281,7 +284,7 @@ class Recipe:
                 with self.autocast():
                     o = weighted_loss_sum(self.model, batch, chunk_size=cfg.loss_chunk_size, kl_coef=cfg.kl_coef,
                                           kl_type=cfg.kl_type, ref_model=self.ref_model,
-                                          ref_adapter_disabled=cfg.lora and cfg.kl_coef > 0)
+                                          ref_adapter_disabled=cfg.lora and cfg.kl_coef > 0, kernels=cfg.kernels)
                 acc.backward(o.loss_sum * (scale * real))
             stats += torch.tensor([float(o.loss_sum.detach()) * real, o.ce_sum * real, o.kl_sum * real],
                                   dtype=torch.float64)
@@ -316,7 +319,7 @@ class Recipe:
                 k = r * self.world + self.rank
                 # Every process runs the same number of forwards (collectives in DDP/FSDP); extra ones count zero.
                 mb = batches[k] if k < len(batches) else batches[0]
-                batch = make_batch(cfg, [val.examples[i] for i in mb], self.pad_id, acc.device, packed=False)
+                batch = make_batch(cfg, val.take(mb), self.pad_id, acc.device, packed=False)
                 with self.autocast():
                     o = score_weighted(model, batch, chunk_size=cfg.loss_chunk_size)
                 if k < len(batches):
@@ -354,7 +357,7 @@ class Recipe:
     def clean_up_failed(self) -> None:
         """A failed run removes what it wrote, except a verified checkpoint (and what --resume needs with it)."""
         if getattr(self, "log", None) is not None:
-            self.log.close()
+            self.log.finish(failed=True)
         kept = self.run_dir.clean_up_failed()
         if self.is_main:
             note(f"the run failed; kept {kept} for --resume" if kept
@@ -387,6 +390,7 @@ class Recipe:
             from imtune.io_utils import atomic_write_json
 
             atomic_write_json(self.run_dir.claim(FINAL_METRICS_FILE), final)
+            self.log.finish(final)
             loss = "n/a" if final["train_loss"] is None else f"{final['train_loss']:.4f}"
             note(f"done: {self.global_step} steps, train loss {loss}"
                  + (f", eval loss {final['eval_loss']:.4f}" if "eval_loss" in final else "") + f"; saved to {out}"
