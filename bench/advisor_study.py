@@ -113,7 +113,7 @@ def write_table(args, cells: list[tuple[str, int, Path]], started: str) -> dict:
     from imtune import __version__
     from imtune.io_utils import atomic_write_json
 
-    rows = [row for c in cells if (row := cell_row(*c)) is not None]
+    rows = [row for c in cells if (row := cell_row(*c)) is not None] + _kept_rows(Path(args.table))
     started = _first_start(Path(args.table), Path(args.out), started)
     table = {
         "meta": {"date": datetime.date.today().isoformat(), "started": started,
@@ -128,12 +128,21 @@ def write_table(args, cells: list[tuple[str, int, Path]], started: str) -> dict:
                               "precision": _precision(args.precision)},
                  "outcome": "held-out output loss of IM minus IT (negative: IM better); 95% interval from a two-way "
                             "bootstrap over training seeds and held-out examples",
-                 "cells_planned": len(cells), "cells_done": len(rows),
+                 "cells_planned": len(cells), "cells_done": sum(not r.get("provenance") for r in rows),
                  "command": "python bench/advisor_study.py " + " ".join(sys.argv[1:]), "out": str(args.out)},
         "rows": rows,
     }
     atomic_write_json(Path(args.table), table)
     return table
+
+
+def _kept_rows(table: Path) -> list[dict]:
+    """Rows another script added with their provenance (bench/advisor_check.py's pilot rows): not this study's
+    cells, so a rewrite keeps them."""
+    try:
+        return [r for r in json.loads(table.read_text())["rows"] if r.get("provenance")]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def _first_start(table: Path, out: Path, started: str) -> str:

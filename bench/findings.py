@@ -157,7 +157,55 @@ def _study_minutes(table: dict) -> str:
     return f"{sum(secs) / 60:.0f}" if secs and all(secs) else "—"
 
 
-def write_findings(root: Path, doc: Path, table_path: str | Path | None = None) -> None:
+PILOT_RESULTS = ROOT / "bench" / "advisor_check.json"
+
+
+def _pilot_row(s: dict) -> str:
+    f = s["full"]
+    sizes = "; ".join(f"n {r['n']}: {r['mean']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]"
+                      f"{' *' if r['resolved'] else ''}" for r in s["per_size"])
+    return (f"| {s['set']} | {sizes} | {s['fit']['a']:+.4f} {s['fit']['b']:+.4f}·ln n | {f['n']} | "
+            f"{s['delta']:+.4f} [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {s['call']} | "
+            f"{f['mean']:+.4f} [{f['ci95'][0]:+.4f}, {f['ci95'][1]:+.4f}]{' *' if f['resolved'] else ''} → "
+            f"{f['measured']} | {s['outcome']} | {s['wall_minutes']:.1f} / {f['minutes']:.0f} = "
+            f"{100 * s['minutes_fraction']:.0f}% | {s['planned_minutes']:.1f} / {s.get('full_planned_minutes', 0):.0f} = "
+            f"{100 * s['planned_fraction']:.0f}% | "
+            f"{s['training_tokens']:,} / {s['full_training_tokens']:,} = {100 * s['tokens_fraction']:.1f}% |")
+
+
+def pilot_section(res: dict | None) -> str:
+    """Section 3 of FINDINGS.md, from bench/advisor_check.json (written by bench/advisor_check.py)."""
+    head = "## 3. The measured pilot (`bench/advisor_check.py`: `imtune advise --pilot` vs the full comparison)\n\n"
+    if not res or not res.get("sets"):
+        return head + "Not run yet: `python bench/advisor_check.py`.\n"
+    sets = res["sets"]
+    resolved = [s for s in sets if s["full"]["resolved"]]
+    right = sum(s["outcome"] == "right" for s in resolved)
+    wrong = sum(s["outcome"] == "WRONG" for s in sets)
+    rows = "\n".join(_pilot_row(s) for s in sets)
+    return head + f"""Run {res['date']} on {res['machine']} (load average {', '.join(f'{x:.1f}' for x in res['load_average'])}
+at the end), `{res['command']}`: per set, the pilot trains it and im with the full comparison's model and settings
+at the sizes its cost model plans for a budget of {100 * res['budget_frac']:.0f}% of the full comparison's wall
+minutes ({res['seeds']} seeds, {res['heldout']} held-out examples shared by every size; batch {res.get('batch', '—')}, lr
+{res.get('lr', '—')}), fits IM − IT = a + b·ln n
+(weighted by each size's bootstrap variance) and extrapolates to the full comparison's n (interval: the line
+refitted to every bootstrap replicate). It calls a direction when the largest size's interval excludes 0 and the
+line keeps that sign at the full comparison's n (`analysis/pilot_fit.py`). Full results:
+section 1 (3 seeds, it/im/weighted:0.1). Cost: the pilot's wall minutes over the full comparison's (each inflated
+by whatever else its machine ran), the same through the pilot's cost model (the fraction the budget is set from),
+and training tokens; the full run's are counted from the same tokenisation of its split × objectives × seeds ×
+epochs.
+
+| dataset | pilot IM − IT per size [95% CI] | fitted | n | extrapolated Δ [95% CI] | pilot's call | full comparison | outcome | wall minutes, pilot / full | cost-model minutes, pilot / full | training tokens, pilot / full |
+|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
+
+Right on {right} of {len(resolved)} set(s) where the full comparison resolved; confident wrong calls: {wrong}.
+"""
+
+
+def write_findings(root: Path, doc: Path, table_path: str | Path | None = None,
+                   pilot_path: Path = PILOT_RESULTS) -> None:
     from imtune.analysis.advise import load_table
     from imtune.io_utils import atomic_write_text
 
@@ -211,7 +259,8 @@ seeds are needed as well.
 Caveats: a 135M model, 8–32 training examples of at most {s.get('max_length', '—')} tokens, a few optimiser steps
 on 2 CPU cores — far from the paper's LLaMA-2-7B/13B with thousands of examples and an LLM judge. These rows check
 direction and noise at toy scale; the advisor says which scale its evidence comes from with every recommendation.
-"""
+
+""" + pilot_section(json.loads(pilot_path.read_text()) if pilot_path.exists() else None)
     atomic_write_text(doc, text)
     print(text)
 

@@ -100,6 +100,7 @@ def child(kind: str, a: dict) -> dict:
         real = recipe.Recipe.step
 
         def step(self, *args, **kw):
+            first.setdefault("ready", time.time() - a["t_start"])  # data and model ready: what the cache saves
             row = real(self, *args, **kw)
             first.setdefault("t", time.time() - a["t_start"])
             return row
@@ -109,7 +110,7 @@ def child(kind: str, a: dict) -> dict:
                           max_length=2048, micro_batch_size=2, progress=False, encode_cache_dir=a["cache"]))
         if not hits[0]:
             raise SystemExit("the training run did not hit the encode cache the encode run wrote")
-        return {"first_step_s": first.get("t"), "rss_mb": peak_rss_mb()}
+        return {"ready_s": first.get("ready"), "first_step_s": first.get("t"), "rss_mb": peak_rss_mb()}
     if kind in ("stats", "advise"):
         from imtune.cli.main import main
 
@@ -167,14 +168,14 @@ def run_size(n: int, args, work: Path, with_reference: bool) -> dict:
         r, ref = measure_together(enc1, ("reference", dict(model=args.model, data=str(data), cpu=1)))
         row["reference_ex_s"] = ref["ex_per_s"]
     else:
-        r = measure(*enc1)
+        r = measure(enc1[0], **enc1[1])
     row["encode_1p_ex_s"], row["encode_1p_rss_mb"] = r["ex_per_s"], r["rss_mb"]
     r = measure("encode", model=args.model, data=str(data), cache=str(work / f"cache_{n}_2"), num_proc=2)
     row["encode_2p_ex_s"], row["encode_2p_rss_mb"] = r["ex_per_s"], r["rss_mb"]
     # the 2-process cache now exists: this run is a cache hit
     r = measure("train", model=args.model, data=str(data), cache=str(work / f"cache_{n}_2"), steps=args.steps,
                 out=str(work / f"run_{n}"))
-    row["cached_first_step_s"], row["train_rss_mb"] = r["first_step_s"], r["rss_mb"]
+    row["cached_ready_s"], row["cached_first_step_s"], row["train_rss_mb"] = r["ready_s"], r["first_step_s"], r["rss_mb"]
     print(json.dumps(row), flush=True)
     return row
 
@@ -184,14 +185,20 @@ def report(rows: list[dict], extra: dict, args) -> str:
              f"{args.steps} training steps per size. Machine: {machine()}; load average "
              f"{extra['load'][0]:.1f} at start, {os.getloadavg()[0]:.1f} at end. Versions: {extra['versions']}.", "",
              "| conversations | encode ex/s, 1 proc | encode ex/s, 2 procs | encode peak RSS MB | cached start-up "
-             "(to first step) s | training peak RSS MB |", "|---:|---:|---:|---:|---:|---:|"]
+             "(process start to first step) s | to end of first step s | training peak RSS MB |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['encode_1p_ex_s']:,.0f} | {r['encode_2p_ex_s']:,.0f} | "
-                     f"{max(r['encode_1p_rss_mb'], r['encode_2p_rss_mb']):,.0f} | {r['cached_first_step_s']:.1f} | "
+                     f"{max(r['encode_1p_rss_mb'], r['encode_2p_rss_mb']):,.0f} | {r['cached_ready_s']:.1f} | "
+                     f"{r['cached_first_step_s']:.1f} | "
                      f"{r['train_rss_mb']:,.0f} |")
     if len(rows) > 1:
         lines.append(f"\nTraining peak RSS at {rows[-1]['n']:,} / at {rows[0]['n']:,}: "
                      f"{rows[-1]['train_rss_mb'] / rows[0]['train_rss_mb']:.2f}x (target <= 1.5x).")
+    lines.append(f"Cached start-up at {rows[-1]['n']:,}: {rows[-1]['cached_ready_s']:.1f} s from process start to the "
+                 "first optimizer step's start (imports, model load, opening the cache, the length-grouped plan; "
+                 "target <= 10 s); the first step itself then takes "
+                 f"{rows[-1]['cached_first_step_s'] - rows[-1]['cached_ready_s']:.1f} s.")
     for k in ("stats", "advise"):
         if k in extra:
             lines.append(f"`imtune {k}` at {rows[-1]['n']:,} (the encode cache exists): {extra[k]['wall_s']:.1f} s, "

@@ -175,9 +175,11 @@ def test_findings_doc_is_built_from_measured_rows(tmp_path):
     p = tmp_path / "t.json"
     p.write_text(json.dumps(t))
     doc = tmp_path / "F.md"
-    findings.write_findings(tmp_path / "none", doc, table_path=p)
+    findings.write_findings(tmp_path / "none", doc, table_path=p, pilot_path=tmp_path / "no_pilot.json")
     text = doc.read_text()
     assert text.count("\n| ") == 1 + 16 and "Advisor accuracy, leave one source out: " in text
+    text, pilot = text.split("\n## 3. ")
+    assert "Not run yet: `python bench/advisor_check.py`" in pilot
     # The unresolved row: half-width 0.02 vs |mean| 0.01 → 4× the 16 held-out examples.
     assert "| z | 1.00 | 8 | 2 | 16 | -0.0100 [-0.0300, +0.0100] | no | no clear difference |" in text
     assert text.rstrip().endswith("recommendation.") and "≈ 64 |" in text
@@ -202,3 +204,53 @@ def test_a_rule_no_better_than_saying_no_difference_claims_none():
     a = advise_from_stats(_stats(0.3, 8), table={"meta": {}, "rows": rows})
     assert a.predicted_im_minus_it == NO_DIFF and a.recommendation == "im" and a.confidence == "weak"
     assert any("claims no difference" in r for r in a.reasons)
+
+
+def _bench(name):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_advisor_check_reads_the_full_results_from_findings_and_renders_its_section(tmp_path):
+    check = _bench("advisor_check")
+    doc = tmp_path / "F.md"
+    doc.write_text("# F\n\n## 1. Per-set\n\n| dataset | a | b | c | d | e | f | g | h | minutes |\n|---|\n"
+                   "| LIMA | 183 / 57 / 3 | 0.10 | it 2.8 | `im` wins | -0.0129 [-0.0225, -0.0039] * | — | x | resolved | 42 |\n"
+                   "| Code-Alpaca-2k | 199 / 64 / 3 | 0.43 | it 0.9 | `im` ahead | -0.0257 [-0.0890, +0.0085] | — | x | ≈ 230 | 31 |\n"
+                   "\n## 2. Study\n\ntext\n")
+    full = check.full_rows(doc, tmp_path / "no_runs")
+    assert full["LIMA"] == {**full["LIMA"], "n": 183, "mean": -0.0129, "ci95": [-0.0225, -0.0039], "resolved": True,
+                            "minutes": 42.0, "measured": "IM better"}
+    assert full["Code-Alpaca-2k"]["measured"] == NO_DIFF and "Alpagasus-Dolly-3k" not in full
+    assert check.verdict_of("IM expected better", full["LIMA"]) == "right"
+    assert check.verdict_of("IT expected better", full["LIMA"]) == "WRONG"
+    assert check.verdict_of("cannot tell within this budget", full["LIMA"]).startswith("missed")
+    assert check.verdict_of("IT expected better", full["Code-Alpaca-2k"]).startswith("unverifiable")
+    per = [{"n": 8, "mean": -0.03, "ci95": [-0.05, -0.01], "resolved": True}]
+    s = {"set": "LIMA", "per_size": per, "fit": {"a": -0.03, "b": 0.0}, "full": full["LIMA"], "delta": -0.03,
+         "ci95": [-0.05, -0.01], "call": "IM expected better", "outcome": "right", "wall_minutes": 5.0,
+         "minutes_fraction": 5 / 42, "planned_fraction": 0.15, "planned_minutes": 3.0, "full_planned_minutes": 20.0,
+         "training_tokens": 100, "full_training_tokens": 1000, "tokens_fraction": 0.1}
+    res = {"date": "d", "machine": "m", "load_average": [1.0, 1.0, 1.0], "command": "c", "budget_frac": 0.15,
+           "seeds": 2, "heldout": 32, "sets": [s]}
+    section = check.pilot_section(res)
+    assert "| LIMA | n 8: -0.0300 [-0.0500, -0.0100] * |" in section and "Right on 1 of 1 set(s)" in section
+    check.splice(doc, section)
+    check.splice(doc, section)  # replaces its own section, keeps the others
+    text = doc.read_text()
+    assert text.count("## 3. ") == 1 and "| LIMA | 183 / 57 / 3 |" in text and "## 2. Study" in text
+    # The full comparisons join the study table once, at n ≥ 100, with where they came from; the rule refits on them.
+    table = tmp_path / "study.json"
+    table.write_text(json.dumps({"meta": {}, "rows": []}))
+    assert check.add_to_study([], full, table, 100) == 2
+    assert check.add_to_study([], full, table, 100) == 0
+    rows = json.loads(table.read_text())["rows"]
+    lima = next(r for r in rows if r["source"] == "lima")
+    assert lima["n"] == 183 and lima["ratio"] == 0.10 and lima["measured"] == "IM better"
+    assert lima["provenance"]["full_comparison"] == "F.md §1"
+    assert check.add_to_study([], full, table, 500) == 0

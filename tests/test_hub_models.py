@@ -4,26 +4,18 @@ process whose HF_HOME / HF_HUB_OFFLINE / HF_TOKEN / HF_ENDPOINT are set before h
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.tiny import put_in_hub_cache
+from tests.tiny import put_in_hub_cache, run_in_hf_home
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_imtuneTestSecret0123456789"
 
 
 def _run(args, hf_home, offline=True, **env):
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE"))}
-    e.update(HF_HOME=str(hf_home), HF_TOKEN=SECRET, PYTHONPATH=str(ROOT / "src") + os.pathsep + str(ROOT),
-             OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", IMTUNE_CACHE=str(Path(hf_home) / "imtune"), **env)
-    if offline:
-        e["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=300)
+    return run_in_hf_home(args, hf_home, SECRET, offline, **env)
 
 
 @pytest.fixture

@@ -74,3 +74,19 @@ def put_in_hub_cache(hf_home: str | Path, repo_id: str, files_dir: str | Path, c
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snap
+
+
+def run_in_hf_home(args, hf_home, token: str, offline: bool = True, **env):
+    """`python *args` in a clean environment whose HF cache is `hf_home` (offline unless told), with `token` as
+    HF_TOKEN, one thread: what a user's shell with that cache would run."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_OFFLINE"))}
+    e.update(HF_HOME=str(hf_home), HF_TOKEN=token, PYTHONPATH=str(root / "src") + os.pathsep + str(root),
+             OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", IMTUNE_CACHE=str(Path(hf_home) / "imtune"), **env)
+    if offline:
+        e["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=300)

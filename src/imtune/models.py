@@ -76,52 +76,12 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def hub_snapshot(repo_id: str, revision: str | None = None, trust_remote_code: bool = False) -> Path:
-    """The cached snapshot of `repo_id` with the files in HUB_FILES, downloaded if needed and allowed.
-
-    Every failure is one ImtuneError line that says how to fix it; HF_TOKEN is read by huggingface_hub and never
-    appears in a message.
-    """
-    from huggingface_hub import errors as hub_errors
-    from huggingface_hub import snapshot_download
+    """The cached snapshot of `repo_id` with the files in HUB_FILES, downloaded if needed and allowed (every failure
+    one line: `imtune.hub`)."""
+    from imtune.hub import snapshot
 
     patterns = HUB_FILES + (["*.py"] if trust_remote_code else [])  # custom code only when asked for
-    at = f"{repo_id}@{revision}" if revision else repo_id
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except hub_errors.GatedRepoError:
-        fix = "accept its licence on the Hub, then set HF_TOKEN to a token of that account"
-        raise ImtuneError(f"model {at} is gated: {fix}") from None
-    except hub_errors.RevisionNotFoundError:
-        raise ImtuneError(f"model {repo_id} has no revision {revision!r} on the Hub") from None
-    except hub_errors.RepositoryNotFoundError:
-        raise ImtuneError(f"model {at} not found on the Hugging Face Hub (check the spelling; a private repo "
-                          f"needs HF_TOKEN)") from None
-    except (hub_errors.LocalEntryNotFoundError, hub_errors.IncompleteSnapshotError):
-        why = ("HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face Hub cannot be reached")
-        raise ImtuneError(
-            f"model {at} is not in the Hugging Face cache ({_hub_cache()}) and {why}: run once with network "
-            f"access (unset HF_HUB_OFFLINE), or `hf download {repo_id}` elsewhere and copy the cache, or pass "
-            f"a local model directory") from None
-    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, OSError) as e:
-        raise ImtuneError(f"model {at}: cannot fetch it from the Hugging Face Hub: "
-                          f"{_scrub(str(e).splitlines()[0] if str(e) else type(e).__name__)}") from None
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_cache() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
-def _scrub(msg: str) -> str:
-    token = os.environ.get("HF_TOKEN")
-    return msg.replace(token, "***") if token else msg
+    return snapshot(repo_id, "model", revision, patterns, "a local model directory")
 
 
 def _check_hf_dir(path: Path, hub_id: str | None = None) -> Path:

@@ -112,3 +112,26 @@ def required_n(mean: float | None, sd: float | None, z: float = 1.96) -> int | N
     if mean is None or sd is None or mean == 0:
         return None
     return int(math.ceil((z * sd / abs(mean)) ** 2))
+
+
+def crossed_bootstrap_shared(tables: Sequence[np.ndarray], n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> np.ndarray:
+    """Bootstrap means of several seeds × examples tables whose columns are the same examples (a pilot's training
+    sizes, all scored on one held-out set): each replicate resamples the examples once, shared by every table (so
+    the sizes' correlation through the shared examples is kept), and each table's seeds independently (every size
+    trained its own runs). Returns an n_boot × len(tables) array of replicate means, for callers that refit a curve
+    per replicate (the refit of a fixed-weight least-squares line is linear in these means)."""
+    ts = [np.asarray(t, dtype=np.float64) for t in tables]
+    n = ts[0].shape[1]
+    if any(t.shape[1] != n for t in ts):
+        raise ValueError("crossed_bootstrap_shared: every table must score the same examples (columns)")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, len(ts)), dtype=np.float64)
+    chunk = max(1, min(n_boot, 4_000_000 // max(n, 1)))
+    for s in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - s)
+        cols = _counts(rng.integers(0, n, size=(b, n)), n)
+        for j, t in enumerate(ts):
+            k = t.shape[0]
+            rows = _counts(rng.integers(0, k, size=(b, k)), k) if k > 1 else np.ones((b, 1))
+            out[s:s + b, j] = np.einsum("bk,kn,bn->b", rows, t, cols) / (k * n)
+    return out

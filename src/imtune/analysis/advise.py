@@ -66,12 +66,16 @@ def load_table(path: str | Path | None = None) -> dict:
 
 
 def evidence_rows(paths) -> list[dict]:
-    """Rows from users' `imtune compare` results.json files (those that ran both it and im)."""
+    """Rows from users' `imtune compare` results.json files (those that ran both it and im) and `imtune advise
+    --pilot` pilot.json files (one row per measured size)."""
     rows = []
     for path in paths:
         p = Path(path)
         try:
             r = json.loads(p.read_text())
+            if isinstance(r, dict) and r.get("kind") == "imtune-pilot":
+                rows.extend(_pilot_rows(p, r))
+                continue
             d, v = r["verdict"].get("im_minus_it"), r["verdict"]
             if not d or d.get("mean") is None:
                 raise ImtuneError(f"{p}: this comparison did not run both it and im, so it says nothing about "
@@ -82,7 +86,19 @@ def evidence_rows(paths) -> list[dict]:
                          "seeds": d.get("n_seeds", 1), "im_minus_it": d["mean"], "ci95": d["ci95"],
                          "resolved": d["resolved"], "measured": v.get("measured_im_vs_it")})
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ImtuneError(f"{p}: not an imtune compare results.json ({type(e).__name__}: {e})") from None
+            raise ImtuneError(f"{p}: not an imtune compare results.json or pilot.json ({type(e).__name__}: {e})") \
+                from None
+    return rows
+
+
+def _pilot_rows(p: Path, r: dict) -> list[dict]:
+    """One row per size a pilot measured (each is a compare of it vs im), marked with its provenance: the pilot
+    file and its settings."""
+    c = r["config"]
+    settings = {k: c[k] for k in ("max_length", "epochs", "lr", "batch", "n_val", "seeds", "precision")}
+    rows = evidence_rows([s["results"] for s in r["sizes"]])
+    for row in rows:
+        row.update(source=f"pilot:{Path(c['data']).stem}", provenance={"pilot": str(p), "settings": settings})
     return rows
 
 
@@ -258,10 +274,10 @@ def advise_from_stats(stats: dict, table: dict | None = None, evidence=()) -> Ad
 
 
 def advise(records, tokenizer, template: str = DEFAULT_TEMPLATE, max_length: int = DEFAULT_MAX_LENGTH,
-           evidence=(), table: dict | None = None) -> tuple[Advice, dict]:
+           evidence=(), table: dict | None = None, cache: bool = False) -> tuple[Advice, dict]:
     from imtune.analysis.stats import dataset_stats
 
-    stats = dataset_stats(records, tokenizer, template=template, max_length=max_length)
+    stats = dataset_stats(records, tokenizer, template=template, max_length=max_length, cache=cache)
     adv = advise_from_stats(stats, table=table, evidence=evidence)
     trunc = stats.get("truncation")
     if trunc and trunc.get("dropped_it"):

@@ -50,6 +50,10 @@ class CompareConfig:
     data_format: str | None = None
     skip_invalid: bool = False
     progress: bool = True
+    data_source: dict = field(default_factory=dict)  # split / config / revision of a Hub id or dataset directory
+    # A pilot's lean runs score only the trained models' held-out loss (all the verdict needs): no per-epoch scoring
+    # during training, no training-set or starting-model scoring, which together cost as much as a small run.
+    lean: bool = False
 
     def validate(self) -> CompareConfig:
         from imtune.masking.objectives import parse_objective
@@ -94,11 +98,12 @@ def _log(msg: str) -> None:
 def make_split(cfg: CompareConfig, out: Path) -> tuple[Path, Path, dict]:
     """Deterministic train/held-out split written once; a rerun with other split settings is refused."""
     from imtune.records.loading import load_dataset
+    from imtune.records.sources import source_key
     from imtune.records.split import holdout_split, n_heldout
 
-    spec = {"data": str(Path(cfg.data).resolve()), "val_data": cfg.val_data and str(Path(cfg.val_data).resolve()),
-            "val_fraction": cfg.val_fraction, "n_train": cfg.n_train, "n_val": cfg.n_val, "seed": cfg.seed,
-            "data_format": cfg.data_format}
+    spec = {"data": source_key(cfg.data), "val_data": source_key(cfg.val_data), "val_fraction": cfg.val_fraction,
+            "n_train": cfg.n_train, "n_val": cfg.n_val, "seed": cfg.seed, "data_format": cfg.data_format,
+            **({"data_source": cfg.data_source} if cfg.data_source else {})}  # unset: an old split.json matches
     d = out / "data"
     train_p, val_p, spec_p = d / "train.jsonl", d / "heldout.jsonl", d / "split.json"
     if spec_p.exists():
@@ -110,7 +115,7 @@ def make_split(cfg: CompareConfig, out: Path) -> tuple[Path, Path, dict]:
     for p in (train_p, val_p):  # compare writes both with split.json; without it, they are not compare's
         if p.exists():
             raise ImtuneError(f"{p} exists and was not written by imtune compare; move it away or use a new --out")
-    res = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid)
+    res = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid, **cfg.data_source)
     if cfg.val_data:
         val = load_dataset(cfg.val_data, format=cfg.data_format, skip_invalid=cfg.skip_invalid).records
         val = val[: cfg.n_val] if cfg.n_val else val
@@ -133,7 +138,8 @@ def _train_config(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path
 
     base = {"epochs": 2, "progress": cfg.progress}
     base.update(cfg.train_overrides)
-    base.update({"model": cfg.model, "data": str(train_p), "val_data": str(val_p), "objective": objective,
+    base.update({"model": cfg.model, "data": str(train_p), "val_data": None if cfg.lean else str(val_p),
+                 "objective": objective,
                  "seed": cfg.seed if seed is None else seed, "out": str(run_dir), "val_fraction": 0.0})
     return TrainConfig.from_dict(base, source="compare").validate()
 
@@ -147,7 +153,7 @@ def _run_done(run_dir: Path, tcfg) -> bool:
 
 def _config_key(tcfg) -> str:
     d = tcfg.to_dict()
-    for k in ("progress", "resume", "overwrite"):
+    for k in ("progress", "resume", "overwrite", "report_to", "run_name", "wandb_project", "mlflow_experiment"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -262,7 +268,7 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
     results: dict = {}
     val_recs, train_recs = _records(val_p), _records(train_p)
     if "loss" in cfg.evals:
-        for split, recs in (("heldout", val_recs), ("train", train_recs)):
+        for split, recs in (("heldout", val_recs), ("train", train_recs))[: 1 if cfg.lean else 2]:
             params = {"split": split, "n": len(recs), "template": template, "max_length": max_len, "v": 1,
                       "precision": precision}
 
@@ -346,9 +352,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     # Seed-major order: after the first seed a complete one-seed comparison exists on disk.
     dirs = {(o, s): train_run(cfg, o, train_p, val_p, out, s) for s in seeds for o in objectives}
     _log("evaluating the starting model (held-out loss only)")
-    evals_base = evaluate_model(CompareConfig(**{**asdict(cfg), "evals": ("loss",)}), cfg.model,
-                                out / "base" / "eval", train_p, val_p, tcfg0.template, with_generation=False,
-                                precision=tcfg0.precision)
+    evals_base = {} if cfg.lean else evaluate_model(CompareConfig(**{**asdict(cfg), "evals": ("loss",)}), cfg.model,
+                                                    out / "base" / "eval", train_p, val_p, tcfg0.template,
+                                                    with_generation=False, precision=tcfg0.precision)
     evals = {o: [] for o in objectives}
     for s in seeds:
         for o in objectives:
@@ -377,8 +383,8 @@ def run_compare(cfg: CompareConfig) -> dict:
         "runs": runs,
     }
     atomic_write_json(out / "results.json", result)
-    paths = write_report(result, evals, out)
-    _log(f"report: {paths['html']}")
+    if not cfg.lean:  # a lean run has no training-set loss for the report's tables; its results.json is all
+        _log(f"report: {write_report(result, evals, out)['html']}")
     return result
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from imtune.cli.common import add_data, add_model, add_token_count_options, load_data
+from imtune.cli.common import add_data, add_model, add_token_count_options, load_data_table
 
 
 def add_parser(sub):
@@ -22,18 +23,45 @@ def add_parser(sub):
                    help="add your own `imtune compare` results.json files to the evidence the rule is fitted to")
     p.add_argument("--table", default=None, help="advisor study table to fit to (default: the bundled one)")
     p.add_argument("--json", action="store_true", help="print JSON (advice + statistics)")
+    add_pilot_options(p)
     p.set_defaults(func=run)
+
+
+def add_pilot_options(p) -> None:
+    from imtune.analysis.pilot import PilotConfig
+    from imtune.config import DEFAULT_PILOT_BUDGET_MIN
+
+    d = PilotConfig(data="", out="")
+    g = p.add_argument_group("measured pilot (--pilot): train IT and IM at a few small sizes on this data and "
+                                 "extrapolate to its size; resumable (rerun the same command)")
+    g.add_argument("--pilot", action="store_true", help="measure instead of predicting from the study table")
+    g.add_argument("--pilot-model", default=None, help="train this smaller model (same tokenizer) instead of --model")
+    g.add_argument("--budget-min", type=float, default=DEFAULT_PILOT_BUDGET_MIN,
+                   help=f"wall-clock budget the pilot is planned to (default: {DEFAULT_PILOT_BUDGET_MIN:g})")
+    g.add_argument("--n", dest="n_target", type=int, default=None,
+                   help="training examples you will train on (default: every record in --data)")
+    g.add_argument("--out", default=None, help="pilot directory (default: runs/pilot-<data name>)")
+    g.add_argument("--pilot-seeds", type=int, default=d.seeds, help=f"seeds per size (default: {d.seeds})")
+    g.add_argument("--pilot-heldout", type=int, default=d.n_val,
+                   help=f"held-out examples, the same at every size (default: {d.n_val})")
+    g.add_argument("--pilot-sizes", default=None, help="comma-separated sizes instead of the planned ones")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
+    g.add_argument("--batch", type=int, default=d.batch, help=f"batch size (default: {d.batch})")
+    g.add_argument("--precision", default=d.precision, help=f"training precision (default: {d.precision})")
 
 
 def run(args) -> int:
     from imtune.analysis.advise import advise, evidence_rows, load_table, nearest_rows
     from imtune.models import load_tokenizer
 
-    records = load_data(args)
+    if args.pilot:
+        return run_pilot_cli(args)
+    records = load_data_table(args)
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
     table = load_table(args.table)
     adv, stats = advise(records, tok, template=args.template, max_length=args.max_length,
-                        evidence=args.evidence, table=table)
+                        evidence=args.evidence, table=table, cache=True)
     near = nearest_rows(table.get("rows", []) + evidence_rows(args.evidence), adv.ratio, adv.examples) \
         if args.explain else []
     if args.json:
@@ -58,3 +86,50 @@ def run(args) -> int:
         if not near:
             c.print("  (none: the table is empty)")
     return 0
+
+
+def run_pilot_cli(args) -> int:
+    from imtune.analysis.pilot import PilotConfig, run_pilot
+    from imtune.errors import ImtuneError
+    from imtune.io_utils import prepare_output
+
+    for name in ("budget_min", "pilot_seeds", "pilot_heldout", "epochs", "batch"):
+        if getattr(args, name) <= 0:
+            raise ImtuneError(f"--{name.replace('_', '-')} must be positive")
+    try:
+        sizes = tuple(int(x) for x in args.pilot_sizes.split(",")) if args.pilot_sizes else None
+    except ValueError:
+        raise ImtuneError(f"--pilot-sizes {args.pilot_sizes!r}: expected comma-separated integers") from None
+    out = args.out or str(Path("runs") / f"pilot-{Path(args.data).stem}")
+    prepare_output(out, (args.data, args.model, args.pilot_model), kind="dir")
+    cfg = PilotConfig(data=args.data, out=out, model=args.model, pilot_model=args.pilot_model,
+                      n_target=args.n_target, budget_min=args.budget_min, seeds=args.pilot_seeds,
+                      n_val=args.pilot_heldout, sizes=sizes, max_length=args.max_length, template=args.template,
+                      epochs=args.epochs, lr=args.lr, batch=args.batch, precision=args.precision,
+                      data_format=args.data_format, skip_invalid=args.skip_invalid)
+    r = run_pilot(cfg)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print("\n".join(pilot_lines(r)))
+    return 0
+
+
+def pilot_lines(r: dict) -> list[str]:
+    """The pilot's call and every figure behind it."""
+    e, c, p = r["extrapolation"], r["cost"], r["plan"]
+    lines = [f"Pilot: {r['text']}", "  IM − IT held-out output loss (negative: IM better), per measured size:"]
+    for s in e["per_size"]:
+        lines.append(f"    n {s['n']:>5}  {s['seeds']} seeds × {s['n_heldout']} held-out  {s['mean']:+.4f} "
+                     f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]{'  resolved' if s['resolved'] else ''}")
+    f = e["fit"]
+    lines += [f"  fitted: IM − IT = {f['a']:+.4f} {f['b']:+.4f}·ln n (weights: {f['weights']})",
+              f"  at n {e['n_target']:,}: the line gives {e['delta']:+.4f} [{e['fitted_ci95'][0]:+.4f}, "
+              f"{e['fitted_ci95'][1]:+.4f}] (extrapolated); the call needs the largest size's interval to exclude 0 "
+              "and the line to keep its sign there",
+              f"  cost: {c['wall_minutes']:.1f} wall minutes, {c['training_tokens']:,} training tokens "
+              f"(planned {c['planned_minutes']:.1f} min / {c['planned_training_tokens']:,} tokens for a "
+              f"{p['budget_s'] / 60:g}-minute budget; model trained: {r['trained_model']})",
+              f"  results: {Path(r['sizes'][0]['results']).parents[1] / 'pilot.json'} (add it to the advisor's "
+              "evidence with --evidence)"]
+    return lines

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from imtune.cli.common import add_data
+from imtune.cli.common import add_data, data_source
 from imtune.config import DEFAULT_MODEL, add_config_arguments
 
 # Fields compare owns itself (or sets per run); every other TrainConfig field is a flag here too.
-OWN = ("data", "data_format", "skip_invalid", "objective", "out", "val_data", "val_fraction", "resume", "overwrite",
-       "seed", "model", "trust_remote_code")
+OWN = ("data", "data_split", "data_config", "data_revision", "data_format", "skip_invalid", "objective", "out",
+       "val_data", "val_fraction", "resume", "overwrite", "seed", "model", "trust_remote_code")
 
 
 def add_parser(sub):
@@ -73,7 +73,7 @@ def config_from_args(args):
         seed=args.seed, seeds=args.seeds, evals=tuple(e.strip() for e in args.evals.split(",") if e.strip()),
         eval_limit=args.eval_limit, memorisation_n=args.memorisation_n, max_new_tokens=args.max_new_tokens,
         eval_batch_size=args.eval_batch_size, train_overrides=overrides, data_format=args.data_format,
-        skip_invalid=args.skip_invalid)
+        skip_invalid=args.skip_invalid, data_source=data_source(args))
 
 
 def run(args) -> int:

@@ -9,7 +9,6 @@ load with HF_HUB_OFFLINE=1: offline, `datasets` only finds ids it has converted 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -83,33 +82,13 @@ def _load_folder(folder: Path, spec, name: str):
 
 
 def hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """The cached snapshot of a Hub dataset (downloaded if needed and allowed); every failure is one line."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub import errors as hub_errors
+    """The cached snapshot of a Hub dataset's data files (downloaded if needed and allowed; `imtune.hub`)."""
+    from imtune.hub import snapshot
 
-    at = f"{repo_id}@{revision}" if revision else repo_id
-    try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=HUB_DATA_FILES))
-    except hub_errors.GatedRepoError:
-        raise ImtuneError(f"dataset {at} is gated: accept its terms on the Hub, then set HF_TOKEN to a token of "
-                          f"that account") from None
-    except hub_errors.RevisionNotFoundError:
-        raise ImtuneError(f"dataset {repo_id} has no revision {revision!r} on the Hub") from None
-    except hub_errors.RepositoryNotFoundError:
-        raise ImtuneError(f"dataset {at} not found on the Hugging Face Hub (check the spelling; a private or "
-                          f"gated dataset needs HF_TOKEN)") from None
-    except (hub_errors.LocalEntryNotFoundError, hub_errors.IncompleteSnapshotError):
-        if constants.HF_HUB_OFFLINE:
-            fix = "HF_HUB_OFFLINE is set: run once online, or set HF_HUB_OFFLINE=0"
-        else:
-            fix = "the Hugging Face Hub cannot be reached: run once with network access"
-        raise ImtuneError(f"dataset {at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {fix}, "
-                          f"or pass a local data file") from None
-    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, OSError) as e:
-        raise ImtuneError(f"dataset {at}: cannot fetch it from the Hugging Face Hub: {_first_line(e)}") from None
+    return snapshot(repo_id, "dataset", revision, HUB_DATA_FILES, "a local data file")
 
 
 def _first_line(e: BaseException) -> str:
-    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    token = os.environ.get("HF_TOKEN")
-    return msg.replace(token, "***") if token else msg  # never print the token
+    from imtune.hub import first_line
+
+    return first_line(e)  # never prints the token
