@@ -96,7 +96,7 @@ def full_rows(doc: Path, root: Path) -> dict[str, dict]:
 
 
 def full_cost(name: str, n_train: int = 200, n_val: int = 64, max_length: int = 160, seeds: int = 3,
-              objectives: int = 3, epochs: int = 2) -> dict:
+              objectives: int = 3, epochs: int = 2, batch: int = 4) -> dict:
     """findings.py's comparison of `name` through the pilot's own cost model: its split (seed 42), tokenised as
     training does, the examples every objective keeps, × objectives × seeds × epochs. The same model plans the
     pilot, so the budget fraction does not depend on how busy the machine was when either ran."""
@@ -112,7 +112,7 @@ def full_cost(name: str, n_train: int = 200, n_val: int = 64, max_length: int = 
     tok = load_tokenizer("smollm2-135m")
     lens = [len(e) for e in encode(train, tok, "it", DEFAULT_TEMPLATE, max_length)]
     held_tokens = sum(len(e) for e in encode(held, tok, "it", DEFAULT_TEMPLATE, max_length))
-    est = estimate([len(lens)], seeds, epochs, lens, held_tokens, 1.0, objectives=objectives)
+    est = estimate([len(lens)], seeds, epochs, lens, held_tokens, 1.0, objectives=objectives, batch=batch)
     return {"training_tokens": est["train_tokens"], "planned_minutes": est["seconds"] / 60}
 
 

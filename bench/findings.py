@@ -184,17 +184,20 @@ def pilot_section(res: dict | None) -> str:
     wrong = sum(s["outcome"] == "WRONG" for s in sets)
     rows = "\n".join(_pilot_row(s) for s in sets)
     return head + f"""Run {res['date']} on {res['machine']} (load average {', '.join(f'{x:.1f}' for x in res['load_average'])}
-at the end), `{res['command']}`: per set, the pilot trains it and im with the full comparison's model and settings
-at the sizes its cost model plans for a budget of {100 * res['budget_frac']:.0f}% of the full comparison's wall
-minutes ({res['seeds']} seeds, {res['heldout']} held-out examples shared by every size; batch {res.get('batch', '—')}, lr
-{res.get('lr', '—')}), fits IM − IT = a + b·ln n
-(weighted by each size's bootstrap variance) and extrapolates to the full comparison's n (interval: the line
-refitted to every bootstrap replicate). It calls a direction when the largest size's interval excludes 0 and the
-line keeps that sign at the full comparison's n (`analysis/pilot_fit.py`). Full results:
-section 1 (3 seeds, it/im/weighted:0.1). Cost: the pilot's wall minutes over the full comparison's (each inflated
-by whatever else its machine ran), the same through the pilot's cost model (the fraction the budget is set from),
-and training tokens; the full run's are counted from the same tokenisation of its split × objectives × seeds ×
-epochs.
+at the end), `{res['command']}`.
+
+Per set, the pilot trains it and im with the full comparison's model, max length, epochs and precision ({res['seeds']}
+seeds, {res['heldout']} held-out examples shared by every size, batch {res.get('batch', '—')}, lr {res.get('lr', '—')}), at the
+two sizes its cost model plans for a budget of {100 * res['budget_frac']:.0f}% of the full comparison's cost-model
+minutes. It fits IM − IT = a + b·ln n (each size weighted by its bootstrap variance) and extrapolates to the full
+comparison's n; the interval refits the line to every bootstrap replicate. It calls a direction only when the
+largest size's interval excludes 0 and the line keeps that sign at the full comparison's n
+(`analysis/pilot_fit.py`). The full results are section 1's (3 seeds, it/im/weighted:0.1).
+
+Cost is given three ways. Wall minutes compare the pilot (this run's machine) with section 1's full comparison
+(section 1's machine and load), so they mix machines. Cost-model minutes put both through the pilot's one cost model;
+the budget is set from this fraction. Training tokens count the full run from the same tokenisation of its split ×
+objectives × seeds × epochs.
 
 | dataset | pilot IM − IT per size [95% CI] | fitted | n | extrapolated Δ [95% CI] | pilot's call | full comparison | outcome | wall minutes, pilot / full | cost-model minutes, pilot / full | training tokens, pilot / full |
 |---|---|---|---|---|---|---|---|---|---|---|

@@ -25,6 +25,7 @@ allocation). The RESULTS.md section is written only from runs that finished; fai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -106,13 +107,23 @@ def _dist(wheel: Path) -> tuple[str, str]:
     return name.lower().replace("_", "-"), version
 
 
-def check_wheels(wheel_dir: Path, pins: dict = PINS) -> list[str]:
-    """What is wrong with `wheel_dir` for an offline install of `pins`: missing, extra versions, wrong versions."""
+def _fits_this_python(wheel: Path, version: tuple[int, int]) -> bool:
+    """Whether a wheel's Python tag (py3, py2.py3, cp312, py312, ...) admits this interpreter."""
+    want = {"py3", f"py{version[0]}{version[1]}", f"cp{version[0]}{version[1]}"}
+    return any(t in want for t in wheel.name.split("-")[-3].split("."))
+
+
+def check_wheels(wheel_dir: Path, pins: dict = PINS, python: tuple[int, int] = sys.version_info[:2]) -> list[str]:
+    """What is wrong with `wheel_dir` for an offline install of `pins` on `python`: missing, extra versions, wrong
+    versions, a wheel built for another Python (they are fetched for TARGET_PYTHON, the GPU image's)."""
     found: dict[str, list[str]] = {}
+    problems = []
     for w in sorted(wheel_dir.glob("*.whl")):
         name, version = _dist(w)
         found.setdefault(name, []).append(version)
-    problems = []
+        if not _fits_this_python(w, python):
+            problems.append(f"{w.name}: built for another Python than {python[0]}.{python[1]} (fetched for "
+                            f"{TARGET_PYTHON}); run --fetch-wheels for this one")
     for name, version in pins.items():
         have = found.get(name, [])
         if not have:
@@ -209,16 +220,43 @@ def encoded(model_dir: str, a: argparse.Namespace):
     return tok, ex, plan
 
 
+@contextlib.contextmanager
+def step_end_clock():
+    """Yields the list of perf_counter readings at the end of each of imtune's optimizer steps (after the GPU has
+    finished it) while training runs in the block."""
+    import torch
+
+    from imtune.training import recipe
+
+    marks: list[float] = []
+    real = recipe.Recipe.step
+
+    def step(self, *args, **kw):
+        row = real(self, *args, **kw)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        return row
+
+    recipe.Recipe.step = step
+    try:
+        yield marks
+    finally:
+        recipe.Recipe.step = real
+
+
 def run_imtune(run: str, model_dir: str, tmp: Path, a: argparse.Namespace) -> dict:
     import imtune
     from imtune.records.loading import load_records
 
     data = tmp / "lima.jsonl"
     data.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in load_records(LIMA)[:a.steps * a.micro_batch]))
-    res = imtune.train(imtune_config(run, model_dir, str(data), str(tmp / "out"), a))
+    with step_end_clock() as marks:
+        res = imtune.train(imtune_config(run, model_dir, str(data), str(tmp / "out"), a))
     timed = res.history[SKIP_STEPS:]
     c = res.config
-    return {"tokens": sum(r["tokens"] for r in timed), "seconds": sum(r["step_time_s"] for r in timed),
+    # Wall-clock between step ends, as TRL's is timed: logging and metrics writes between steps count too.
+    return {"tokens": sum(r["tokens"] for r in timed), "seconds": marks[-1] - marks[SKIP_STEPS - 1],
             "losses": [r["loss"] for r in res.history], "step_tokens": [r["tokens"] for r in res.history],
             "settings": f"precision {c.precision}, kernels {c.kernels}, padding-free {c.padding_free}"}
 

@@ -21,6 +21,7 @@ core at 100k. Writes the "Scale" section of bench/RESULTS.md (through results_md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -68,6 +69,41 @@ def peak_rss_mb() -> float:
     return max(own, kids) / 1024
 
 
+def _anon_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("RssAnon:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+class AnonPeak:
+    """Peak anonymous resident memory (RssAnon: heap, tensors, Python objects) of this process plus its workers,
+    sampled every 50 ms. Unlike ru_maxrss it leaves out file-backed pages, such as those of a memory-mapped Arrow
+    table that a pass has read: clean page cache, which the kernel reclaims under pressure."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(psutil.Error):
+                pids = [me.pid] + [c.pid for c in me.children(recursive=True)]
+                self.peak = max(self.peak, sum(_anon_mb(pid) for pid in pids))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def child(kind: str, a: dict) -> dict:
     """One measurement, in this (fresh) process; pinned to one core when `a["cpu"]` is set."""
     if a.get("cpu") is not None:
@@ -79,11 +115,12 @@ def child(kind: str, a: dict) -> dict:
         from imtune.records.sources import DataSpec, conversation_table
 
         tok = load_tokenizer(a["model"])
+        anon = AnonPeak()
         t = conversation_table(DataSpec(a["data"]), cache_dir=Path(a["cache"]) / "conversations")
         t1 = time.perf_counter()
         c = encode_cached(t.dataset, t.fingerprint, t.name, tok, EncodeSettings.of(tok, "tulu", 2048),
                           root=a["cache"], num_proc=a["num_proc"], row_kind=t.row_kind)
-        return {"ex_per_s": len(c) / (time.perf_counter() - t1), "rss_mb": peak_rss_mb()}
+        return {"ex_per_s": len(c) / (time.perf_counter() - t1), "rss_mb": peak_rss_mb(), "anon_mb": anon.stop()}
     if kind == "train":
         import imtune
         from imtune.masking import encode_cache
@@ -106,11 +143,13 @@ def child(kind: str, a: dict) -> dict:
             return row
 
         recipe.Recipe.step = step
+        anon = AnonPeak()
         imtune.train(dict(model=a["model"], data=a["data"], out=a["out"], max_steps=a["steps"], template="tulu",
                           max_length=2048, micro_batch_size=2, progress=False, encode_cache_dir=a["cache"]))
         if not hits[0]:
             raise SystemExit("the training run did not hit the encode cache the encode run wrote")
-        return {"ready_s": first.get("ready"), "first_step_s": first.get("t"), "rss_mb": peak_rss_mb()}
+        return {"ready_s": first.get("ready"), "first_step_s": first.get("t"), "rss_mb": peak_rss_mb(),
+                "anon_mb": anon.stop()}
     if kind in ("stats", "advise"):
         from imtune.cli.main import main
 
@@ -169,32 +208,52 @@ def run_size(n: int, args, work: Path, with_reference: bool) -> dict:
         row["reference_ex_s"] = ref["ex_per_s"]
     else:
         r = measure(enc1[0], **enc1[1])
-    row["encode_1p_ex_s"], row["encode_1p_rss_mb"] = r["ex_per_s"], r["rss_mb"]
+    row["encode_1p_ex_s"], row["encode_1p_rss_mb"], row["encode_1p_anon_mb"] = r["ex_per_s"], r["rss_mb"], r["anon_mb"]
     r = measure("encode", model=args.model, data=str(data), cache=str(work / f"cache_{n}_2"), num_proc=2)
-    row["encode_2p_ex_s"], row["encode_2p_rss_mb"] = r["ex_per_s"], r["rss_mb"]
+    row["encode_2p_ex_s"], row["encode_2p_rss_mb"], row["encode_2p_anon_mb"] = r["ex_per_s"], r["rss_mb"], r["anon_mb"]
     # the 2-process cache now exists: this run is a cache hit
     r = measure("train", model=args.model, data=str(data), cache=str(work / f"cache_{n}_2"), steps=args.steps,
                 out=str(work / f"run_{n}"))
-    row["cached_ready_s"], row["cached_first_step_s"], row["train_rss_mb"] = r["ready_s"], r["first_step_s"], r["rss_mb"]
+    row["cached_ready_s"], row["cached_first_step_s"] = r["ready_s"], r["first_step_s"]
+    row["train_rss_mb"], row["train_anon_mb"] = r["rss_mb"], r["anon_mb"]
     print(json.dumps(row), flush=True)
     return row
+
+
+def _peak(r: dict, key: str) -> float:
+    """A row's peak of `key` (e.g. encode_rss) over its measurements (1 and 2 encode processes)."""
+    if key.startswith("encode"):
+        what = key.split("_")[1]
+        return max(r[f"encode_1p_{what}_mb"], r[f"encode_2p_{what}_mb"])
+    return r[f"{key}_mb"]
+
+
+def _mb(r: dict, key: str) -> str:
+    return f"{_peak(r, key):,.0f}"
 
 
 def report(rows: list[dict], extra: dict, args) -> str:
     lines = [SECTION, "", f"`bench/scale.py`, {datetime.date.today().isoformat()}, model {args.model}, "
              f"{args.steps} training steps per size. Machine: {machine()}; load average "
              f"{extra['load'][0]:.1f} at start, {os.getloadavg()[0]:.1f} at end. Versions: {extra['versions']}.", "",
-             "| conversations | encode ex/s, 1 proc | encode ex/s, 2 procs | encode peak RSS MB | cached start-up "
-             "(process start to first step) s | to end of first step s | training peak RSS MB |",
+             "| conversations | encode ex/s, 1 proc | encode ex/s, 2 procs | encode peak RSS MB (anon) | cached "
+             "start-up (process start to first step) s | to end of first step s | training peak RSS MB (anon) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['encode_1p_ex_s']:,.0f} | {r['encode_2p_ex_s']:,.0f} | "
-                     f"{max(r['encode_1p_rss_mb'], r['encode_2p_rss_mb']):,.0f} | {r['cached_ready_s']:.1f} | "
-                     f"{r['cached_first_step_s']:.1f} | "
-                     f"{r['train_rss_mb']:,.0f} |")
+                     f"{_mb(r, 'encode_rss')} ({_mb(r, 'encode_anon')}) | {r['cached_ready_s']:.1f} | "
+                     f"{r['cached_first_step_s']:.1f} | {r['train_rss_mb']:,.0f} ({r['train_anon_mb']:,.0f}) |")
     if len(rows) > 1:
-        lines.append(f"\nTraining peak RSS at {rows[-1]['n']:,} / at {rows[0]['n']:,}: "
-                     f"{rows[-1]['train_rss_mb'] / rows[0]['train_rss_mb']:.2f}x (target <= 1.5x).")
+        a, b = rows[0], rows[-1]
+        lines.append("")
+        for what, key in (("Training", "train"), ("Encode", "encode")):
+            rss = _peak(b, f"{key}_rss") / _peak(a, f"{key}_rss")
+            anon = _peak(b, f"{key}_anon") / _peak(a, f"{key}_anon")
+            lines.append(f"{what} peak at {b['n']:,} / at {a['n']:,}: RSS {rss:.2f}x, anonymous memory {anon:.2f}x "
+                         "(target <= 1.5x).")
+        lines.append("RSS counts the pages of the memory-mapped Arrow tables a pass has read (clean page cache that "
+                     "the kernel reclaims under pressure); anonymous memory (RssAnon, sampled every 50 ms over the "
+                     "process and its workers) is what the process itself holds.")
     lines.append(f"Cached start-up at {rows[-1]['n']:,}: {rows[-1]['cached_ready_s']:.1f} s from process start to the "
                  "first optimizer step's start (imports, model load, opening the cache, the length-grouped plan; "
                  "target <= 10 s); the first step itself then takes "

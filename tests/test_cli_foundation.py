@@ -62,6 +62,11 @@ def test_advise_states_its_measured_accuracy_and_evidence(tiny_dir, small_data, 
 
 @pytest.mark.parametrize("argv,needle", [
     (["inspect", "--data", "/nonexistent.jsonl"], "/nonexistent.jsonl: file not found"),
+    # A split / config / revision with a data file would be ignored: refused, for the table and in-memory loaders.
+    (["stats", "--data", "GOOD", "--data-split", "dev"],
+     "is a data file: --data-split applies only to a Hub dataset id or a dataset directory"),
+    (["inspect", "--data", "GOOD", "--data-config", "x", "--data-revision", "v1"],
+     "is a data file: --data-config, --data-revision apply only to a Hub dataset id"),
     (["stats", "--data", "BAD"], ":2: malformed JSON"),
     (["inspect", "--data", "GOOD", "--objective", "bogus"], "unknown objective 'bogus'"),
     (["inspect", "--data", "GOOD", "--template", "nope"], "unknown template 'nope'"),
@@ -78,13 +83,20 @@ def test_bad_input_one_line_exit_2(tiny_dir, small_data, tmp_path, argv, needle)
     assert "Traceback" not in r.stderr
 
 
-def test_skip_invalid_reports(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["stats", "inspect"])  # the Arrow-table path and the in-memory one
+def test_skip_invalid_reports_counts_per_reason(tiny_dir, tmp_path, capsys, command):
+    empty = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(MSGS[0]) + "\n{nope\n" + json.dumps(MSGS[1]) + "\n")
-    assert main(["stats", "--data", str(bad), "--model", str(tiny_dir), "--json", "--skip-invalid"]) == 0
+    rows = [MSGS[0], "{nope", MSGS[1], empty, "{nope", empty, empty, MSGS[2], empty]
+    bad.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    extra = ["--json"] if command == "stats" else ["--format", "json", "--n", "9"]
+    assert main([command, "--data", str(bad), "--model", str(tiny_dir), "--skip-invalid", *extra]) == 0
     cap = capsys.readouterr()
-    assert "skipped 1 invalid record(s)" in cap.err and "bad.jsonl:2" in cap.err
-    assert json.loads(cap.out)["examples"] == 2
+    # The line `train` prints: the total, then per reason its count and first rows.
+    assert cap.err.strip() == (
+        f"skipped 6 invalid record(s) in {bad}: 2x malformed JSON: Expecting property name enclosed in double "
+        "quotes at column 2 (line 2, line 5); 4x message 1: empty content (line 4, line 6, line 7, ...)"), cap.err
+    assert len(json.loads(cap.out)) == 3 if command == "inspect" else json.loads(cap.out)["examples"] == 3
 
 
 def test_help_is_complete():

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imtune.analysis.compare import CompareConfig, paired_difference, run_compare, verdict
+from imtune.analysis.compare import CompareConfig, run_compare, verdict
+from imtune.statistics import paired_difference
 
 LONG_PROMPT = "Please read the following passage carefully and answer the question about it. " * 3
 

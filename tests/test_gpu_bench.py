@@ -49,6 +49,18 @@ def test_imtune_runs_are_valid_configs_with_the_same_budget(tmp_path):
         assert c.objective == "im" and c.template == gpu.TEMPLATE
 
 
+def test_imtune_run_is_timed_between_step_ends_like_trl(tiny_dir, tmp_path):
+    # Both tools' tokens/s are wall-clock from the end of step SKIP_STEPS to the end of the last step.
+    from imtune.training import recipe
+
+    a = gpu.parse_args(["--steps", "4", "--micro-batch", "2", "--max-length", "64"])
+    real = recipe.Recipe.step
+    r = gpu.run_imtune("imtune-no-kernels", str(tiny_dir), tmp_path, a)
+    assert recipe.Recipe.step is real  # the clock is removed after the run
+    assert len(r["losses"]) == 4 and r["tokens"] == sum(r["step_tokens"][gpu.SKIP_STEPS:]) > 0
+    assert 0 < r["seconds"] < 60
+
+
 def test_trl_runs_at_its_best_on_the_same_budget(tmp_path):
     a = gpu.parse_args(["--steps", "7", "--micro-batch", "3"])
     t = gpu.trl_args(str(tmp_path), a, use_cpu=True)  # use_cpu only because this machine has no GPU
@@ -77,16 +89,20 @@ def _wheel(d: Path, dist: str, version: str, tag: str = "py3-none-any") -> None:
 
 def test_check_wheels_names_what_is_missing_doubled_or_wrong(tmp_path):
     pins = {"liger-kernel": "0.8.5", "multiprocess": "0.70.19", "trl": "1.16.0"}
-    assert [p.split(":")[0] for p in gpu.check_wheels(tmp_path, pins)] == ["liger-kernel==0.8.5",
+    assert [p.split(":")[0] for p in gpu.check_wheels(tmp_path, pins, (3, 12))] == ["liger-kernel==0.8.5",
                                                                             "multiprocess==0.70.19", "trl==1.16.0"]
     _wheel(tmp_path, "liger-kernel", "0.8.5")
     _wheel(tmp_path, "multiprocess", "0.70.19", "py312-none-any")
     _wheel(tmp_path, "trl", "1.16.0")
-    assert gpu.check_wheels(tmp_path, pins) == []
+    assert gpu.check_wheels(tmp_path, pins, (3, 12)) == []
+    # A wheel for another Python would fail the GPU machine's --no-index install: named before it is tried.
+    assert gpu.check_wheels(tmp_path, pins, (3, 11)) == [
+        "multiprocess-0.70.19-py312-none-any.whl: built for another Python than 3.11 (fetched for 3.12); run "
+        "--fetch-wheels for this one"]
     _wheel(tmp_path, "trl", "1.15.0")
-    assert gpu.check_wheels(tmp_path, pins) == ["trl: 2 versions (1.15.0, 1.16.0); keep one"]
+    assert gpu.check_wheels(tmp_path, pins, (3, 12)) == ["trl: 2 versions (1.15.0, 1.16.0); keep one"]
     (tmp_path / "trl-1.16.0-py3-none-any.whl").unlink()
-    assert gpu.check_wheels(tmp_path, pins) == ["trl: wheel is 1.15.0, pinned 1.16.0"]
+    assert gpu.check_wheels(tmp_path, pins, (3, 12)) == ["trl: wheel is 1.15.0, pinned 1.16.0"]
 
 
 def test_model_shape_carries_config_and_tokenizer_not_weights(tiny_dir, tmp_path):

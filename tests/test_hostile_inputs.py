@@ -62,7 +62,9 @@ def test_hostile_input(name, skip, tmp_path, tiny_dir, capsys):
     where, reason = CASES[name]
     if skip and where is not None:  # the bad record is skipped and reported; the good ones are used
         assert rc == 0, err
-        assert f"skipped 1 invalid record(s): {p}{where}: " in err and reason in err
+        place = f"line {where[1:]}" if where.startswith(":") and where[1:].isdigit() else where[2:]
+        assert err.startswith(f"skipped 1 invalid record(s) in {p}: 1x ") and reason in err, err
+        assert err.endswith(f" ({place})"), err
         return
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("imtune inspect: error: ") and str(p) in err and reason in err, err

@@ -268,7 +268,7 @@ def test_bad_row_on_the_command_line_with_and_without_skip_invalid(tmp_path, tin
     r = _cli(["stats", "--data", "org/big-bad", "--model", str(tiny_dir), "--json", "--skip-invalid"], home)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["examples"] == 10_000
-    assert "skipped 1 invalid record(s): org/big-bad (split train): record 7777: message 1: empty content" in r.stderr
+    assert "skipped 1 invalid record(s) in org/big-bad: 1x message 1: empty content (record 7777)" in r.stderr
 
 
 @pytest.mark.slow
@@ -398,6 +398,24 @@ def test_local_table_is_cached_by_fingerprint_and_follows_the_content(tmp_path):
     path.write_bytes(jsonl(tulu_rows(4)))
     t3 = conversation_table(DataSpec(str(path)), cache_dir=cache)
     assert t3.fingerprint != t1.fingerprint and len(t3.dataset) == 4
+
+
+def test_a_killed_build_is_removed_by_the_next_build_and_a_running_one_kept(tmp_path):
+    from imtune.records.sources import DataSpec, conversation_table
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # What builds leave in the cache: one killed (its pid is gone; pid_max is at most 2**22), one still running (our
+    # parent process), each for other data than the build below.
+    dead, live = cache / f".{'a' * 32}.tmp-999999999", cache / f".{'b' * 32}.tmp-{os.getppid()}"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "table.arrow").write_bytes(b"half written")
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(jsonl(tulu_rows(3)))
+    t = conversation_table(DataSpec(str(good)), cache_dir=cache)
+    assert len(t.dataset) == 3
+    assert sorted(p.name for p in cache.iterdir()) == sorted([t.fingerprint, live.name])
 
 
 def test_failed_or_interrupted_build_leaves_nothing_trusted(tmp_path):

@@ -162,6 +162,28 @@ def test_rerun_reuses_every_run(pilot, capfd):
     assert again["extrapolation"]["per_size"] == first["extrapolation"]["per_size"]
 
 
+def test_an_interrupted_pilot_resumes_retraining_only_the_unfinished_run(pilot, capfd):
+    # A lean run keeps no checkpoints: one killed before it finished is trained again from the start; every
+    # finished run and cached evaluation is reused, and the result is the same.
+    cfg, first, _ = pilot
+    out = Path(cfg.out)
+    killed = next(out.glob("n8/runs/im*"))
+    (killed / "compare_done.json").unlink()
+    (killed / "eval" / "loss_heldout.json").unlink()
+    before = {k: v for k, v in _marks(out).items() if str(killed) not in k}
+    capfd.readouterr()
+    again = run_pilot(cfg)
+    err = capfd.readouterr().err
+    assert err.count("training →") == 1 and "starting it over" in err
+    assert {k: v for k, v in _marks(out).items() if str(killed) not in k} == before
+    assert again["extrapolation"]["per_size"] == first["extrapolation"]["per_size"]
+
+
+def test_a_pilot_on_part_of_a_hub_dataset_passes_its_split_to_every_size(tmp_path):
+    cfg = PilotConfig(data="org/name", out=str(tmp_path), data_source={"split": "test", "revision": "v1"})
+    assert size_config(cfg, tmp_path, 16).data_source == {"split": "test", "revision": "v1"}
+
+
 def test_pilot_cli_prints_the_call_and_figures(pilot, capsys):
     from imtune.cli.main import main
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import imtune
+from imtune.cli.main import main
 from imtune.errors import ImtuneError
 
 # The child dies inside save_checkpoint of step `kill_at`, after the weights/optimizer files are written to the temp
@@ -102,9 +103,43 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(tiny_dir, tmp_pa
         imtune.train({**cfg, "gradient_accumulation_steps": 1, "resume": "latest"})
     with pytest.raises(ImtuneError, match="no checkpoint"):
         imtune.train({**cfg, "out": str(tmp_path / "empty"), "resume": "latest"})
+    for key, value in (("data_split", "dev"), ("data_config", "x"), ("data_revision", "v1")):
+        with pytest.raises(ImtuneError, match=f"different {key}"):
+            imtune.train({**cfg, key: value, "resume": "latest"})
     assert (out / "metrics.jsonl").read_text() == before
     # resuming a finished run from an explicit checkpoint path redoes nothing and keeps the result
     ckpt = out / "checkpoints" / "checkpoint-000002"
     again = imtune.train({**cfg, "resume": str(ckpt)})
     assert again.metrics["steps"] == r.metrics["steps"] == 2
     assert [h["loss"] for h in again.history] == [h["loss"] for h in r.history]
+
+
+def test_resume_refuses_edited_data_but_not_a_rewritten_copy_or_an_old_checkpoint(tiny_dir, tmp_path, capsys):
+    data = write_data(tmp_path / "d.jsonl", n=8)
+    original = data.read_bytes()
+    out = tmp_path / "o"
+    cfg = run_cfg(tiny_dir, data, out, epochs=1, val_fraction=0.0, neftune_alpha=0.0)
+    imtune.train(cfg)
+    state_file = out / "checkpoints" / "checkpoint-000002" / "trainer_state.json"
+    assert json.loads(state_file.read_text())["data_fingerprint"]
+    before = (out / "metrics.jsonl").read_text()
+    yaml_cfg = tmp_path / "run.yaml"
+    yaml_cfg.write_text((out / "imtune_config.yaml").read_text())
+    data.write_text(data.read_text().replace("Question 3:", "Question three:"))  # same rows, one of them edited
+    capsys.readouterr()
+    rc = main(["train", str(yaml_cfg), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"imtune train: error: --resume: {data} changed since the checkpoint was saved"), err
+    with pytest.raises(ImtuneError, match="changed since the checkpoint"):  # in-memory records: same fingerprint
+        imtune.train({**cfg, "encode_cache": False, "resume": "latest"})
+    assert (out / "metrics.jsonl").read_text() == before
+    # The same bytes written again (new mtime) are the same data, whichever way they are read.
+    data.write_bytes(original)
+    assert imtune.train({**cfg, "encode_cache": False, "resume": "latest"}).metrics["steps"] == 2
+    # A checkpoint saved before fingerprints were recorded resumes whatever the data.
+    st = json.loads(state_file.read_text())
+    del st["data_fingerprint"]
+    state_file.write_text(json.dumps(st))
+    data.write_text(data.read_text().replace("Question 3:", "Question three:"))
+    assert imtune.train({**cfg, "resume": "latest"}).metrics["steps"] == 2

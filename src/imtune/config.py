@@ -128,6 +128,8 @@ class TrainConfig:
     overwrite: bool = _f(False, "remove what imtune wrote in a non-empty output directory (refused if it "
                                          "holds anything imtune did not write)")
     resume: str | None = _f(None, "resume from 'latest' checkpoint in --out, or from a checkpoint directory")
+    checkpoints: bool = _f(True, "save resumable checkpoints (epoch ends, --save-steps); off: a killed run starts "
+                                 "over (for short throwaway runs, such as advise --pilot's)")
     save_steps: int = _f(0, "also save a checkpoint every N optimizer steps (0 = only at epoch ends)")
     save_total_limit: int = _f(2, "keep only the newest N checkpoints (0 = keep all)")
     logging_steps: int = _f(1, "write a metrics row every N optimizer steps")

@@ -1,11 +1,14 @@
 """Writing outputs without harm: every output goes to a temp name beside the target and is renamed (nothing is
-ever half-written), and `prepare_output` checks an `--out` path before any work is done."""
+ever half-written), `remove_dead_builds` clears the temp directories of builds that were killed, and
+`prepare_output` checks an `--out` path before any work is done."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +28,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_dead_builds(parent: Path, pattern: str) -> None:
+    """Remove the directories in `parent` whose name fullmatches `pattern` (group 1: the pid of the process that
+    was building it) when that process is gone: a killed build that nothing will finish or clean up. A build of a
+    live process, or of another user's (no permission to signal it), is left alone."""
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return
+    for d in entries:
+        m = re.fullmatch(pattern, d.name)
+        if m is None or d.is_symlink() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (PermissionError, OverflowError):  # alive but not ours; or no pid a process can have
+            pass
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

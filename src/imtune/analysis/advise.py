@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE
+from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_PILOT_BUDGET_MIN, DEFAULT_TEMPLATE
 from imtune.errors import ImtuneError
 
 NO_DIFF = "no clear difference"
@@ -265,8 +265,9 @@ def advise_from_stats(stats: dict, table: dict | None = None, evidence=()) -> Ad
                        f"({DEFAULT_OBJECTIVE}); the IM paper's trend (larger IM gains for long instructions and few "
                        "examples) is not resolved by this evidence.")
     reasons.append(f"Evidence: {evidence_text}. Leave-one-source-out accuracy: {acc}.")
-    reasons.append("Run `imtune compare --seeds 3` to measure it on your data; `imtune advise --explain` lists the "
-                   "nearest measured rows.")
+    reasons.append(f"To measure it on your data: `imtune advise --pilot` (IT and IM trained at two small sizes, "
+                   f"about {DEFAULT_PILOT_BUDGET_MIN:g} minutes) or `imtune compare --seeds 3` at your size; "
+                   "`imtune advise --explain` lists the nearest measured rows.")
     return Advice(rec, conf, pred, round(r, 4), n, predicted_delta=delta,
                   interval=[delta - 1.96 * sd, delta + 1.96 * sd], accuracy=acc, evidence=evidence_text,
                   reasons=reasons, figures=figures,

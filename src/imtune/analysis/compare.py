@@ -26,7 +26,6 @@ from imtune.analysis.verdict import verdict
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
 from imtune.errors import ImtuneError
 from imtune.io_utils import atomic_write_json, atomic_write_jsonl
-from imtune.statistics import paired_difference  # noqa: F401  (re-exported for callers of the old API)
 
 
 @dataclass
@@ -51,8 +50,8 @@ class CompareConfig:
     skip_invalid: bool = False
     progress: bool = True
     data_source: dict = field(default_factory=dict)  # split / config / revision of a Hub id or dataset directory
-    # A pilot's lean runs score only the trained models' held-out loss (all the verdict needs): no per-epoch scoring
-    # during training, no training-set or starting-model scoring, which together cost as much as a small run.
+    # A pilot's lean runs: only the trained models' held-out loss (no per-epoch, training-set or starting-model
+    # scoring, which together cost as much as a small run), no checkpoints, no trackers.
     lean: bool = False
 
     def validate(self) -> CompareConfig:
@@ -137,10 +136,12 @@ def _train_config(cfg: CompareConfig, objective: str, train_p: Path, val_p: Path
     from imtune.config import TrainConfig
 
     base = {"epochs": 2, "progress": cfg.progress}
+    # A lean run lasts a minute or two: retraining one that was killed costs less than checkpointing every run.
+    base.update({"checkpoints": False, "report_to": ["none"]} if cfg.lean else {})
     base.update(cfg.train_overrides)
     base.update({"model": cfg.model, "data": str(train_p), "val_data": None if cfg.lean else str(val_p),
-                 "objective": objective,
-                 "seed": cfg.seed if seed is None else seed, "out": str(run_dir), "val_fraction": 0.0})
+                 "objective": objective, "seed": cfg.seed if seed is None else seed, "out": str(run_dir),
+                 "val_fraction": 0.0})
     return TrainConfig.from_dict(base, source="compare").validate()
 
 
@@ -351,10 +352,12 @@ def run_compare(cfg: CompareConfig) -> dict:
     objectives, seeds = list(cfg.objectives), training_seeds(cfg)
     # Seed-major order: after the first seed a complete one-seed comparison exists on disk.
     dirs = {(o, s): train_run(cfg, o, train_p, val_p, out, s) for s in seeds for o in objectives}
-    _log("evaluating the starting model (held-out loss only)")
-    evals_base = {} if cfg.lean else evaluate_model(CompareConfig(**{**asdict(cfg), "evals": ("loss",)}), cfg.model,
-                                                    out / "base" / "eval", train_p, val_p, tcfg0.template,
-                                                    with_generation=False, precision=tcfg0.precision)
+    evals_base = {}
+    if not cfg.lean:
+        _log("evaluating the starting model (held-out loss only)")
+        evals_base = evaluate_model(CompareConfig(**{**asdict(cfg), "evals": ("loss",)}), cfg.model, out / "base" /
+                                    "eval", train_p, val_p, tcfg0.template, with_generation=False,
+                                    precision=tcfg0.precision)
     evals = {o: [] for o in objectives}
     for s in seeds:
         for o in objectives:
@@ -436,14 +439,6 @@ def pool_evals(seed_evals: list[dict]) -> dict:
 
 def _read_metrics(run_dir: Path) -> dict:
     p = run_dir / "metrics.jsonl"
-    train, evals = [], []
-    if p.exists():
-        for line in p.read_text().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "eval_loss" in row:
-                evals.append((row.get("step"), row["eval_loss"]))
-            elif "loss" in row:
-                train.append((row.get("step"), row["loss"]))
-    return {"train_loss": train, "eval_loss": evals}
+    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+    return {"train_loss": [(r.get("step"), r["loss"]) for r in rows if "loss" in r and "eval_loss" not in r],
+            "eval_loss": [(r.get("step"), r["eval_loss"]) for r in rows if "eval_loss" in r]}

@@ -14,6 +14,7 @@ finds the same plan (kept in `<out>/plan.json`). Cost is reported both as wall m
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,19 +26,21 @@ from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, DEFAULT_PILOT_BUDGE
 from imtune.errors import ImtuneError
 from imtune.io_utils import atomic_write_json
 
-# Cost model, measured 2026-12-03 on 2 AMD EPYC cores (bf16, SmolLM2-135M, max length 160, batch 4): training
-# ≈ 200 tokens/s (forward + backward; 160 quiet at this length), scoring ≈ 600 tokens/s (≈ 800 quiet, with loading),
-# ≈ 20 s a run for loading, two epoch-end checkpoints and the final save (14 s quiet), 6 s a size for the split and
-# statistics (7 s quiet). A quiet pilot of 2 runs at n = 32 with 96 held out took 185 s against 174 s planned, and
-# the model gives findings.py's full comparisons 48 / 30 / 34 minutes against 42 / 33 / 31 measured. Training and
-# scoring scale with the model's parameter count.
-TRAIN_TOKENS_PER_S = 200.0
-SCORE_TOKENS_PER_S = 600.0
-RUN_OVERHEAD_S = 20.0
+# Cost model, measured 2026-12-06 on 2 quiet Intel Xeon cores (bf16 with AMX, SmolLM2-135M, max length 160): a
+# training step costs ≈ 1.5 s of its own (the AdamW update, clipping and the finiteness check over every weight,
+# whatever the batch) plus its tokens at ≈ 320 tokens/s (forward + backward): 2.5 s for 2 × 160 tokens, 3.5 s for
+# 4 × 160, so per token a batch-2 pilot trains 30% slower than a batch-4 comparison. Scoring ≈ 1,000 tokens/s
+# (forward only); ≈ 6 s a run for loading, encoding, the final save and loading it again to score; 6 s a size for
+# the split and statistics. A quiet LIMA pilot (sizes 8 and 16, 2 seeds, 113 held out) took 7.4 minutes against
+# 7.5 planned. Steps and tokens scale with the model's parameter count.
+STEP_S = 1.5
+TRAIN_TOKENS_PER_S = 320.0
+SCORE_TOKENS_PER_S = 1000.0
+RUN_OVERHEAD_S = 6.0
 SIZE_OVERHEAD_S = 6.0
 REFERENCE_PARAMS = 135e6
 MIN_SIZE = 4
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass
@@ -49,7 +52,7 @@ class PilotConfig:
     n_target: int | None = None  # the user's training-set size (default: every record in `data`)
     budget_min: float = DEFAULT_PILOT_BUDGET_MIN
     seeds: int = 2
-    n_val: int = 64  # held-out examples decide most of the interval (seeds agree closely on the bundled sets)
+    n_val: int = 128  # held-out examples decide most of the interval (seeds agree closely on the bundled sets)
     sizes: tuple[int, ...] | None = None  # fixed sizes instead of the planned ones
     max_length: int = DEFAULT_MAX_LENGTH
     template: str = DEFAULT_TEMPLATE
@@ -62,6 +65,7 @@ class PilotConfig:
     precision: str = "auto"
     seed: int = 42
     data_format: str | None = None
+    data_source: dict = field(default_factory=dict)  # split / config / revision of a Hub id or dataset directory
     skip_invalid: bool = False
     progress: bool = False
     train_overrides: dict = field(default_factory=dict)
@@ -113,19 +117,22 @@ def size_tokens(cfg: PilotConfig, records, tokenizer) -> tuple[dict[str, int], l
 
 
 def estimate(sizes, seeds: int, epochs: int, pool_tokens: list[int], heldout_tokens: int, scale: float,
-             objectives: int = 2) -> dict:
+             objectives: int = 2, batch: int = 2) -> dict:
     """Seconds and training tokens of a pilot (cost model above); with `objectives` and one size, of a compare."""
     cum = np.concatenate([[0], np.cumsum(pool_tokens)])
-    train_tokens = sum(objectives * seeds * epochs * int(cum[n]) for n in sizes)
-    score_tokens = sum(objectives * seeds * heldout_tokens for _ in sizes)
-    runs = objectives * seeds * len(sizes)
-    secs = (train_tokens / TRAIN_TOKENS_PER_S + score_tokens / SCORE_TOKENS_PER_S) * scale \
+    runs_per_size = objectives * seeds
+    train_tokens = sum(runs_per_size * epochs * int(cum[n]) for n in sizes)
+    steps = sum(runs_per_size * epochs * math.ceil(n / batch) for n in sizes)
+    score_tokens = runs_per_size * len(sizes) * heldout_tokens
+    runs = runs_per_size * len(sizes)
+    secs = (steps * STEP_S + train_tokens / TRAIN_TOKENS_PER_S + score_tokens / SCORE_TOKENS_PER_S) * scale \
         + runs * RUN_OVERHEAD_S + len(sizes) * SIZE_OVERHEAD_S
-    return {"train_tokens": train_tokens, "score_tokens": score_tokens, "runs": runs, "seconds": secs}
+    return {"train_tokens": train_tokens, "score_tokens": score_tokens, "steps": steps, "runs": runs,
+            "seconds": secs}
 
 
 def plan_sizes(budget_s: float, seeds: int, epochs: int, pool_tokens: list[int], heldout_tokens: int, n_max: int,
-               scale: float = 1.0) -> dict:
+               scale: float = 1.0, batch: int = 2) -> dict:
     """The largest pair (m/2, m) that fits the budget, m ≤ n_max; one size when two do not fit. Two sizes, not
     three: the call rests on the largest size (`pilot_fit`), and the smaller one only has to give the trend's sign,
     so budget spent on a third, smaller size — where a few optimizer steps barely move either model — is budget
@@ -135,19 +142,22 @@ def plan_sizes(budget_s: float, seeds: int, epochs: int, pool_tokens: list[int],
         m = top
         while m >= MIN_SIZE * 2 ** (k - 1):
             sizes = sorted({max(MIN_SIZE, round(m / 2 ** j)) for j in range(k)})
-            est = estimate(sizes, seeds, epochs, pool_tokens, heldout_tokens, scale)
+            est = estimate(sizes, seeds, epochs, pool_tokens, heldout_tokens, scale, batch=batch)
             if est["seconds"] <= budget_s:
                 return {"sizes": sizes, **est, "fits": True}
             m = int(m * 0.95) if m > 20 else m - 1
     sizes = [MIN_SIZE]
-    return {"sizes": sizes, **estimate(sizes, seeds, epochs, pool_tokens, heldout_tokens, scale), "fits": False}
+    return {"sizes": sizes, **estimate(sizes, seeds, epochs, pool_tokens, heldout_tokens, scale, batch=batch),
+            "fits": False}
 
 
 def _spec(cfg: PilotConfig, n_target: int) -> dict:
+    from imtune.records.sources import source_key
+
     d = asdict(cfg)
     for k in ("out", "progress"):
         d.pop(k)
-    return {**d, "data": str(Path(cfg.data).resolve()), "n_target": n_target, "v": PLAN_VERSION}
+    return {**d, "data": source_key(cfg.data), "n_target": n_target, "v": PLAN_VERSION}
 
 
 def make_plan(cfg: PilotConfig, records, tokenizer, out: Path) -> dict:
@@ -167,16 +177,18 @@ def make_plan(cfg: PilotConfig, records, tokenizer, out: Path) -> dict:
     scale = max(model_info(cfg.train_model)["n_params"] / REFERENCE_PARAMS, 1e-3)
     if cfg.sizes:
         sizes = sorted(set(cfg.sizes))
-        est = {"sizes": sizes, **estimate(sizes, cfg.seeds, cfg.epochs, pool_tokens, held_tokens, scale),
-               "fits": True}
+        est = {"sizes": sizes, "fits": True,
+               **estimate(sizes, cfg.seeds, cfg.epochs, pool_tokens, held_tokens, scale, batch=cfg.batch)}
     else:
-        est = plan_sizes(cfg.budget_min * 60, cfg.seeds, cfg.epochs, pool_tokens, held_tokens, n_target, scale)
+        est = plan_sizes(cfg.budget_min * 60, cfg.seeds, cfg.epochs, pool_tokens, held_tokens, n_target, scale,
+                         batch=cfg.batch)
     if est["sizes"][-1] > len(pool):
         raise ImtuneError(f"--pilot-sizes: {est['sizes'][-1]} exceeds the {len(pool)} records left after holding "
                           f"out {cfg.n_val}")
     plan = {"spec": spec, **est, "seeds": cfg.seeds, "n_heldout": cfg.n_val, "n_target": n_target,
             "budget_s": cfg.budget_min * 60, "param_scale": scale,
-            "cost_model": {"train_tokens_per_s": TRAIN_TOKENS_PER_S, "score_tokens_per_s": SCORE_TOKENS_PER_S,
+            "cost_model": {"step_s": STEP_S, "train_tokens_per_s": TRAIN_TOKENS_PER_S,
+                           "score_tokens_per_s": SCORE_TOKENS_PER_S,
                            "run_overhead_s": RUN_OVERHEAD_S, "size_overhead_s": SIZE_OVERHEAD_S}}
     atomic_write_json(p, plan)
     return plan
@@ -194,7 +206,7 @@ def size_config(cfg: PilotConfig, out: Path, size: int):
     return CompareConfig(data=cfg.data, out=str(out / f"n{size}"), model=cfg.train_model, objectives=("it", "im"),
                          n_train=size, n_val=cfg.n_val, seed=cfg.seed, seeds=cfg.seeds, evals=("loss",),
                          train_overrides=overrides, data_format=cfg.data_format, skip_invalid=cfg.skip_invalid,
-                         progress=cfg.progress, lean=True)
+                         data_source=cfg.data_source, progress=cfg.progress, lean=True)
 
 
 def _run_size(cfg: PilotConfig, out: Path, size: int) -> dict:
@@ -260,7 +272,8 @@ def run_pilot(cfg: PilotConfig) -> dict:
     check_tokenizers(cfg.model, cfg.pilot_model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid).records
+    records = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid,
+                           **cfg.data_source).records
     plan = make_plan(cfg, records, load_tokenizer(cfg.train_model), out)
     _log(f"plan: sizes {plan['sizes']} × {plan['seeds']} seeds × it,im, {plan['n_heldout']} held-out examples; "
          f"≈ {plan['seconds'] / 60:.1f} min, {plan['train_tokens']:,} training tokens (budget {cfg.budget_min:g} "

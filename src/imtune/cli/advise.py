@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from imtune.cli.common import add_data, add_model, add_token_count_options, load_data_table
+from imtune.cli.common import add_data, add_model, add_token_count_options, data_source, load_data_table
 
 
 def add_parser(sub):
@@ -106,7 +106,7 @@ def run_pilot_cli(args) -> int:
                       n_target=args.n_target, budget_min=args.budget_min, seeds=args.pilot_seeds,
                       n_val=args.pilot_heldout, sizes=sizes, max_length=args.max_length, template=args.template,
                       epochs=args.epochs, lr=args.lr, batch=args.batch, precision=args.precision,
-                      data_format=args.data_format, skip_invalid=args.skip_invalid)
+                      data_format=args.data_format, data_source=data_source(args), skip_invalid=args.skip_invalid)
     r = run_pilot(cfg)
     if args.json:
         print(json.dumps(r, indent=2))

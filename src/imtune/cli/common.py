@@ -83,7 +83,7 @@ def load_data(args):
     from imtune.records.loading import load_dataset
 
     res = load_dataset(args.data, format=args.data_format, skip_invalid=args.skip_invalid, **data_source(args))
-    _note_skipped(res.skipped)
+    _note_skipped(res.skipped, args.data)
     return res.records
 
 
@@ -94,14 +94,14 @@ def load_data_table(args):
     from imtune.records.sources import DataSpec, conversation_table
 
     table = conversation_table(DataSpec.of(args), skip_invalid=args.skip_invalid, cache_dir=tables_dir())
-    _note_skipped(table.skipped_errors())
+    _note_skipped(table.skipped_errors(), args.data)
     return table
 
 
-def _note_skipped(skipped) -> None:
+def _note_skipped(skipped, name: str) -> None:
     import sys
 
-    if skipped:
-        shown = "; ".join(e.format() for e in skipped[:5])
-        more = f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""
-        print(f"skipped {len(skipped)} invalid record(s): {shown}{more}", file=sys.stderr)
+    from imtune.records.loading import describe_skipped
+
+    if skipped:  # the line `train` prints too: counts per reason, then the first rows of each
+        print(describe_skipped(skipped, name), file=sys.stderr)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from imtune.errors import ImtuneError, InputError
+from imtune.io_utils import remove_dead_builds
 from imtune.masking.encoding import (
     N_CLASSES,
     Encoded,
@@ -45,6 +46,7 @@ ENCODER_VERSION = "1"  # bump when encode_raw's output for the same inputs chang
 CACHE_ENV = "IMTUNE_ENCODE_CACHE"
 MARKER = "imtune_encoded.json"
 TOKEN_COLUMNS = ("input_ids", "segment_codes", "turns", "classes")
+TMP_PATTERN = r"\.tmp-[0-9a-f]{32}-(\d+)-[0-9a-f]{8}"  # a build's directory: .tmp-<key>-<pid>-<random>
 COUNTS = {"window": N_CLASSES, "full": N_CLASSES, "segment": len(SEGMENTS)}  # per-example count columns
 
 
@@ -161,7 +163,7 @@ def encode_cached(dataset, fingerprint: str, name: str, tokenizer, settings: Enc
         raise ImtuneError(f"{final}: an encode cache directory without its marker {MARKER} (not written by this "
                           "imtune, or damaged); remove it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(final)
+    remove_dead_builds(final.parent, TMP_PATTERN)
     tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -217,19 +219,6 @@ def _raise_first_error(out) -> None:
     if len(bad):
         path, reason, line, record = json.loads(errors[bad[0].as_py()].as_py())
         raise InputError(path, reason, line=line, record=record)
-
-
-def _remove_dead_builds(final: Path) -> None:
-    """Temporary directories of builds of this key whose process is gone (killed): nothing will finish them."""
-    for d in final.parent.glob(f".tmp-{final.name}-*"):
-        with contextlib.suppress(ValueError, IndexError):
-            pid = int(d.name.split("-")[2])
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                shutil.rmtree(d, ignore_errors=True)
-            except PermissionError:
-                pass
 
 
 class EncodeCache:

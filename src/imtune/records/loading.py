@@ -22,7 +22,14 @@ from imtune.records.parsing import (  # noqa: F401  (detect_schema, normalise, .
     iter_conversations,
     normalise,
 )
-from imtune.records.sources import DataSpec, is_table_source, load_conversations
+from imtune.records.sources import (
+    DataSpec,
+    check_file_spec,
+    file_fingerprint,
+    is_table_source,
+    load_conversations,
+    summarise_skipped,
+)
 
 
 def load_records(path: str | Path, format: str | None = None, skip_invalid: bool = False,
@@ -43,7 +50,8 @@ def load_dataset(path: str | Path, format: str | None = None, skip_invalid: bool
         return load_conversations(DataSpec(str(path), split, config, revision, format), skip_invalid)
     path = Path(path)
     check_data_file(path)
-    result = LoadResult(records=[])
+    check_file_spec(DataSpec(str(path), split, config, revision, format))
+    result = LoadResult(records=[], fingerprint=file_fingerprint(path, format))
     result.records.extend(conv for _, conv in iter_conversations(path, format, skip_invalid, result.skipped))
     if not result.records:
         raise InputError(str(path), "no valid records" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
@@ -52,10 +60,9 @@ def load_dataset(path: str | Path, format: str | None = None, skip_invalid: bool
 
 def describe_skipped(skipped: list[InputError], name: str, shown: int = 3) -> str:
     """One line: how many records were skipped and why, counted per reason, with the first few places of each."""
-    by_reason: dict[str, list[str]] = {}
-    for e in skipped:
-        by_reason.setdefault(e.reason, []).append(f"line {e.line}" if e.line is not None else f"record {e.record}")
-    parts = [f"{len(at)}x {reason} ({', '.join(at[:shown])}{', ...' if len(at) > shown else ''})"
-             for reason, at in list(by_reason.items())[:5]]
+    by_reason = summarise_skipped([(f"line {e.line}" if e.line is not None else f"record {e.record}", e.reason)
+                                   for e in skipped])
+    parts = [f"{s['count']}x {reason} ({', '.join(s['rows'][:shown])}{', ...' if s['count'] > shown else ''})"
+             for reason, s in list(by_reason.items())[:5]]
     more = f"; +{len(by_reason) - 5} other reason(s)" if len(by_reason) > 5 else ""
     return f"skipped {len(skipped)} invalid record(s) in {name}: " + "; ".join(parts) + more

@@ -28,6 +28,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 class LoadResult:
     records: list[Conversation]
     skipped: list[InputError] = field(default_factory=list)
+    fingerprint: str | None = None  # of the data read (records.sources): changes when the data does
 
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".pq")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from imtune.config import DEFAULT_DATA_SPLIT
 from imtune.errors import ImtuneError, InputError
+from imtune.io_utils import remove_dead_builds
 from imtune.records.conversation import Conversation, Message
 from imtune.records.parsing import (
     DATA_SUFFIXES,
@@ -37,6 +38,7 @@ from imtune.records.parsing import (
 # Part of every fingerprint: bump it when validation or the table's layout changes, so old cache entries are unused.
 TABLE_VERSION = 1
 MARKER = "complete.json"
+TMP_PATTERN = r"\.[0-9a-f]{32}\.tmp-(\d+)"  # a build's directory: .<fingerprint>.tmp-<pid>
 SKIPPED_ROWS_SHOWN = 5
 ROWS_PER_WORKER = 5000  # below this many rows per process, starting a worker costs more than it saves
 
@@ -109,7 +111,7 @@ def conversation_of(row: dict) -> Conversation:
 def load_conversations(spec: DataSpec, skip_invalid: bool = False) -> LoadResult:
     """The in-memory form (a list of Conversations) of a Hub dataset or dataset directory."""
     table = conversation_table(spec, skip_invalid=skip_invalid)
-    return LoadResult(records=list(table.conversations()), skipped=table.skipped_errors())
+    return LoadResult(list(table.conversations()), table.skipped_errors(), table.fingerprint)
 
 
 def conversation_table(spec: DataSpec, *, skip_invalid: bool = False, num_proc: int | None = None,
@@ -132,7 +134,8 @@ def conversation_table(spec: DataSpec, *, skip_invalid: bool = False, num_proc: 
         else:
             path = Path(spec.path).expanduser()
             check_data_file(path)
-            name, fp = str(path), _digest(["file", *_file_identity(path), spec.format])
+            check_file_spec(spec)
+            name, fp = str(path), file_fingerprint(path, spec.format)
             entry = root / fp
             if _marker(entry) is None:
                 _build(entry, lambda tmp: _write_file_table(path, spec.format, tmp, skip_invalid))
@@ -150,11 +153,26 @@ def _digest(parts: list) -> str:
     return hashlib.sha256(json.dumps([TABLE_VERSION, *parts]).encode()).hexdigest()[:32]
 
 
-def _file_identity(path: Path) -> list:
-    st = path.stat()
-    with open(path, "rb") as f:
-        content = hashlib.file_digest(f, "sha256").hexdigest()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns, content]
+def file_fingerprint(path: Path, format: str | None) -> str:
+    """A data file's fingerprint: its bytes, its suffix (which says how they are parsed) and the schema asked for.
+    Not its name or time stamps: a copied or touched file is the same data (and a resumed run may use it)."""
+    try:
+        with open(path, "rb") as f:
+            content = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise InputError(str(path), f"cannot read the file: {e.strerror or e}") from None
+    return _digest(["file", Path(path).suffix.lower(), content, format])
+
+
+def check_file_spec(spec: DataSpec) -> None:
+    """A split, config or revision names part of a Hub dataset or dataset directory; a data file has none, and
+    silently reading all of it instead would train on data the user did not ask for."""
+    given = [flag for flag, v in (("--data-split", spec.split if spec.split != DEFAULT_DATA_SPLIT else None),
+                                  ("--data-config", spec.config), ("--data-revision", spec.revision)) if v]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ImtuneError(f"--data {spec.path} is a data file: {', '.join(given)} {verb} only to a Hub dataset id "
+                          "or a dataset directory")
 
 
 def features():
@@ -189,6 +207,7 @@ def _build(entry: Path, write) -> None:
         return
     if entry.exists():  # an entry without its marker is not complete (imtune wrote it: the cache is imtune's own)
         shutil.rmtree(entry, ignore_errors=True)
+    remove_dead_builds(entry.parent, TMP_PATTERN)
     tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -7,8 +7,8 @@ A checkpoint is a directory `<out>/checkpoints/checkpoint-<step>/` holding
     scheduler.pt          LR scheduler state
     rng_state_<rank>.pt   python, numpy, torch (and CUDA) generator states of each process
     trainer_state.json    global step, where in the data order to continue (epoch, step in epoch), metrics rows
-                          written so far, and the config it was saved with; written last, so its presence marks a
-                          complete checkpoint
+                          written so far, the config it was saved with and the fingerprint of its training data;
+                          written last, so its presence marks a complete checkpoint
 
 Under FSDP (see distributed.py) the first two are replaced by `sharded/`, a torch.distributed.checkpoint directory:
 each process writes its own shards of the trainable parameters and their AdamW state (`__<rank>_0.distcp`) and
@@ -51,6 +51,7 @@ class TrainerState:
     metrics_rows: int  # lines of metrics.jsonl written up to this checkpoint
     world_size: int
     config: dict
+    data_fingerprint: str | None = None  # of --data (records.sources); absent from checkpoints of older versions
 
 
 def checkpoint_dir(out: Path) -> Path:

@@ -54,8 +54,8 @@ class EncodedSet:
                    lambda idx: cache.take(rows[np.asarray(idx, dtype=np.int64)], objective))
 
 
-def load_records(cfg: TrainConfig, note: Callable[[str], None]) -> tuple[list, list]:
-    """Training and held-out records (not yet tokenised)."""
+def load_records(cfg: TrainConfig, note: Callable[[str], None]) -> tuple[list, list, str | None]:
+    """Training and held-out records (not yet tokenised), and the fingerprint of --data."""
     from imtune.records.loading import describe_skipped, load_dataset
 
     def load(path, **source):
@@ -63,21 +63,23 @@ def load_records(cfg: TrainConfig, note: Callable[[str], None]) -> tuple[list, l
         res = load_dataset(path, format=cfg.data_format, skip_invalid=cfg.skip_invalid, **source)
         if res.skipped:
             note(describe_skipped(res.skipped, path))
-        return res.records
+        return res
 
-    records = load(cfg.data, split=cfg.data_split, config=cfg.data_config, revision=cfg.data_revision)
-    val_records = load(cfg.val_data) if cfg.val_data else []
+    res = load(cfg.data, split=cfg.data_split, config=cfg.data_config, revision=cfg.data_revision)
+    records = res.records
+    val_records = load(cfg.val_data).records if cfg.val_data else []
     if cfg.val_fraction:
         from imtune.records.split import holdout_split, n_heldout
 
         records, val_records = holdout_split(records, n_heldout(len(records), cfg.val_fraction), cfg.seed,
                                              source=f"{cfg.data} (val_fraction {cfg.val_fraction:g})")
-    return records, val_records
+    return records, val_records, res.fingerprint
 
 
 def load_sets(cfg: TrainConfig, note: Callable[[str], None], main_first=contextlib.nullcontext) -> tuple:
-    """Training and held-out data: with `encode_cache`, conversation tables (memory-mapped Arrow, never a list of
-    all records, `records.sources`); else the in-memory records of `load_records`. Both split the same records.
+    """(training data, held-out data, fingerprint of --data): with `encode_cache`, conversation tables
+    (memory-mapped Arrow, never a list of all records, `records.sources`); else the in-memory records of
+    `load_records`. Both split the same records and give the same fingerprint (a resumed run checks it).
     `main_first`: a context under which the main process builds a table before the other processes open it."""
     if not cfg.encode_cache:
         return load_records(cfg, note)
@@ -95,6 +97,7 @@ def load_sets(cfg: TrainConfig, note: Callable[[str], None], main_first=contextl
         return t
 
     train = table(DataSpec.of(cfg), cfg.data)
+    fingerprint = train.fingerprint  # of all of --data, before the split below
     val = table(DataSpec(str(cfg.val_data), format=cfg.data_format), cfg.val_data) if cfg.val_data else None
     if cfg.val_fraction:
         from imtune.records.split import holdout_split, n_heldout
@@ -104,7 +107,7 @@ def load_sets(cfg: TrainConfig, note: Callable[[str], None], main_first=contextl
                                    source=f"{cfg.data} (val_fraction {cfg.val_fraction:g})")
         tag = f"val_fraction {cfg.val_fraction!r} seed {cfg.seed}"
         train, val = _subset(train, rest, f"train, {tag}"), _subset(train, held, f"held out, {tag}")
-    return train, val
+    return train, val, fingerprint
 
 
 def _subset(table, rows: list[int], tag: str):

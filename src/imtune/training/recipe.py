@@ -58,9 +58,9 @@ from imtune.training.outputs import (
 
 __all__ = ["CHAT_TEMPLATES", "TrainResult", "lr_lambda", "train"]
 # Settings a resumed run must share with the checkpoint, or the data order / parameters would not line up.
-MUST_MATCH = ("model", "revision", "data", "data_format", "objective", "template", "max_length", "truncation_side",
-              "seed", "micro_batch_size", "group_by_length", "packing", "val_data", "val_fraction", "lora", "lora_r",
-              "lora_target_modules")
+MUST_MATCH = ("model", "revision", "data", "data_split", "data_config", "data_revision", "data_format", "objective",
+              "template", "max_length", "truncation_side", "seed", "micro_batch_size", "group_by_length", "packing",
+              "val_data", "val_fraction", "lora", "lora_r", "lora_target_modules")
 
 
 
@@ -127,9 +127,9 @@ class Recipe:
         self.sharded = distributed.is_fsdp(acc)
         self.accumulation = cfg.accumulation_steps(self.world)
         self.ckpt = checkpointing.find_checkpoint(self.out, cfg.resume) if cfg.resume else None
-        if self.ckpt:
-            _check_resume_compatible(cfg, checkpointing.read_state(self.ckpt),
-                                     self.accumulation * self.world * cfg.micro_batch_size)
+        self.resumed = checkpointing.read_state(self.ckpt) if self.ckpt else None
+        if self.resumed:
+            _check_resume_compatible(cfg, self.resumed, self.accumulation * self.world * cfg.micro_batch_size)
         self._set_up_data()
         self._set_up_model()
 
@@ -138,7 +138,9 @@ class Recipe:
 
         cfg = self.cfg
         load_notes: list[str] = []  # skipped records: printed and kept in the summary with the encoder's notes
-        records, val_records = load_sets(cfg, load_notes.append, self.accelerator.main_process_first)
+        records, val_records, self.data_fingerprint = load_sets(cfg, load_notes.append,
+                                                                self.accelerator.main_process_first)
+        _check_same_data(cfg, self.resumed, self.data_fingerprint)  # before encoding: nothing printed yet
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
         self.pad_id = self.tokenizer.pad_token_id
         self.train_data, self.val_data, self.data_summary, self.data_notes = encode_sets(
@@ -224,7 +226,8 @@ class Recipe:
                     ended_epoch = s == len(steps) - 1
                     if ended_epoch and self.val_data is not None:
                         self.evaluate(epoch + 1)
-                    if ended_epoch or (cfg.save_steps and self.global_step % cfg.save_steps == 0):
+                    due = ended_epoch or (cfg.save_steps and self.global_step % cfg.save_steps == 0)
+                    if due and cfg.checkpoints:
                         self.checkpoint(*((epoch + 1, 0) if ended_epoch else (epoch, s + 1)))
                 epoch += 1
             if self.val_data is not None and not ended_epoch and self.global_step > 0:
@@ -336,7 +339,7 @@ class Recipe:
         """Save everything needed to continue at (epoch, step_in_epoch) of the plan; only finite weights."""
         self._verify("trained weights are non-finite (inf/NaN)")
         state = checkpointing.TrainerState(self.global_step, epoch, step_in_epoch, len(self.log.rows), self.world,
-                                           saved_config(self.cfg))
+                                           saved_config(self.cfg), self.data_fingerprint)
         self.run_dir.claim(checkpointing.checkpoint_path(self.out, self.global_step).relative_to(self.out)
                            .as_posix(), "trees")
         path = checkpointing.save_checkpoint(self.out, state, self.model, self.optimizer, self.scheduler,
@@ -409,6 +412,13 @@ def _check_resume_compatible(cfg: TrainConfig, st: checkpointing.TrainerState, g
     if diffs:
         raise ImtuneError(f"--resume: the checkpoint was saved with different {', '.join(diffs)}; "
                           f"resume with the same settings or start a new run")
+
+
+def _check_same_data(cfg: TrainConfig, st: checkpointing.TrainerState | None, fingerprint: str | None) -> None:
+    # A checkpoint without a fingerprint was saved by an imtune that did not record one: nothing to compare.
+    if st is not None and st.data_fingerprint not in (None, fingerprint):
+        raise ImtuneError(f"--resume: {cfg.data} changed since the checkpoint was saved (a file edited, a Hub "
+                          "dataset's revision moved); resume with the same data or start a new run")
 
 
 def _has_accelerator() -> bool:
