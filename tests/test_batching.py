@@ -124,6 +124,36 @@ def test_padding_fraction():
 
 
 @settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=200), mbs=st.integers(1, 9),
+       seed=st.integers(0, 100), empty=st.booleans())
+def test_padding_fraction_is_the_padded_share_of_every_batch(lengths, mbs, seed, empty):
+    batches = plan_batches(lengths, mbs, seed=seed, epoch=0) + ([[]] if empty else [])
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
+    assert padding_fraction(batches, lengths) == pytest.approx(1 - real / padded, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 2000), mbs=st.integers(1, 9), per_step=st.integers(1, 5), epochs=st.integers(1, 3),
+       group=st.booleans())
+def test_total_steps_counts_what_the_plan_makes(n, mbs, per_step, epochs, group):
+    from types import SimpleNamespace
+
+    from imtune.training.data import Plan
+
+    class Data:  # what Plan reads of an EncodedSet
+        lengths = np.arange(1, n + 1)
+
+        def __len__(self):
+            return n
+
+    cfg = SimpleNamespace(max_steps=0, packing=False, micro_batch_size=mbs, group_by_length=group, seed=0,
+                          epochs=epochs)
+    plan = Plan(cfg, Data(), per_step, 1)
+    assert plan.total_steps() == sum(len(plan.steps(e)) for e in range(epochs))
+
+
+@settings(max_examples=60, deadline=None)
 @given(lengths=st.lists(st.integers(1, 64), min_size=0, max_size=300), max_length=st.integers(64, 200),
        seed=st.integers(0, 100), epoch=st.integers(0, 3))
 def test_pack_plan_fits_and_covers(lengths, max_length, seed, epoch):

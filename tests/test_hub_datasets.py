@@ -400,6 +400,27 @@ def test_local_table_is_cached_by_fingerprint_and_follows_the_content(tmp_path):
     assert t3.fingerprint != t1.fingerprint and len(t3.dataset) == 4
 
 
+def test_a_data_files_digest_is_remembered_until_it_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from imtune.records.sources import content_digest
+
+    monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(tulu_rows(3)))
+    real = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert content_digest(path) == real
+    assert not list((tmp_path / "cache").glob("digests/*"))  # just written: its next edit may keep this mtime
+    os.utime(path, (1e9, 1e9))  # an old file: its digest is remembered
+    assert content_digest(path) == real
+    (memo,) = (tmp_path / "cache").glob("digests/*")
+    memo.write_text("f" * 64)  # the next call reads the memo, not the file
+    assert content_digest(path) == "f" * 64
+    path.write_bytes(jsonl(tulu_rows(4)))  # an edit changes size and mtime: hashed again
+    assert content_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_a_killed_build_is_removed_by_the_next_build_and_a_running_one_kept(tmp_path):
     from imtune.records.sources import DataSpec, conversation_table
 

@@ -85,6 +85,9 @@ def test_a_resolved_largest_size_is_called_though_the_line_is_wide_at_the_target
 def test_far_extrapolation_makes_no_call():
     ext = extrapolate(SIZES, _tables(-0.1, 0.0, 0.001), 100_000, n_boot=300)
     assert ext["too_far"] and ext["call"] == CANNOT_TELL
+    # The message says what budget would let the pilot call at this n (plan["call_reach"], from the cost model).
+    need = {**needed(ext, 3, 200, 1.0), "call_reach": {"largest_size": 6250, "minutes": 312.4}}
+    assert "--budget-min 313 would measure up to 6,250" in call_text(ext, need, 32)
 
 
 def test_plan_fits_the_budget_and_is_deterministic():
@@ -141,6 +144,9 @@ def test_pilot_end_to_end_cannot_tell_path(pilot):
     cfg, r, _ = pilot
     assert r["kind"] == "imtune-pilot" and [s["n"] for s in r["extrapolation"]["per_size"]] == [4, 8]
     assert r["call"] == CANNOT_TELL and r["extrapolation"]["too_far"]  # 10⁶ is far beyond size 8
+    reach = r["plan"]["call_reach"]  # a call at 10⁶ needs 10⁶/16 examples: more than the data has, so all of it
+    assert reach["largest_size"] == 40 - cfg.n_val  # _data writes 40 records
+    assert f"would measure up to {reach['largest_size']}" in r["text"]
     assert r["text"].startswith(CANNOT_TELL)
     assert r["cost"]["training_tokens"] > 0 and r["cost"]["wall_minutes"] > 0
     assert json.loads((Path(cfg.out) / "pilot.json").read_text())["text"] == r["text"]

@@ -151,6 +151,13 @@ def plan_sizes(budget_s: float, seeds: int, epochs: int, pool_tokens: list[int],
             "fits": False}
 
 
+def call_reach(n_target: int, pool: int) -> int:
+    """The smallest largest-size from which the pilot may call a direction at `n_target` (`pilot_fit`)."""
+    from imtune.analysis.pilot_fit import MAX_EXTRAPOLATION
+
+    return max(MIN_SIZE * 2, min(pool, math.ceil(n_target / MAX_EXTRAPOLATION)))
+
+
 def _spec(cfg: PilotConfig, n_target: int) -> dict:
     from imtune.records.sources import source_key
 
@@ -185,8 +192,12 @@ def make_plan(cfg: PilotConfig, records, tokenizer, out: Path) -> dict:
     if est["sizes"][-1] > len(pool):
         raise ImtuneError(f"--pilot-sizes: {est['sizes'][-1]} exceeds the {len(pool)} records left after holding "
                           f"out {cfg.n_val}")
+    reach = call_reach(n_target, len(pool))
+    call_est = estimate([max(MIN_SIZE, round(reach / 2)), reach], cfg.seeds, cfg.epochs, pool_tokens, held_tokens,
+                        scale, batch=cfg.batch)
     plan = {"spec": spec, **est, "seeds": cfg.seeds, "n_heldout": cfg.n_val, "n_target": n_target,
             "budget_s": cfg.budget_min * 60, "param_scale": scale,
+            "call_reach": {"largest_size": reach, "minutes": call_est["seconds"] / 60},
             "cost_model": {"step_s": STEP_S, "train_tokens_per_s": TRAIN_TOKENS_PER_S,
                            "score_tokens_per_s": SCORE_TOKENS_PER_S,
                            "run_overhead_s": RUN_OVERHEAD_S, "size_overhead_s": SIZE_OVERHEAD_S}}
@@ -278,6 +289,10 @@ def run_pilot(cfg: PilotConfig) -> dict:
     _log(f"plan: sizes {plan['sizes']} × {plan['seeds']} seeds × it,im, {plan['n_heldout']} held-out examples; "
          f"≈ {plan['seconds'] / 60:.1f} min, {plan['train_tokens']:,} training tokens (budget {cfg.budget_min:g} "
          f"min{'' if plan['fits'] else '; even the smallest pilot exceeds it'})")
+    if plan["sizes"][-1] < plan["call_reach"]["largest_size"]:
+        _log(f"note: a call at n = {plan['n_target']:,} needs a largest size of at least "
+             f"{plan['call_reach']['largest_size']:,} (about {plan['call_reach']['minutes']:.0f} minutes: "
+             f"--budget-min); with this budget the pilot can only say 'cannot tell'")
     done = [_run_size(cfg, out, n) for n in plan["sizes"]]
     tables, ids = zip(*(difference_table(d["result"]) for d in done), strict=True)
     common = sorted(set.intersection(*(set(i) for i in ids)))
@@ -285,7 +300,7 @@ def run_pilot(cfg: PilotConfig) -> dict:
     sizes = [d["result"]["split"].get("n_train_common", d["n"]) for d in done]
     ext = extrapolate(sizes, tables, plan["n_target"])
     seconds = sum(d["seconds"] for d in done)
-    need = needed(ext, cfg.seeds, len(common), seconds / 60 / cfg.seeds)
+    need = {**needed(ext, cfg.seeds, len(common), seconds / 60 / cfg.seeds), "call_reach": plan.get("call_reach")}
     result = {
         "kind": "imtune-pilot", "version": 1, "config": asdict(cfg), "plan": plan,
         "call": ext["call"], "text": call_text(ext, need, max(sizes)), "extrapolation": ext, "needed": need,

@@ -132,8 +132,11 @@ def call_text(ext: dict, need: dict, largest: int) -> str:
     if ext["call"] != CANNOT_TELL:
         return f"{ext['call']}: {at}."
     if ext["too_far"]:
+        reach = need.get("call_reach")
+        more = (f"--budget-min {math.ceil(reach['minutes'])} would measure up to {reach['largest_size']:,}"
+                if reach else "raise --budget-min")
         return (f"{CANNOT_TELL}: the pilot measured up to {largest:,} examples and {ext['n_target']:,} lies more "
-                f"than {MAX_EXTRAPOLATION:.0f}× beyond; raise --budget-min or run `imtune compare` ({at}).")
+                f"than {MAX_EXTRAPOLATION:.0f}× beyond; {more}, or run `imtune compare` at your size ({at}).")
     if reverses(ext):
         return (f"{CANNOT_TELL}: the trend over sizes changes the sign of the difference before n = "
                 f"{ext['n_target']:,}; run `imtune compare` at your size ({at}).")

@@ -11,14 +11,14 @@ from imtune.config import DEFAULT_MODEL
 # and IM train on identical examples), trained in bf16 where the CPU has it (precision auto). The held-out set is
 # larger than the training set's share because scoring is cheap (forward only) and it decides the verdict. At this
 # size (short examples, few of them) the advisor study measured its largest IM gains on LIMA.
-DEMO = {"n_train": 40, "n_val": 32, "max_length": 128, "epochs": 2, "micro_batch_size": 4, "global_batch_size": 4,
+DEMO = {"n_train": 36, "n_val": 32, "max_length": 128, "epochs": 2, "micro_batch_size": 4, "global_batch_size": 4,
         "lr": 1e-4, "memorisation_n": 8, "max_new_tokens": 48}
 DATA_NAME = "demo_data.jsonl"
 
-INTERVAL = ("How to read the interval: it is the range of IM − IT differences in held-out loss that fit what was "
+INTERVAL = ("How to read the interval: it is the range of values of the difference above that fit what was "
             "measured, allowing for which held-out examples happened to be drawn (95%: intervals made this way "
-            "contain the true difference about 19 times in 20). If it lies wholly below 0, IM is better on this "
-            "data; wholly above 0, IT; if it contains 0, this run cannot tell them apart.")
+            "contain the true difference about 19 times in 20). One that excludes 0 means the objective named first "
+            "is better on this data; one that contains 0 means this run cannot tell the two apart.")
 
 
 def add_parser(sub):
@@ -66,7 +66,8 @@ def run(args) -> int:
         data=str(data), out=args.out, model=args.model, objectives=("it", "im"), n_train=DEMO["n_train"],
         n_val=DEMO["n_val"], evals=("loss", "memorisation"), memorisation_n=DEMO["memorisation_n"],
         max_new_tokens=DEMO["max_new_tokens"],
-        train_overrides={k: DEMO[k] for k in ("max_length", "epochs", "micro_batch_size", "global_batch_size", "lr")})
+        train_overrides={**{k: DEMO[k] for k in ("max_length", "epochs", "micro_batch_size", "global_batch_size", "lr")},
+                         "checkpoints": False})  # a run of a minute: an interrupted one is retrained on a rerun
     result = run_compare(cfg)
     print()
     print(result["verdict"]["headline"])

@@ -12,18 +12,21 @@ loading scripts), and read with `datasets` from that snapshot, so a cached datas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imtune.config import DEFAULT_DATA_SPLIT
 from imtune.errors import ImtuneError, InputError
-from imtune.io_utils import remove_dead_builds
+from imtune.gguf import cache_root
+from imtune.io_utils import atomic_write_text, remove_dead_builds
 from imtune.records.conversation import Conversation, Message
 from imtune.records.parsing import (
     DATA_SUFFIXES,
@@ -40,6 +43,7 @@ TABLE_VERSION = 1
 MARKER = "complete.json"
 TMP_PATTERN = r"\.[0-9a-f]{32}\.tmp-(\d+)"  # a build's directory: .<fingerprint>.tmp-<pid>
 SKIPPED_ROWS_SHOWN = 5
+MEMO_MIN_AGE_S = 2.0  # a file's digest is remembered only once it is this old (see content_digest)
 ROWS_PER_WORKER = 5000  # below this many rows per process, starting a worker costs more than it saves
 
 
@@ -156,12 +160,27 @@ def _digest(parts: list) -> str:
 def file_fingerprint(path: Path, format: str | None) -> str:
     """A data file's fingerprint: its bytes, its suffix (which says how they are parsed) and the schema asked for.
     Not its name or time stamps: a copied or touched file is the same data (and a resumed run may use it)."""
+    return _digest(["file", Path(path).suffix.lower(), content_digest(Path(path)), format])
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of the file's bytes, remembered per (path, size, mtime, inode) in imtune's cache: hashing a 1 GB file
+    takes seconds, which a cached run's start-up should not pay again for a file that has not changed. A file
+    modified in the last seconds is not remembered (its next change could keep the same time stamp)."""
     try:
+        st = path.stat()
+        memo = cache_root() / "digests" / _digest(
+            [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+        if memo.is_file():
+            return memo.read_text().strip()
         with open(path, "rb") as f:
             content = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise InputError(str(path), f"cannot read the file: {e.strerror or e}") from None
-    return _digest(["file", Path(path).suffix.lower(), content, format])
+    if time.time() - st.st_mtime > MEMO_MIN_AGE_S:
+        with contextlib.suppress(OSError):  # an unwritable cache only costs the next run the hash
+            atomic_write_text(memo, content)
+    return content
 
 
 def check_file_spec(spec: DataSpec) -> None:

@@ -190,28 +190,33 @@ def plan_batches(lengths: Sequence[int], micro_batch_size: int, *, seed: int, ep
         return [order[i:i + micro_batch_size].tolist() for i in range(0, n, micro_batch_size)]
     mega = micro_batch_size * MEGABATCH_MULT
     batches: list[list[int]] = []
+    cost: list[np.ndarray] = []  # padded tokens of each micro-batch: its size x its longest (the first, once sorted)
     for m0 in range(0, n, mega):
         chunk = order[m0:m0 + mega]
         chunk = chunk[np.argsort(-lens[chunk], kind="stable")]
-        batches.extend(chunk[i:i + micro_batch_size].tolist() for i in range(0, len(chunk), micro_batch_size))
+        starts = np.arange(0, len(chunk), micro_batch_size)
+        batches.extend(chunk[i:i + micro_batch_size].tolist() for i in starts.tolist())
+        cost.append(np.minimum(micro_batch_size, len(chunk) - starts) * lens[chunk[starts]])
     if shuffle:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        cost = [len(bt) * int(lens[bt].max()) for bt in batches]
-        first = int(np.argmax(cost))
+        perm = rng.permutation(len(batches))
+        batches = [batches[i] for i in perm]
+        first = int(np.argmax(np.concatenate(cost)[perm]))
         batches.insert(0, batches.pop(first))
     return batches
+
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
     """Share of padded positions when each batch is padded to its longest example."""
     lens = np.asarray(lengths, dtype=np.int64)
-    real = padded = 0
-    for bt in batches:
-        if len(bt):
-            ln = lens[list(bt)]
-            real += int(ln.sum())
-            padded += len(bt) * int(ln.max())
-    return 0.0 if padded == 0 else 1.0 - real / padded
+    sizes = np.fromiter((len(bt) for bt in batches), dtype=np.int64, count=len(batches))
+    sizes = sizes[sizes > 0]
+    if not len(sizes):
+        return 0.0
+    flat = lens[np.fromiter((i for bt in batches for i in bt), dtype=np.int64, count=int(sizes.sum()))]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    padded = int((sizes * np.maximum.reduceat(flat, starts)).sum())
+    return 0.0 if padded == 0 else 1.0 - int(flat.sum()) / padded
 
 
 def pack_plan(lengths: Sequence[int], max_length: int, *, seed: int, epoch: int) -> list[list[int]]:

@@ -231,7 +231,12 @@ class Plan:
     def total_steps(self) -> int:
         if self.cfg.max_steps:
             return self.cfg.max_steps
-        return sum(len(self.steps(e)) for e in range(self.cfg.epochs))
+        if self.cfg.packing:  # how many rows the examples pack into depends on each epoch's order
+            return sum(len(self.steps(e)) for e in range(self.cfg.epochs))
+        # plan_batches makes ceil(n / micro_batch_size) micro-batches in every epoch (its mega-batches hold a whole
+        # number of them): counted here without planning every epoch of a large set.
+        n_mb = -(-len(self.data) // self.cfg.micro_batch_size)
+        return self.cfg.epochs * -(-n_mb // self.per_step)
 
     def normaliser(self, step: list[list[int]]) -> float:
         idx = [i for mb in step for i in mb]

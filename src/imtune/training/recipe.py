@@ -198,8 +198,8 @@ class Recipe:
         from imtune.training.batching import padding_fraction
 
         cfg, data = self.cfg, self.train_data
-        pad = 0.0 if self.packed else padding_fraction(self.plan.micro_batches(self.start_epoch),
-                                                       data.lengths.tolist())
+        pad = 0.0 if self.packed else padding_fraction(
+            [mb for step in self.plan.steps(self.start_epoch) for mb in step], data.lengths)
         note(f"{len(data)} training examples"
              + (f", {len(self.val_data)} held out" if self.val_data else "")
              + f"; {self.total_steps} steps of {cfg.micro_batch_size} x {self.accumulation} accumulation x "

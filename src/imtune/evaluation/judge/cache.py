@@ -17,9 +17,9 @@ CACHE_SCHEMA = 1
 
 def default_cache_path() -> Path:
     """$IMTUNE_CACHE/judge_cache.sqlite3, else ~/.cache/imtune/ (the same root as imtune's model cache)."""
-    env = os.environ.get("IMTUNE_CACHE")
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "imtune"
-    return root / "judge_cache.sqlite3"
+    from imtune.gguf import cache_root
+
+    return cache_root() / "judge_cache.sqlite3"
 
 
 class JudgeCache:
