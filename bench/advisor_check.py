@@ -64,30 +64,25 @@ def parse(argv=None):
 
 def full_rows(doc: Path, root: Path) -> dict[str, dict]:
     """The full comparisons: results.json where present, else the rows of FINDINGS.md §1."""
+    from findings import previous_section1, set_machine, set_minutes
+
     rows = {}
-    text = doc.read_text() if doc.exists() else ""
-    sec1 = text.split("## 1.", 1)[-1].split("## 2.", 1)[0]
-    settings = re.search(r"Settings \(read from each results\.json\): (.*?)\. Machine", sec1, re.S)
-    for line in sec1.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 10 and cells[0] in SETS:
-            m = CI.search(cells[5])
-            n_train, n_held, seeds = (int(x) for x in cells[1].split("/"))
-            rows[cells[0]] = {"n": n_train, "n_heldout": n_held, "seeds": seeds, "mean": float(m[1]),
-                              "ratio": float(cells[2]),
-                              "ci95": [float(m[2]), float(m[3])], "resolved": bool(m[4]),
-                              "minutes": float(cells[-1]), "from": f"{doc.name} §1",
-                              "settings": settings[1].replace("\n", " ") if settings else None}
+    previous, settings = previous_section1(doc)
+    for name, cells in previous.items():
+        m = CI.search(cells[5])
+        n_train, n_held, seeds = (int(x) for x in cells[1].split("/"))
+        rows[name] = {"n": n_train, "n_heldout": n_held, "seeds": seeds, "mean": float(m[1]),
+                      "ratio": float(cells[2]), "ci95": [float(m[2]), float(m[3])], "resolved": bool(m[4]),
+                      "minutes": float(cells[9]), "machine": cells[10], "from": f"{doc.name} §1",
+                      "settings": settings}
     for name in SETS:
         p = root / name / "results.json"
         if p.exists():
-            from findings import set_minutes
-
             r = json.loads(p.read_text())
             d = r["verdict"]["im_minus_it"]
             rows[name] = {"n": r["split"].get("n_train_common", r["split"]["n_train"]), "n_heldout": d["n"],
                           "seeds": d["n_seeds"], "mean": d["mean"], "ci95": d["ci95"], "resolved": d["resolved"],
-                          "minutes": set_minutes(root / name), "from": str(p),
+                          "minutes": set_minutes(root / name), "machine": set_machine(root / name), "from": str(p),
                           "ratio": r["stats"]["instruction_output_ratio"], "settings": r.get("train_config"),
                           "n_objectives": len(r["config"]["objectives"])}
     for r in rows.values():

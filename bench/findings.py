@@ -16,6 +16,8 @@ import argparse
 import datetime
 import json
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
                   "--max-new-tokens", "32", "--skip-invalid"])
         if rc:
             return rc
+        record_machine(Path(args.out) / name)
         if not args.keep_weights:
             prune(Path(args.out) / name)
     write_findings(Path(args.out), Path(args.doc))
@@ -82,6 +85,37 @@ def _ci_text(d: dict | None) -> str:
     if not d or d.get("mean") is None:
         return "—"
     return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]{' *' if d.get('resolved') else ''}"
+
+
+MACHINE_FILE = "machine.json"
+
+
+def record_machine(set_dir: Path) -> None:
+    """Which machine finished a set's comparison (results.json does not say), for its row's wall minutes."""
+    from imtune.io_utils import atomic_write_json
+
+    atomic_write_json(set_dir / MACHINE_FILE, {"machine": cpu_name(), "cores": os.cpu_count(),
+                                               "load_average": list(os.getloadavg())})
+
+
+def set_machine(set_dir: Path) -> str:
+    p = set_dir / MACHINE_FILE
+    return json.loads(p.read_text())["machine"] if p.exists() else "an unrecorded machine"
+
+
+def previous_section1(doc: Path) -> tuple[dict[str, list[str]], str | None]:
+    """The rows (cells, machine last) and settings of an existing FINDINGS.md §1, kept for the sets whose results
+    are not under --out: a rerun of one set on another machine does not drop the others' measured rows."""
+    text = doc.read_text() if doc.exists() else ""
+    sec1 = text.split("## 1.", 1)[-1].split("## 2.", 1)[0]
+    settings = re.search(r"Settings \(read from each results\.json\): (.*?)\.\s+(?:Machine|Each row)", sec1, re.S)
+    machine = re.search(r"Machine: (.*?),\s*\n?\s*\d+ cores", sec1)
+    rows = {}
+    for line in sec1.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 10 and cells[0] in SETS:
+            rows[cells[0]] = cells[:10] + [cells[10] if len(cells) > 10 else (machine[1] if machine else "—")]
+    return rows, (settings[1].replace("\n", " ") if settings else None)
 
 
 def set_minutes(set_dir: Path) -> float:
@@ -108,13 +142,15 @@ def findings_settings(root: Path) -> str:
     return "; ".join(sorted(set(seen))) or "—"
 
 
-def findings_rows(root: Path, table: dict) -> list[str]:
+def findings_rows(root: Path, table: dict, previous: dict[str, list[str]] | None = None) -> list[str]:
     from imtune.analysis.advise import advise_from_stats
 
     rows = []
     for name in SETS:
         p = root / name / "results.json"
         if not p.exists():
+            if name in (previous or {}):
+                rows.append("| " + " | ".join(previous[name]) + " |")
             continue
         r = json.loads(p.read_text())
         v = r["verdict"]
@@ -129,7 +165,8 @@ def findings_rows(root: Path, table: dict) -> list[str]:
         rows.append(f"| {name} | {r['split'].get('n_train_common', r['split']['n_train'])} / {d['n']} / "
                     f"{d['n_seeds']} | {r['stats']['instruction_output_ratio']:.2f} | {means} | `{v['winner']}` "
                     f"{'wins' if v['resolved'] else 'ahead, not resolved'} | {_ci_text(d)} | {others or '—'} | "
-                    f"{pred} → {v['measured_im_vs_it']} | {needed_heldout(d)} | {set_minutes(root / name):.0f} |")
+                    f"{pred} → {v['measured_im_vs_it']} | {needed_heldout(d)} | {set_minutes(root / name):.0f} | "
+                    f"{set_machine(root / name)} |")
     return rows
 
 
@@ -160,15 +197,21 @@ def _study_minutes(table: dict) -> str:
 PILOT_RESULTS = ROOT / "bench" / "advisor_check.json"
 
 
-def _pilot_row(s: dict) -> str:
+def _wall_cell(s: dict, machine: str) -> str:
+    f = s["full"]
+    where = ("same machine" if f.get("machine") and machine.startswith(f["machine"])
+             else "full on " + (f.get("machine") or "section 1's machine"))
+    return f"{s['wall_minutes']:.1f} / {f['minutes']:.0f} = {100 * s['minutes_fraction']:.0f}% ({where})"
+
+
+def _pilot_row(s: dict, machine: str) -> str:
     f = s["full"]
     sizes = "; ".join(f"n {r['n']}: {r['mean']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]"
                       f"{' *' if r['resolved'] else ''}" for r in s["per_size"])
     return (f"| {s['set']} | {sizes} | {s['fit']['a']:+.4f} {s['fit']['b']:+.4f}·ln n | {f['n']} | "
             f"{s['delta']:+.4f} [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {s['call']} | "
             f"{f['mean']:+.4f} [{f['ci95'][0]:+.4f}, {f['ci95'][1]:+.4f}]{' *' if f['resolved'] else ''} → "
-            f"{f['measured']} | {s['outcome']} | {s['wall_minutes']:.1f} / {f['minutes']:.0f} = "
-            f"{100 * s['minutes_fraction']:.0f}% | {s['planned_minutes']:.1f} / {s.get('full_planned_minutes', 0):.0f} = "
+            f"{f['measured']} | {s['outcome']} | {_wall_cell(s, machine)} | {s['planned_minutes']:.1f} / {s.get('full_planned_minutes', 0):.0f} = "
             f"{100 * s['planned_fraction']:.0f}% | "
             f"{s['training_tokens']:,} / {s['full_training_tokens']:,} = {100 * s['tokens_fraction']:.1f}% |")
 
@@ -182,7 +225,7 @@ def pilot_section(res: dict | None) -> str:
     resolved = [s for s in sets if s["full"]["resolved"]]
     right = sum(s["outcome"] == "right" for s in resolved)
     wrong = sum(s["outcome"] == "WRONG" for s in sets)
-    rows = "\n".join(_pilot_row(s) for s in sets)
+    rows = "\n".join(_pilot_row(s, res["machine"]) for s in sets)
     return head + f"""Run {res['date']} on {res['machine']} (load average {', '.join(f'{x:.1f}' for x in res['load_average'])}
 at the end), `{res['command']}`.
 
@@ -194,8 +237,9 @@ comparison's n; the interval refits the line to every bootstrap replicate. It ca
 largest size's interval excludes 0 and the line keeps that sign at the full comparison's n
 (`analysis/pilot_fit.py`). The full results are section 1's (3 seeds, it/im/weighted:0.1).
 
-Cost is given three ways. Wall minutes compare the pilot (this run's machine) with section 1's full comparison
-(section 1's machine and load), so they mix machines. Cost-model minutes put both through the pilot's one cost model;
+Cost is given three ways. Wall minutes compare the pilot (this run's machine) with section 1's full comparison on
+the machine its row names (the cell says whether that is the pilot's; where not, the fraction mixes machines and
+loads). Cost-model minutes put both through the pilot's one cost model;
 the budget is set from this fraction. Training tokens count the full run from the same tokenisation of its split ×
 objectives × seeds × epochs.
 
@@ -214,7 +258,11 @@ def write_findings(root: Path, doc: Path, table_path: str | Path | None = None,
 
     table = load_table(table_path)
     meta, s = table.get("meta", {}), table.get("meta", {}).get("settings", {})
-    f_rows = findings_rows(root, table)
+    previous, old_settings = previous_section1(doc)
+    previous = {k: v for k, v in previous.items() if not (root / k / "results.json").exists()}
+    f_rows = findings_rows(root, table, previous)
+    settings = "; ".join(sorted({x for x in findings_settings(root).split("; ") if x != "—"}
+                                | ({old_settings} if previous and old_settings else set()))) or "—"
     st_rows, acc, summary = study_rows(table)
     text = f"""# Findings: does IM beat IT at CPU scale?
 
@@ -223,14 +271,14 @@ below is read from a results file, none is typed in.
 
 ## 1. Per-set comparisons (`bench/findings.py`: it, im, weighted:0.1 × seeds × ≥ 200 examples)
 
-""" + ("""Settings (read from each results.json): """ + findings_settings(root) + """. Machine: """ + cpu_name() + """,
-2 cores. Intervals: 95%, two-way bootstrap over training seeds and held-out examples; `*` marks one that excludes 0.
+""" + ("""Settings (read from each results.json): """ + settings + """. Each row names the machine it ran on (2
+cores); a set not rerun keeps its row from the previous FINDINGS.md. Intervals: 95%, two-way bootstrap over training seeds and held-out examples; `*` marks one that excludes 0.
 "Advisor predicted" is what `imtune advise` says for the set's statistics with the study table of section 2.
 "Minutes" is wall time from the set's split to its results file, so it includes anything else the machine ran and
 any interruption before a resumed run finished.
 
-| dataset | train / held-out / seeds | instr/output ratio | held-out output loss | verdict | IM − IT [95% CI] | other − IT [95% CI] | advisor predicted → measured | held-out examples to resolve | minutes |
-|---|---|---|---|---|---|---|---|---|---|
+| dataset | train / held-out / seeds | instr/output ratio | held-out output loss | verdict (best vs runner-up) | IM − IT [95% CI] | other − IT [95% CI] | advisor predicted → measured | held-out examples to resolve | minutes | machine |
+|---|---|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(f_rows) if f_rows else """Not run yet: `python bench/findings.py` (about an hour on 2 cores with
 bf16) and then `--report-only`.""") + f"""
 

@@ -237,6 +237,19 @@ def _mb(r: dict, key: str) -> str:
     return f"{_peak(r, key):,.0f}"
 
 
+def encode_breakdown(a: dict, b: dict) -> str:
+    """Each encode measurement on its own: RSS is the largest single process, anonymous memory the sum over the
+    process and its workers, so the table's peak of each may come from different measurements."""
+    parts = []
+    for p, what in (("1p", "1 process"), ("2p", "2 processes")):
+        ra, rb = a[f"encode_{p}_rss_mb"], b[f"encode_{p}_rss_mb"]
+        na, nb = a[f"encode_{p}_anon_mb"], b[f"encode_{p}_anon_mb"]
+        parts.append(f"{what}: RSS {ra:,.0f} -> {rb:,.0f} MB ({rb / ra:.2f}x), anonymous {na:,.0f} -> {nb:,.0f} MB "
+                     f"({nb / na:.2f}x)")
+    return (f"Encode, each measurement at {a['n']:,} -> {b['n']:,}: " + "; ".join(parts) + ". What grows is "
+            "file-backed: the pages of the input conversation table and of the written cache that the pass touched.")
+
+
 def report(rows: list[dict], extra: dict, args) -> str:
     lines = [SECTION, "", f"`bench/scale.py`, {datetime.date.today().isoformat()}, model {args.model}, "
              f"{args.steps} training steps per size. Machine: {machine()}; load average "
@@ -256,6 +269,7 @@ def report(rows: list[dict], extra: dict, args) -> str:
             anon = _peak(b, f"{key}_anon") / _peak(a, f"{key}_anon")
             lines.append(f"{what} peak at {b['n']:,} / at {a['n']:,}: RSS {rss:.2f}x, anonymous memory {anon:.2f}x "
                          "(target <= 1.5x).")
+        lines.append(encode_breakdown(a, b))
         lines.append("RSS counts the pages of the memory-mapped Arrow tables a pass has read (clean page cache that "
                      "the kernel reclaims under pressure); anonymous memory (Pss_Anon, sampled every 50 ms and summed "
                      "over the process and its workers) is what the processes themselves hold.")

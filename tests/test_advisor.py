@@ -254,3 +254,34 @@ def test_advisor_check_reads_the_full_results_from_findings_and_renders_its_sect
     assert lima["n"] == 183 and lima["ratio"] == 0.10 and lima["measured"] == "IM better"
     assert lima["provenance"]["full_comparison"] == "F.md §1"
     assert check.add_to_study([], full, table, 500) == 0
+
+
+def test_findings_keep_the_rows_of_sets_not_rerun_and_name_each_rows_machine(tmp_path):
+    """Rerunning one set (say on another machine) rewrites its row; the others keep their measured rows and the
+    machine they ran on, and the pilot check says whether its wall-minute fraction compares like with like."""
+    findings, check = _bench("findings"), _bench("advisor_check")
+    doc = tmp_path / "F.md"
+    doc.write_text("# F\n\n## 1. Per-set\n\nSettings (read from each results.json): `m`, lr 0.0001, batch 4. Machine:"
+                   " AMD EPYC,\n2 cores. Intervals\n\n| dataset | a | b | c | d | e | f | g | h | minutes |\n|---|\n"
+                   "| LIMA | 183 / 57 / 3 | 0.10 | it 2.8 | `im` wins | -0.0129 [-0.0225, -0.0039] * | — | x | resolved | 42 |\n"
+                   "\n## 2. Study\n\ntext\n")
+    t = _trend_table()
+    for r in t["rows"]:
+        r.update(n_heldout=16, resolved=r["measured"] != NO_DIFF)
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps(t))
+    findings.write_findings(tmp_path / "none", doc, table_path=table, pilot_path=tmp_path / "no_pilot.json")
+    text = doc.read_text()
+    assert "| LIMA | 183 / 57 / 3 | 0.10 | it 2.8 | `im` wins | -0.0129 [-0.0225, -0.0039] * | — | x | resolved | 42 " \
+           "| AMD EPYC |" in text and "Settings (read from each results.json): `m`, lr 0.0001, batch 4. Each row" in text
+    findings.write_findings(tmp_path / "none", doc, table_path=table, pilot_path=tmp_path / "no_pilot.json")
+    assert doc.read_text() == text  # regenerating from its own output changes nothing
+    full = check.full_rows(doc, tmp_path / "none")["LIMA"]
+    assert full["machine"] == "AMD EPYC" and full["minutes"] == 42.0 and full["settings"] == "`m`, lr 0.0001, batch 4"
+    s = {"wall_minutes": 6.3, "minutes_fraction": 6.3 / 42, "full": full}
+    assert findings._wall_cell(s, "AMD EPYC 7B13, 2 cores") == "6.3 / 42 = 15% (same machine)"
+    assert findings._wall_cell(s, "Intel(R) Xeon(R), 2 cores") == "6.3 / 42 = 15% (full on AMD EPYC)"
+    (tmp_path / "runs" / "LIMA").mkdir(parents=True)
+    findings.record_machine(tmp_path / "runs" / "LIMA")
+    assert findings.set_machine(tmp_path / "runs" / "LIMA") == findings.cpu_name()
+    assert findings.set_machine(tmp_path / "none") == "an unrecorded machine"
