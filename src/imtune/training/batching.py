@@ -205,7 +205,6 @@ def plan_batches(lengths: Sequence[int], micro_batch_size: int, *, seed: int, ep
     return batches
 
 
-
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
     """Share of padded positions when each batch is padded to its longest example."""
     lens = np.asarray(lengths, dtype=np.int64)
