@@ -5,7 +5,9 @@ and cache are exercised end to end instead of patched out. Knobs: `api_key` (401
 `fail_next(codes)` (answer these statuses first, e.g. 429, 500; an item may be (status, headers), e.g.
 (429, {"Retry-After": "3600"})), `delay` (seconds to sleep per request), `policy` (messages -> reply text),
 `redirect_to` (answer every request with a 302 to this URL), `raw_reply` (send these bytes as the 200 body
-instead of a chat completion). It records every request body, every Authorization header, the request count
+instead of a chat completion), `huge_reply` (a 200 reply of this many bytes, streamed in 1 MiB pieces and never
+held whole), `drip` (send the 200 reply one byte every `drip` seconds), `echo_auth` (the reply quotes the request's
+Authorization header, as a hostile or debugging server might). It records every request body, every Authorization header, the request count
 and the most requests it ever had in flight.
 """
 
@@ -62,6 +64,9 @@ class JudgeServer:
         self.delay = delay
         self.redirect_to: str | None = None
         self.raw_reply: bytes | None = None
+        self.huge_reply = 0
+        self.drip = 0.0
+        self.echo_auth = False
         self.bodies: list[dict] = []
         self.auth_headers: list[str | None] = []
         self.n_requests = 0
@@ -94,6 +99,7 @@ class JudgeServer:
             self._epoch += 1
         self.policy, self.delay, self.api_key = scripted_judge, 0.0, None
         self.redirect_to, self.raw_reply = None, None
+        self.huge_reply, self.drip, self.echo_auth = 0, 0.0, False
 
     def start(self) -> JudgeServer:
         server = self
@@ -137,11 +143,15 @@ class JudgeServer:
                     return self._send(code, {"error": {"message": f"scripted failure {code}"}}, headers=headers)
                 if server.raw_reply is not None:
                     return self._send(200, server.raw_reply)
+                if server.huge_reply:
+                    return self._send_huge(server.huge_reply)
                 body = json.loads(raw)
                 with server._lock:
                     if server._epoch == epoch:
                         server.bodies.append(body)
                 reply = server.policy(body["messages"])
+                if server.echo_auth:
+                    reply = f"{reply}\n(debug: you sent Authorization: {self.headers.get('Authorization')})"
                 self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],
                                  "choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": reply}}],
@@ -156,9 +166,30 @@ class JudgeServer:
                     for k, v in (headers or {}).items():
                         self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
+                    if server.drip and code == 200:
+                        for i in range(len(data)):
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(server.drip)
+                    else:
+                        self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass  # the client gave up (timeout, deadline, size cap tests)
+
+            def _send_huge(self, n):
+                piece = b'{"pad": "' + b"x" * (1 << 20)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(n))
+                    self.end_headers()
+                    sent = 0
+                    while sent < n:
+                        chunk = piece[:n - sent]
+                        self.wfile.write(chunk)
+                        sent += len(chunk)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True

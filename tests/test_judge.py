@@ -191,12 +191,17 @@ def test_rerun_hits_the_cache(server, tmp_path):
     first = ae.evaluate_outputs(client(server, tmp_path), outputs, limit=4)
     n = server.n_requests
     assert n == 8
-    # Another URL for the same judge model: the cache key ignores the URL, so nothing is asked again.
-    c2 = client(server, tmp_path, base_url=server.base_url.replace("127.0.0.1", "localhost"))
+    # The same judge spelt differently (upper-case scheme/host, trailing slash): nothing is asked again.
+    c2 = client(server, tmp_path, base_url=server.base_url.replace("http://", "HTTP://") + "/")
     second = ae.evaluate_outputs(c2, outputs, limit=4)
     assert server.n_requests == n
     assert c2.stats.requests == 0 and c2.stats.cache_hits == 8
     assert second.summary["win_rate"] == first.summary["win_rate"]
+    # Another URL is another judge (tests/test_hostile_judge.py): it is asked.
+    client(server, tmp_path, base_url=server.base_url.replace("127.0.0.1", "localhost")).complete(
+        first_messages(outputs))
+    assert server.n_requests == n + 1
+    n += 1
     # A different judge model is a different judgement.
     client(server, tmp_path, model="judge-2").complete(first_messages(outputs))
     assert server.n_requests == n + 1

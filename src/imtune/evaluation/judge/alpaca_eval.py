@@ -351,8 +351,7 @@ def evaluate_outputs(client: JudgeClient, outputs: Sequence[dict] | str | Path, 
 
 
 def write_results(out_dir: str | Path, result: AlpacaEvalResult) -> dict[str, Path]:
-    from imtune.io_utils import atomic_write_json, atomic_write_jsonl
+    from imtune.evaluation.judge.redact import write_redacted
 
-    out = Path(out_dir)
-    return {"results": atomic_write_json(out / "alpaca_eval_results.json", result.summary),
-            "annotations": atomic_write_jsonl(out / "alpaca_eval_annotations.jsonl", result.annotations)}
+    return write_redacted(out_dir, {"results": ("alpaca_eval_results.json", result.summary),
+                                    "annotations": ("alpaca_eval_annotations.jsonl", result.annotations)})

@@ -12,7 +12,7 @@ from pathlib import Path
 from imtune.errors import ImtuneError
 
 # Bumped when the cached value's meaning changes, so old entries stop matching instead of being misread.
-CACHE_SCHEMA = 1
+CACHE_SCHEMA = 2
 
 
 def default_cache_path() -> Path:

@@ -6,14 +6,17 @@ imtune adds only what the judge needs on top of it:
   * an overall deadline per request: no retry or wait starts after it, and a `Retry-After` is capped at
     `backoff_max` and at the time left (a server asking for an hour does not stall the run);
   * redirects are never followed (a 3xx is an error), so the API key is never sent to another host;
-  * credentials (the API key, `user:pass@` in the base URL, query strings) never appear in errors or logs:
-    messages name the URL with them replaced by `***`;
+  * secrets (the API key, `user:pass@` in the base URL, query strings, token-like environment values, the HF
+    token) never reach the disk or the terminal: every reply, error and log line passes through `redact.redact`
+    (a server may echo the Authorization header back), and the output files are written by `write_redacted`;
+  * a reply body is streamed: one over `max_reply_bytes` is an error, and the overall deadline is checked while
+    reading (a server dripping a byte a second cannot hold a request past it);
   * a reply counts only if it is in the chat-completions format, and is cached only when the caller's `parse`
     accepts it (a verdict): unparseable or empty replies are asked again on the next run;
   * at most `concurrency` requests in flight; a fatal error (bad key, unreachable judge) stops a batch at once.
 
-Every accepted completion is cached on disk (sqlite, keyed by sha256 of judge model + messages + sampling
-parameters, not the URL), so rerunning an evaluation, or resuming one that died halfway, re-asks only what is
+Every accepted completion is cached on disk (sqlite, keyed by sha256 of the normalised judge URL + model +
+messages + decoding settings), so a second judge is asked its own verdicts, and rerunning an evaluation, or resuming one that died halfway, re-asks only what is
 missing.
 """
 
@@ -23,7 +26,6 @@ import base64
 import hashlib
 import ipaddress
 import json
-import logging
 import os
 import sys
 import threading
@@ -37,21 +39,22 @@ import urllib3
 from urllib3.exceptions import (
     HTTPError,
     MaxRetryError,
-    NameResolutionError,
     NewConnectionError,
-    ProtocolError,
 )
 from urllib3.exceptions import (
     TimeoutError as Urllib3Timeout,
 )
-from urllib3.util.retry import Retry
 
 from imtune.errors import ImtuneError
 from imtune.evaluation.judge.cache import CACHE_SCHEMA, JudgeCache, JudgeStats, default_cache_path
+from imtune.evaluation.judge.redact import redact, redact_url, register
+from imtune.evaluation.judge.transport import JudgeRetry, describe_error, error_detail
 
 API_KEY_ENVS = ("IMTUNE_JUDGE_API_KEY", "OPENAI_API_KEY")
 KEY_MESSAGE = "judge rejected the API key (set IMTUNE_JUDGE_API_KEY)"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_REPLY_BYTES = 8 * 1024 * 1024  # a chat completion is kilobytes; more is a broken or hostile server
+CHUNK = 64 * 1024
 
 Message = dict  # {"role": ..., "content": ...}
 
@@ -61,18 +64,6 @@ def api_key_from_env() -> str | None:
         if os.environ.get(name):
             return os.environ[name]
     return None
-
-
-def redact_url(url: str) -> str:
-    """`url` with any user:password and query string replaced by *** (for messages and logs)."""
-    try:
-        p = urllib.parse.urlsplit(str(url))
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = p.netloc.rpartition("@")[2]
-    if "@" in p.netloc:
-        netloc = "***@" + netloc
-    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, "***" if p.query else "", ""))
 
 
 def chat_url(base_url: str) -> str:
@@ -92,6 +83,16 @@ def chat_url(base_url: str) -> str:
     return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, parsed.query, ""))
 
 
+def normalise_url(url: str) -> str:
+    """The judge's identity in the cache: scheme and host lower-cased, the default port made explicit, no
+    credentials, the path without a trailing slash (the query stays: it can select a deployment)."""
+    p = urllib.parse.urlsplit(url)
+    port = p.port or {"http": 80, "https": 443}.get(p.scheme.lower())
+    host = (p.hostname or "").lower()
+    host = f"[{host}]" if ":" in host else host
+    return urllib.parse.urlunsplit((p.scheme.lower(), f"{host}:{port}", p.path.rstrip("/") or "/", p.query, ""))
+
+
 def _is_loopback(host: str | None) -> bool:
     if not host:
         return False
@@ -101,63 +102,6 @@ def _is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-_SECRETS: set[str] = set()  # every client's credentials, masked in urllib3's log records
-
-
-class _Redact(logging.Filter):
-    """Drops urllib3's "Retrying ..." warnings for judge requests (the stats line reports retries) and masks
-    judge credentials in its other records (its debug log prints request paths with their query string)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if any(isinstance(a, _JudgeRetry) for a in (record.args or ())):
-            return False
-        msg = record.getMessage()
-        if any(x in msg for x in _SECRETS):
-            for x in sorted(_SECRETS, key=len, reverse=True):
-                msg = msg.replace(x, "***")
-            record.msg, record.args = msg, ()
-        return True
-
-
-for _name in ("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.util.retry"):
-    logging.getLogger(_name).addFilter(_Redact())
-
-
-class _JudgeRetry(Retry):
-    """urllib3's Retry, bounded by an overall deadline and stoppable by another thread's fatal error."""
-
-    deadline = float("inf")
-    stop: threading.Event | None = None
-    attempts: list | None = None  # shared by the copies urllib3 makes, counts attempts for messages and stats
-
-    def new(self, **kw):
-        r = super().new(**kw)
-        r.deadline, r.stop, r.attempts = self.deadline, self.stop, self.attempts
-        return r
-
-    def increment(self, *a, **kw):
-        self.attempts.append(1)
-        return super().increment(*a, **kw)
-
-    def is_exhausted(self) -> bool:
-        return (super().is_exhausted() or time.monotonic() >= self.deadline
-                or (self.stop is not None and self.stop.is_set()))
-
-    def sleep(self, response=None) -> None:
-        wait_s = None
-        if response is not None and self.respect_retry_after_header:
-            try:
-                wait_s = self.get_retry_after(response)
-            except HTTPError:  # a malformed Retry-After: back off as usual
-                wait_s = None
-        wait_s = min(self.backoff_max, self.get_backoff_time() if wait_s is None else wait_s)
-        wait_s = max(0.0, min(wait_s, self.deadline - time.monotonic()))
-        if self.stop is not None:
-            self.stop.wait(wait_s)  # wakes early when another thread hit a fatal error
-        else:
-            time.sleep(wait_s)
 
 
 class JudgeClient:
@@ -175,12 +119,13 @@ class JudgeClient:
                  max_tokens: int = 1024, timeout: float = 120.0, max_retries: int = 6,
                  concurrency: int = 8, backoff_base: float = 1.0, backoff_max: float = 60.0,
                  deadline: float = 600.0, cache: str | os.PathLike | JudgeCache | bool | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, max_reply_bytes: int = MAX_REPLY_BYTES):
         if not model:
             raise ImtuneError("no judge model given (--judge-model)")
         for ok, what in ((concurrency >= 1, "concurrency must be >= 1"), (max_retries >= 0, "max retries must "
                          "be >= 0"), (timeout > 0, "timeout must be > 0 seconds"),
-                         (deadline > 0, "deadline must be > 0 seconds")):
+                         (deadline > 0, "deadline must be > 0 seconds"),
+                         (max_reply_bytes > 0, "reply size cap must be > 0 bytes")):
             if not ok:
                 raise ImtuneError(f"judge {what}")
         self.url = chat_url(base_url)
@@ -190,7 +135,7 @@ class JudgeClient:
         self.temperature, self.max_tokens = temperature, max_tokens
         self.timeout, self.deadline, self.max_retries = timeout, deadline, max_retries
         self.concurrency, self.backoff_base, self.backoff_max = concurrency, backoff_base, backoff_max
-        self.seed = seed
+        self.seed, self.max_reply_bytes = seed, max_reply_bytes
         if cache is False:
             self.cache = None
         elif isinstance(cache, JudgeCache):
@@ -208,13 +153,14 @@ class JudgeClient:
     def _connection(self) -> tuple[dict, urllib3.PoolManager]:
         parts = urllib.parse.urlsplit(self.url)
         headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "imtune-judge"}
-        self._secrets = [x for x in (self.api_key, parts.password, parts.query) if x and len(x) >= 4]
-        _SECRETS.update(self._secrets)
+        register(self.api_key, parts.password, parts.query)
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         elif parts.username is not None:
             userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
             headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
+        if "Authorization" in headers:
+            register(headers["Authorization"].partition(" ")[2], urllib.parse.unquote(parts.password or ""))
         self.url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         # A corporate HTTP(S)_PROXY is honoured for remote judges (as urllib did), never for this machine's.
         proxy = urllib.request.getproxies().get(parts.scheme)
@@ -225,11 +171,16 @@ class JudgeClient:
     # ------------------------------------------------------------------------------------------------ keys
 
     def params(self) -> dict:
-        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        """The decoding settings sent with every request (and part of the cache key)."""
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens,
+                **({"seed": self.seed} if self.seed is not None else {})}
 
     def cache_key(self, messages: Sequence[Message]) -> str:
-        blob = json.dumps({"schema": CACHE_SCHEMA, "model": self.model, "messages": list(messages),
-                           "params": self.params()}, sort_keys=True, ensure_ascii=False)
+        """sha256 of the judge (normalised URL, model), the conversation and the decoding settings: a verdict is
+        reused only when the same judge was asked the same thing the same way."""
+        blob = json.dumps({"schema": CACHE_SCHEMA, "url": normalise_url(self.url), "model": self.model,
+                           "messages": list(messages), "params": self.params()}, sort_keys=True,
+                          ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------------------------------------ calls
@@ -247,7 +198,7 @@ class JudgeClient:
                 self.stats.add(cache_hits=1)
                 return hit
         try:
-            text = self._request(messages)
+            text = redact(self._request(messages))
         except ImtuneError as e:
             # Stop sibling workers now: a bad key must not be tried hundreds of times. The first error is the
             # one worth reporting.
@@ -295,8 +246,8 @@ class JudgeClient:
             bar(None)
         return out  # type: ignore[return-value]
 
-    def _retry(self) -> _JudgeRetry:
-        r = _JudgeRetry(total=self.max_retries, redirect=False, allowed_methods=None,
+    def _retry(self) -> JudgeRetry:
+        r = JudgeRetry(total=self.max_retries, redirect=False, allowed_methods=None,
                         status_forcelist=RETRY_STATUSES, backoff_factor=self.backoff_base,
                         backoff_max=self.backoff_max, backoff_jitter=0.1 * self.backoff_base,
                         raise_on_status=False, respect_retry_after_header=True)
@@ -308,21 +259,64 @@ class JudgeClient:
             raise ImtuneError("judging stopped after an earlier error")
         body = json.dumps({"model": self.model, "messages": list(messages), **self.params()}).encode("utf-8")
         retry = self._retry()
-        try:
-            with self._slots:
+        with self._slots:
+            try:
                 resp = self._http.request("POST", self.url, body=body, headers=self._headers, retries=retry,
-                                          redirect=False, timeout=urllib3.Timeout(total=self.timeout))
-        except MaxRetryError as e:
-            self._count(len(retry.attempts))
-            raise self._transport_error(e.reason, len(retry.attempts)) from None
-        except (HTTPError, OSError) as e:  # a failure urllib3 does not retry (e.g. a bad TLS setup)
-            self._count(len(retry.attempts) + 1)
-            raise self._transport_error(e, len(retry.attempts) + 1) from None
-        attempts = len(retry.attempts) + (resp.status not in RETRY_STATUSES)
-        self._count(attempts)
+                                          redirect=False, preload_content=False,
+                                          timeout=urllib3.Timeout(total=min(self.timeout, self.deadline)))
+            except MaxRetryError as e:
+                self._count(len(retry.attempts))
+                raise self._transport_error(e.reason, len(retry.attempts)) from None
+            except (HTTPError, OSError) as e:  # a failure urllib3 does not retry (e.g. a bad TLS setup)
+                self._count(len(retry.attempts) + 1)
+                raise self._transport_error(e, len(retry.attempts) + 1) from None
+            attempts = len(retry.attempts) + (resp.status not in RETRY_STATUSES)
+            self._count(attempts)
+            ok = resp.status == 200
+            # An error's body only explains the status: a second past the deadline to read its first bytes.
+            read_until = retry.deadline if ok else max(retry.deadline, time.monotonic() + 1.0)
+            try:
+                raw = self._read_body(resp, read_until, self.max_reply_bytes if ok else CHUNK)
+            finally:
+                resp.release_conn()
         if resp.status != 200:
-            raise self._status_error(resp, attempts)
-        return self._parse_reply(resp.data)
+            raise self._status_error(resp, raw, attempts)
+        return self._parse_reply(raw)
+
+    def _read_body(self, resp, deadline: float, cap: int) -> bytes:
+        """The body, read in chunks as they arrive, at most `cap` bytes (an error reply is cut there; a 200 over
+        it is an error), and never past the request's deadline: a watchdog shuts the socket at the deadline, so a
+        server dripping bytes, or gone silent mid-body, cannot hold the read open."""
+        chunks, size = [], 0
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), resp.shutdown)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            while size <= cap:
+                try:
+                    chunk = resp.read1(CHUNK)
+                except (HTTPError, OSError) as e:
+                    if time.monotonic() >= deadline:
+                        break
+                    raise self._transport_error(e, 1) from None
+                if not chunk or time.monotonic() >= deadline:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            watchdog.cancel()
+        if time.monotonic() >= deadline:
+            resp.close()  # the connection is mid-body: never hand it back to the pool
+            if resp.status != 200:
+                return b"".join(chunks)[:cap]
+            raise ImtuneError(f"judge at {self.base_url} did not finish its reply within the {self.deadline:g} s "
+                              "deadline (--judge-deadline)")
+        if size > cap:
+            resp.close()
+            if resp.status == 200:
+                raise ImtuneError(f"judge at {self.base_url} sent a reply over {cap} bytes; refused (a chat "
+                                  "completion is a few kilobytes: check --judge-base-url)")
+        return b"".join(chunks)[:cap]
 
     def _count(self, attempts: int) -> None:
         self.stats.add(requests=attempts, retries=max(0, attempts - 1))
@@ -336,12 +330,10 @@ class JudgeClient:
         if isinstance(reason, Urllib3Timeout | TimeoutError) and not isinstance(reason, NewConnectionError):
             return ImtuneError(f"judge at {self.base_url} timed out after {self._tries(attempts)} "
                                f"({self.timeout:g} s each); raise --judge-timeout or lower --judge-concurrency")
-        return ImtuneError(f"cannot reach judge at {self.base_url} ({_describe(reason)}; {self._tries(attempts)})")
+        return ImtuneError(f"cannot reach judge at {self.base_url} ({describe_error(reason)}; {self._tries(attempts)})")
 
-    def _status_error(self, resp, attempts: int) -> ImtuneError:
-        code, detail = resp.status, _error_detail(resp.data)
-        for secret in sorted(self._secrets, key=len, reverse=True):  # servers may echo what they rejected
-            detail = detail.replace(secret, "***")
+    def _status_error(self, resp, raw: bytes, attempts: int) -> ImtuneError:
+        code, detail = resp.status, redact(error_detail(raw))  # servers may echo what they rejected
         if code in (401, 403):
             return ImtuneError(KEY_MESSAGE + (f": {detail}" if detail else ""))
         if 300 <= code < 400:
@@ -360,7 +352,7 @@ class JudgeClient:
             msg = json.loads(raw)["choices"][0]["message"]
             content = msg.get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            snippet = raw[:120].decode("utf-8", "replace").replace("\n", " ")
+            snippet = redact(raw[:120].decode("utf-8", "replace").replace("\n", " "))
             raise ImtuneError(f"judge at {self.base_url} did not answer in the chat-completions format "
                               f"(got {snippet!r})") from None
         if isinstance(content, list):  # some servers return content parts
@@ -377,28 +369,6 @@ class JudgeClient:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _describe(reason) -> str:
-    if isinstance(reason, NameResolutionError):
-        return "unknown host"
-    if isinstance(reason, NewConnectionError | ProtocolError):
-        inner = reason.__context__ or reason.__cause__
-        if isinstance(inner, ConnectionRefusedError) or "refused" in str(reason).lower():
-            return "connection refused"
-    # urllib3 messages name the connection object, never the URL's credentials; keep them short anyway.
-    return " ".join(str(reason).split())[:200] or type(reason).__name__
-
-
-def _error_detail(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-        err = data.get("error", data) if isinstance(data, dict) else data
-        text = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-    except ValueError:
-        pass
-    return " ".join(str(text).split())[:200]
 
 
 def _progress_bar(total: int, desc: str, enabled: bool | None) -> Callable[[int | None], None]:

@@ -250,8 +250,7 @@ def grade(client: JudgeClient, answers: dict[int, Sequence[str]], questions: Seq
 
 
 def write_results(out_dir: str | Path, result: MTBenchResult) -> dict[str, Path]:
-    from imtune.io_utils import atomic_write_json, atomic_write_jsonl
+    from imtune.evaluation.judge.redact import write_redacted
 
-    out = Path(out_dir)
-    return {"results": atomic_write_json(out / "mt_bench_results.json", result.summary),
-            "judgements": atomic_write_jsonl(out / "mt_bench_judgements.jsonl", result.judgements)}
+    return write_redacted(out_dir, {"results": ("mt_bench_results.json", result.summary),
+                                    "judgements": ("mt_bench_judgements.jsonl", result.judgements)})

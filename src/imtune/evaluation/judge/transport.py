@@ -1,0 +1,80 @@
+"""The judge client's transport pieces on top of urllib3: the retry policy bounded by an overall deadline, and
+short, secret-free descriptions of what went wrong."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from urllib3.exceptions import HTTPError, NameResolutionError, NewConnectionError, ProtocolError
+from urllib3.util.retry import Retry
+
+from imtune.evaluation.judge.redact import LogRedactor
+
+
+def _is_retry_log(record: logging.LogRecord) -> bool:
+    """urllib3's "Retrying ..." warnings for judge requests: the stats line reports retries instead."""
+    return any(isinstance(a, JudgeRetry) for a in (record.args or ()))
+
+
+for _name in ("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.util.retry"):
+    logging.getLogger(_name).addFilter(LogRedactor(drop=_is_retry_log))
+
+
+class JudgeRetry(Retry):
+    """urllib3's Retry, bounded by an overall deadline and stoppable by another thread's fatal error."""
+
+    deadline = float("inf")
+    stop: threading.Event | None = None
+    attempts: list | None = None  # shared by the copies urllib3 makes, counts attempts for messages and stats
+
+    def new(self, **kw):
+        r = super().new(**kw)
+        r.deadline, r.stop, r.attempts = self.deadline, self.stop, self.attempts
+        return r
+
+    def increment(self, *a, **kw):
+        self.attempts.append(1)
+        return super().increment(*a, **kw)
+
+    def is_exhausted(self) -> bool:
+        return (super().is_exhausted() or time.monotonic() >= self.deadline
+                or (self.stop is not None and self.stop.is_set()))
+
+    def sleep(self, response=None) -> None:
+        wait_s = None
+        if response is not None and self.respect_retry_after_header:
+            try:
+                wait_s = self.get_retry_after(response)
+            except HTTPError:  # a malformed Retry-After: back off as usual
+                wait_s = None
+        wait_s = min(self.backoff_max, self.get_backoff_time() if wait_s is None else wait_s)
+        wait_s = max(0.0, min(wait_s, self.deadline - time.monotonic()))
+        if self.stop is not None:
+            self.stop.wait(wait_s)  # wakes early when another thread hit a fatal error
+        else:
+            time.sleep(wait_s)
+
+
+def describe_error(reason) -> str:
+    if isinstance(reason, NameResolutionError):
+        return "unknown host"
+    if isinstance(reason, NewConnectionError | ProtocolError):
+        inner = reason.__context__ or reason.__cause__
+        if isinstance(inner, ConnectionRefusedError) or "refused" in str(reason).lower():
+            return "connection refused"
+    # urllib3 messages name the connection object, never the URL's credentials; keep them short anyway.
+    return " ".join(str(reason).split())[:200] or type(reason).__name__
+
+
+def error_detail(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+        err = data.get("error", data) if isinstance(data, dict) else data
+        text = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+    except ValueError:
+        pass
+    return " ".join(str(text).split())[:200]
