@@ -139,9 +139,9 @@ def test_faking_completion_is_not_a_pass(fake):
     assert good.passed, good  # the same problem does pass with a right answer
 
 
-def test_exit_status_zero_without_finishing_is_named():
+def test_exit_without_finishing_is_named():
     r = run_program("import sys\nprint('half')\nsys.exit(0)\nprint('never')", timeout=20)
-    assert r.status == "failed" and r.returncode == 0 and "exited before the program finished" in r.error
+    assert r.status == "failed" and r.returncode == 1 and "exited before the program finished" in r.error
     assert r.stdout == "half\n"
 
 

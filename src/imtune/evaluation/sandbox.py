@@ -14,7 +14,10 @@ PID, mount, network, IPC and UTS namespaces:
   * the program cannot see or signal the evaluator (PID namespace), and when the sandbox's init process dies the
     kernel kills every process left in it, `setsid` children included; `--die-with-parent` ends the sandbox if
     the evaluator dies.
-A pass is decided by a marker: see `sandbox_child.py`.
+A pass is the child's exit status 0, which only the harness's normal end can produce: see `sandbox_child.py`.
+Nothing secret enters the sandbox: no marker, no credentials. The environment is cleared (`--clearenv`), the home
+directories and the Hugging Face cache are hidden, and a sandbox temp dir left by a killed evaluator is removed by the
+next one (`remove_dead_sandboxes`).
 
 Without a working bubblewrap, `run_program` refuses unless `allow_unsafe=True`, which runs the program as the
 evaluator's user with HumanEval-style Python guards, the resource limits, and `unshare -rn` for the network when it
@@ -27,7 +30,7 @@ import contextlib
 import itertools
 import json
 import os
-import secrets
+import re
 import select
 import shutil
 import signal
@@ -43,6 +46,7 @@ from pathlib import Path
 from imtune.errors import ImtuneError
 
 NOBODY = 65534
+PREFIX = "imtune-sandbox-"  # + the evaluator's pid: a dir whose evaluator is gone is removed by the next one
 _CHILD = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
 
 
@@ -99,19 +103,55 @@ def _hidden_dirs() -> list[str]:
     return sorted(h for h in homes if h not in ("", "/") and os.path.isdir(h))
 
 
+# The root the program sees: the system's programs and libraries, read-only; nothing else of the host (no /home,
+# /srv, /mnt, /var, /opt, /work, data or cache directories), so no token, key or dataset is even visible.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/passwd",
+                "/etc/group", "/etc/alternatives")
+
+
+def credential_paths() -> list[str]:
+    """Places credentials live (Hugging Face token and cache, netrc, cloud configs) as this evaluator's environment
+    names them: masked even when they fall inside a directory the sandbox shows."""
+    env, home = os.environ, os.path.expanduser("~")
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    hf_home = env.get("HF_HOME") or os.path.join(cache, "huggingface")
+    found = [hf_home, os.path.join(hf_home, "token"), env.get("HF_TOKEN_PATH"), env.get("HF_HUB_CACHE"),
+             env.get("HUGGINGFACE_HUB_CACHE"), env.get("NETRC"), os.path.join(home, ".netrc"),
+             os.path.join(home, ".huggingface"), env.get("GOOGLE_APPLICATION_CREDENTIALS"),
+             env.get("AWS_SHARED_CREDENTIALS_FILE")]
+    return sorted({os.path.realpath(p) for p in found if p and os.path.lexists(p)})
+
+
+def _root_binds(prefix: str) -> list[str]:
+    cmd: list[str] = []
+    for path in (*SYSTEM_DIRS, *SYSTEM_FILES):
+        if os.path.islink(path):
+            cmd += ["--symlink", os.readlink(path), path]
+        elif os.path.exists(path):
+            cmd += ["--ro-bind", path, path]
+    if not any(prefix == d or prefix.startswith(d + os.sep) for d in SYSTEM_DIRS):
+        cmd += ["--ro-bind", prefix, prefix]  # an interpreter outside /usr (pyenv, conda, a venv's base)
+    return cmd
+
+
 def _bwrap_cmd(iso: Isolation, work: str, info_fd: int, args: list[str]) -> list[str]:
     prefix = str(Path(iso.python).parent.parent)
     cmd = [iso.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-           "--uid", str(NOBODY), "--gid", str(NOBODY), "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
-           "--size", str(16 * 2**20), "--tmpfs", "/dev/shm"]
+           "--uid", str(NOBODY), "--gid", str(NOBODY), "--tmpfs", "/"]
     hidden = _hidden_dirs()
-    for h in hidden:
+    for h in hidden:  # present but empty and read-only: a program writing there gets "Read-only file system"
         cmd += ["--perms", "0755", "--tmpfs", h]
-    if any(prefix == h or prefix.startswith(h + os.sep) for h in hidden):
-        cmd += ["--ro-bind", prefix, prefix]
+    cmd += _root_binds(prefix) + ["--proc", "/proc", "--dev", "/dev", "--size", str(16 * 2**20), "--tmpfs",
+                                  "/dev/shm"]
+    visible = [prefix, *SYSTEM_DIRS]
+    for cred in credential_paths():
+        if any(cred == v or cred.startswith(v + os.sep) for v in visible):
+            cmd += (["--tmpfs", cred] if os.path.isdir(cred) else ["--ro-bind", "/dev/null", cred])
     for h in hidden:
         cmd += ["--remount-ro", h]
-    cmd += ["--bind", work, "/tmp", "--chdir", "/tmp", "--info-fd", str(info_fd), "--clearenv"]
+    cmd += ["--bind", work, "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--info-fd", str(info_fd),
+            "--clearenv"]
     for k, v in _env("/tmp").items():
         cmd += ["--setenv", k, v]
     return cmd + ["--", iso.python, "-I", "-B", "-c", _CHILD, *args]
@@ -119,6 +159,11 @@ def _bwrap_cmd(iso: Isolation, work: str, info_fd: int, args: list[str]) -> list
 
 def _env(work: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+@lru_cache(maxsize=1)
+def _clean_once() -> None:
+    remove_dead_sandboxes()
 
 
 @lru_cache(maxsize=1)
@@ -208,7 +253,7 @@ def _start(iso: Isolation, root: str, work: str, args: list[str], out, err):
         cmd = [iso.python, "-I", "-B", "-c", _CHILD, os.path.join(work, "program.py"), *args]
         if network_isolation_available():
             cmd = [shutil.which("unshare") or "unshare", "-rn", *cmd]
-        return subprocess.Popen(cmd, cwd=work, env=_env(work), stdin=subprocess.PIPE, stdout=out, stderr=err,
+        return subprocess.Popen(cmd, cwd=work, env=_env(work), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 start_new_session=True, close_fds=True), None
     extra = {}
     if iso.user is not None:  # bwrap as nobody must reach the work dir: traverse-only on its parent
@@ -219,7 +264,7 @@ def _start(iso: Isolation, root: str, work: str, args: list[str], out, err):
     try:
         cmd = _bwrap_cmd(iso, work, info_w, ["/tmp/program.py", *args])
         try:
-            proc = subprocess.Popen(cmd, cwd="/", env=_env(work), stdin=subprocess.PIPE, stdout=out, stderr=err,
+            proc = subprocess.Popen(cmd, cwd="/", env=_env(work), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True, pass_fds=(info_w,), **extra)
         finally:
             os.close(info_w)  # bwrap holds the write end now: EOF once it has written the info
@@ -230,8 +275,7 @@ def _start(iso: Isolation, root: str, work: str, args: list[str], out, err):
 
 def _run(iso: Isolation, source: str, *, timeout: float, memory_mb: int, cpu: int, file_size_mb: int,
          max_processes: int, max_output: int) -> ExecResult:
-    secret = secrets.token_hex(16)
-    root = tempfile.mkdtemp(prefix="imtune-sandbox-")
+    root = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
     pidfd = None
     try:
         work = os.path.join(root, "work")
@@ -245,9 +289,6 @@ def _run(iso: Isolation, source: str, *, timeout: float, memory_mb: int, cpu: in
         timed_out = False
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc, pidfd = _start(iso, root, work, args, out, err)
-            with contextlib.suppress(OSError):
-                proc.stdin.write(secret.encode() + b"\n")
-                proc.stdin.close()
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -261,20 +302,14 @@ def _run(iso: Isolation, source: str, *, timeout: float, memory_mb: int, cpu: in
         if pidfd is not None:
             os.close(pidfd)
         shutil.rmtree(root, ignore_errors=True)
-    return _result(proc.returncode, timed_out, secret, stdout, stderr, duration, timeout, cpu, memory_mb,
-                   iso.isolated)
+    return _result(proc.returncode, timed_out, stdout, stderr, duration, timeout, cpu, memory_mb, iso.isolated)
 
 
-def _result(rc, timed_out, secret, stdout, stderr, duration, timeout, cpu, memory_mb, isolated) -> ExecResult:
-    finished = f"\n{secret}\n" in stdout or stdout.startswith(f"{secret}\n")
-    stdout = stdout.replace(f"\n{secret}\n", "")
+def _result(rc, timed_out, stdout, stderr, duration, timeout, cpu, memory_mb, isolated) -> ExecResult:
     if timed_out:
         return ExecResult("timeout", rc, stdout, stderr, duration, f"timed out after {timeout:g} s (wall clock)")
-    if rc == 0 and finished:
-        return ExecResult("passed", rc, stdout, stderr, duration)
     if rc == 0:
-        return ExecResult("failed", rc, stdout, stderr, duration,
-                          "exited before the program finished (sys.exit, os._exit or an exit hook)")
+        return ExecResult("passed", rc, stdout, stderr, duration)
     if rc < 0 or (isolated and rc > 128):  # bwrap reports a signal as 128 + its number
         sig = -rc if rc < 0 else rc - 128
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
@@ -287,8 +322,17 @@ def _result(rc, timed_out, secret, stdout, stderr, duration, timeout, cpu, memor
     return ExecResult("failed", rc, stdout, stderr, duration, error)
 
 
+def remove_dead_sandboxes() -> None:
+    """Delete the sandbox temp dirs of evaluators that are gone (killed with SIGKILL, their `finally` never ran)."""
+    from imtune.io_utils import remove_dead_builds
+
+    remove_dead_builds(Path(tempfile.gettempdir()), re.escape(PREFIX) + r"(\d+)-.+")
+
+
 def require_isolation(allow_unsafe: bool = False) -> Isolation:
-    """The isolation to use; raises UnsafeExecError when there is none and `allow_unsafe` is False."""
+    """The isolation to use; raises UnsafeExecError when there is none and `allow_unsafe` is False. The first call
+    in a process also clears what killed evaluators left behind."""
+    _clean_once()
     iso = isolation()
     if not iso.isolated and not allow_unsafe:
         raise UnsafeExecError(f"code execution would be unisolated here: {iso.reason}; install bubblewrap "
