@@ -251,9 +251,10 @@ def eval_precision(precision: str) -> str:
 
 
 def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: Path, val_p: Path,
-                   template: str, with_generation: bool = True, precision: str = "auto") -> dict:
+                   template: str, with_generation: bool = True, precision: str = "auto",
+                   revision: str | None = None, trust_remote_code: bool = False) -> dict:
     """Evaluations of one model, on the device and in the precision its run trained with (imtune's one loader:
-    the GPU when there is one; `auto` resolves as training does)."""
+    the GPU when there is one; `auto` resolves as training does). `revision`: of a Hub id (the starting model)."""
     from imtune.evaluation.loss_probe import per_example_loss, summarise
     from imtune.models import load_for_inference
 
@@ -262,7 +263,8 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
 
     def model_tok():
         if not state:
-            state["model"], state["tok"], _ = load_for_inference(model_ref, dtype=precision)
+            state["model"], state["tok"], _ = load_for_inference(model_ref, dtype=precision, revision=revision,
+                                                                 trust_remote_code=trust_remote_code)
         return state["model"], state["tok"]
 
     max_len = int(cfg.train_overrides.get("max_length", DEFAULT_MAX_LENGTH))
@@ -271,7 +273,7 @@ def evaluate_model(cfg: CompareConfig, model_ref: str, eval_dir: Path, train_p: 
     if "loss" in cfg.evals:
         for split, recs in (("heldout", val_recs), ("train", train_recs))[: 1 if cfg.lean else 2]:
             params = {"split": split, "n": len(recs), "template": template, "max_length": max_len, "v": 1,
-                      "precision": precision}
+                      "precision": precision, **({"revision": revision} if revision else {})}
 
             def compute(recs=recs):
                 m, t = model_tok()
@@ -327,7 +329,7 @@ def _prepare(cfg: CompareConfig, out: Path):
     _log(f"split: {split['n_train']} train / {split['n_heldout']} held-out examples → {out / 'data'}")
     objectives = list(cfg.objectives)
     tcfg0 = _train_config(cfg, objectives[0], train_p, val_p, run_dir_of(out, objectives[0], cfg.seed, cfg.seed))
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model, trust_remote_code=tcfg0.trust_remote_code, revision=tcfg0.revision)
     adv, stats = advise(_records(train_p), tok, template=tcfg0.template, max_length=tcfg0.max_length)
     atomic_write_json(out / "advice.json", {"advice": adv.to_dict(), "stats": stats})
     _log(f"advisor: recommends {adv.recommendation} ({adv.confidence}); predicted {adv.predicted_im_minus_it}")
@@ -357,7 +359,8 @@ def run_compare(cfg: CompareConfig) -> dict:
         _log("evaluating the starting model (held-out loss only)")
         evals_base = evaluate_model(CompareConfig(**{**asdict(cfg), "evals": ("loss",)}), cfg.model, out / "base" /
                                     "eval", train_p, val_p, tcfg0.template, with_generation=False,
-                                    precision=tcfg0.precision)
+                                    precision=tcfg0.precision, revision=tcfg0.revision,
+                                    trust_remote_code=tcfg0.trust_remote_code)
     evals = {o: [] for o in objectives}
     for s in seeds:
         for o in objectives:
@@ -365,7 +368,7 @@ def run_compare(cfg: CompareConfig) -> dict:
             _log(f"evaluating {o}" + (f" (seed {s})" if len(seeds) > 1 else ""))
             _own(d, "eval", "trees")
             evals[o].append(evaluate_model(cfg, str(d), d / "eval", train_p, val_p, default_template(str(d), None),
-                                           precision=tcfg0.precision))
+                                           precision=tcfg0.precision, trust_remote_code=tcfg0.trust_remote_code))
     runs = {}
     for o in objectives:
         per_seed = [{"seed": s, "dir": str(dirs[(o, s)]), "history": _read_metrics(dirs[(o, s)]),
@@ -374,7 +377,7 @@ def run_compare(cfg: CompareConfig) -> dict:
                    "evals": pool_evals(evals[o]), "seeds": per_seed}
     result = {
         "config": {**asdict(cfg), "objectives": objectives, "evals": list(cfg.evals)},
-        "model": model_info(cfg.model),
+        "model": model_info(cfg.model, revision=tcfg0.revision),
         "split": split,
         "seeds": seeds,
         "train_config": {k: v for k, v in tcfg0.to_dict().items() if k not in ("objective", "out", "data", "seed")},

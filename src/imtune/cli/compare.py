@@ -9,7 +9,7 @@ from imtune.config import DEFAULT_MODEL, add_config_arguments
 
 # Fields compare owns itself (or sets per run); every other TrainConfig field is a flag here too.
 OWN = ("data", "data_split", "data_config", "data_revision", "data_format", "skip_invalid", "objective", "out",
-       "val_data", "val_fraction", "resume", "overwrite", "seed", "model", "trust_remote_code")
+       "val_data", "val_fraction", "resume", "overwrite", "seed", "model")
 
 
 def add_parser(sub):
