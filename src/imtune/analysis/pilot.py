@@ -6,9 +6,11 @@ is). Every size holds out the same examples (compare's split is nested: one seed
 first), so the sizes' IM − IT differences are paired through those examples; `analysis/pilot_fit.py` fits them
 against n and makes the call.
 
-The work is planned up front from a token-count cost model (below), never from the wall clock while running, so
-the plan — and hence the call — is the same on a busy machine as on a quiet one, and a rerun of the same command
-finds the same plan (kept in `<out>/plan.json`). Cost is reported both as wall minutes and as training tokens.
+The budget is wall minutes on the user's machine, set-up and evaluation included. A token-count cost model (below)
+gives the first plan; the smaller size then runs first with one seed and calibrates that model to this machine, and
+the seeds and the second size are re-planned to fit the wall-clock budget left (`pilot_budget.py`). The calibrated
+plan is kept in `<out>/plan.json`, so a rerun of the same command finds the same plan and reuses every finished run.
+`--pilot-sizes` fixes the sizes (no re-planning). Cost is reported both as wall minutes and as training tokens.
 """
 
 from __future__ import annotations
@@ -167,10 +169,18 @@ def _spec(cfg: PilotConfig, n_target: int) -> dict:
     return {**d, "data": source_key(cfg.data), "n_target": n_target, "v": PLAN_VERSION}
 
 
-def make_plan(cfg: PilotConfig, records, tokenizer, out: Path) -> dict:
-    """The plan, kept in plan.json: a rerun with the same settings reuses it (and so every finished run)."""
+def cost_inputs(cfg: PilotConfig, records, tokenizer) -> dict:
+    """What the cost model needs: tokens of each training-pool record (in order), of the held-out set, and the
+    trained model's size relative to the reference."""
     from imtune.models import model_info
 
+    tokens, held, pool = size_tokens(cfg, records, tokenizer)
+    return {"pool_tokens": [tokens[r.id] for r in pool], "held_tokens": sum(tokens[r.id] for r in held),
+            "scale": max(model_info(cfg.train_model)["n_params"] / REFERENCE_PARAMS, 1e-3)}
+
+
+def make_plan(cfg: PilotConfig, records, tokenizer, out: Path, inputs: dict | None = None) -> dict:
+    """The plan, kept in plan.json: a rerun with the same settings reuses it (and so every finished run)."""
     n_target = cfg.n_target or len(records)
     spec = _spec(cfg, n_target)
     p = out / "plan.json"
@@ -178,10 +188,9 @@ def make_plan(cfg: PilotConfig, records, tokenizer, out: Path) -> dict:
         old = json.loads(p.read_text())
         if old.get("spec") == spec:
             return old
-    tokens, held, pool = size_tokens(cfg, records, tokenizer)
-    pool_tokens = [tokens[r.id] for r in pool]
-    held_tokens = sum(tokens[r.id] for r in held)
-    scale = max(model_info(cfg.train_model)["n_params"] / REFERENCE_PARAMS, 1e-3)
+    inputs = inputs or cost_inputs(cfg, records, tokenizer)
+    pool_tokens, held_tokens, scale = inputs["pool_tokens"], inputs["held_tokens"], inputs["scale"]
+    pool = pool_tokens
     if cfg.sizes:
         sizes = sorted(set(cfg.sizes))
         est = {"sizes": sizes, "fits": True,
@@ -207,7 +216,7 @@ def make_plan(cfg: PilotConfig, records, tokenizer, out: Path) -> dict:
 
 # ---- run ---------------------------------------------------------------------------------------------------------
 
-def size_config(cfg: PilotConfig, out: Path, size: int):
+def size_config(cfg: PilotConfig, out: Path, size: int, seeds: int | None = None):
     """The compare run of one pilot size (public so a compare made beforehand can be laid out for reuse)."""
     from imtune.analysis.compare import CompareConfig
 
@@ -215,16 +224,16 @@ def size_config(cfg: PilotConfig, out: Path, size: int):
                  "epochs": cfg.epochs, "lr": cfg.lr, "micro_batch_size": cfg.batch, "global_batch_size": cfg.batch,
                  "precision": cfg.precision}
     return CompareConfig(data=cfg.data, out=str(out / f"n{size}"), model=cfg.train_model, objectives=("it", "im"),
-                         n_train=size, n_val=cfg.n_val, seed=cfg.seed, seeds=cfg.seeds, evals=("loss",),
+                         n_train=size, n_val=cfg.n_val, seed=cfg.seed, seeds=seeds or cfg.seeds, evals=("loss",),
                          train_overrides=overrides, data_format=cfg.data_format, skip_invalid=cfg.skip_invalid,
                          data_source=cfg.data_source, progress=cfg.progress, lean=True)
 
 
-def _run_size(cfg: PilotConfig, out: Path, size: int) -> dict:
+def _run_size(cfg: PilotConfig, out: Path, size: int, seeds: int | None = None) -> dict:
     from imtune.analysis.compare import run_compare
 
     t0 = time.time()
-    result = run_compare(size_config(cfg, out, size))
+    result = run_compare(size_config(cfg, out, size, seeds))
     p = out / f"n{size}" / "pilot_time.json"
     old = json.loads(p.read_text()) if p.exists() else {"seconds": 0.0, "passes": 0}
     spent = round(old["seconds"] + time.time() - t0, 1)
@@ -274,18 +283,76 @@ def training_tokens(result: dict) -> int:
 
 # ---- orchestration -----------------------------------------------------------------------------------------------
 
+def _fresh(cfg: PilotConfig, out: Path, size: int) -> bool:
+    """Whether the size's first-seed runs still have to be trained (else timing them measures nothing)."""
+    from imtune.analysis.compare import run_dir_of
+
+    cell = out / f"n{size}"
+    return not all((run_dir_of(cell, o, cfg.seed, cfg.seed) / "compare_done.json").exists() for o in ("it", "im"))
+
+
+def run_sizes(cfg: PilotConfig, out: Path, plan: dict, inputs, t0: float) -> tuple[dict, list[dict]]:
+    """Run the plan's sizes; a planned (not --pilot-sizes) plan is calibrated on this machine on the way (module
+    doc, `pilot_budget.py`): the first size with one seed is timed, the rest fitted to the wall clock left."""
+    from imtune.analysis import pilot_budget as B
+
+    if cfg.sizes:
+        return plan, [_run_size(cfg, out, n) for n in plan["sizes"]]
+    budget = cfg.budget_min * 60
+    cal = plan.get("calibration")
+    if cal is None:
+        first, fresh = plan["sizes"][0], _fresh(cfg, out, plan["sizes"][0])
+        t = time.monotonic()
+        _run_size(cfg, out, first, seeds=1)
+        ins = inputs()
+        cost = B.cost_function(estimate, cfg.epochs, ins["pool_tokens"], ins["held_tokens"], ins["scale"], cfg.batch)
+        measured = time.monotonic() - t if fresh else cost([first], 1)  # reused runs: keep the cost model
+        n_max = min(plan["n_target"], len(ins["pool_tokens"]))
+        cal = B.calibrated(plan, measured, budget - (time.monotonic() - t0), cfg.seeds, cost, n_max)
+        plan = {**plan, "calibration": cal}
+        atomic_write_json(out / "plan.json", plan)
+        _log(f"calibrated on this machine: {measured:.0f} s for size {first} with one seed (cost model "
+             f"{cal['first_modelled_s']:.0f} s, ×{cal['k']:.2f}); {budget / 60 - (time.monotonic() - t0) / 60:.1f} "
+             f"min left → sizes {cal['sizes']} × {cal['seeds']} seed(s), ≈ {cal['seconds'] / 60:.1f} min more")
+    first, seeds = cal["sizes"][0], cal["seeds"]
+    t = time.monotonic()
+    done = [_run_size(cfg, out, first, seeds)]
+    if len(cal["sizes"]) > 1 and "remaining_s_rechecked" not in cal:
+        ins = inputs()
+        cost = B.cost_function(estimate, cfg.epochs, ins["pool_tokens"], ins["held_tokens"], ins["scale"], cfg.batch)
+        # The first size's whole cost on this machine: its calibration pass plus the seeds added since.
+        first_s = cal["first_measured_s"] + time.monotonic() - t
+        before, cal = cal["sizes"], B.recheck(cal, first_s, budget - (time.monotonic() - t0), cost)
+        plan = {**plan, "calibration": cal}
+        atomic_write_json(out / "plan.json", plan)
+        if cal["sizes"] != before:
+            _log(f"re-checked after {seeds} seed(s) of size {first}: sizes {before} would overrun the budget; "
+                 f"running {cal['sizes']}")
+    done += [_run_size(cfg, out, n, seeds) for n in cal["sizes"][1:]]
+    return plan, done
+
+
 def run_pilot(cfg: PilotConfig) -> dict:
     """Plan, run (or reuse) every size's compare, fit and call; writes `<out>/pilot.json` and returns it."""
     from imtune.analysis.pilot_fit import call_text, extrapolate, needed
     from imtune.models import load_tokenizer
     from imtune.records.loading import load_dataset
 
+    t0 = time.monotonic()  # the budget is the user's wall clock: set-up counts
     check_tokenizers(cfg.model, cfg.pilot_model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     records = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid,
                            **cfg.data_source).records
-    plan = make_plan(cfg, records, load_tokenizer(cfg.train_model), out)
+    tok = load_tokenizer(cfg.train_model)
+    memo: dict = {}
+
+    def inputs() -> dict:
+        if not memo:
+            memo.update(cost_inputs(cfg, records, tok))
+        return memo
+
+    plan = make_plan(cfg, records, tok, out, inputs=None if (out / "plan.json").exists() else inputs())
     _log(f"plan: sizes {plan['sizes']} × {plan['seeds']} seeds × it,im, {plan['n_heldout']} held-out examples; "
          f"≈ {plan['seconds'] / 60:.1f} min, {plan['train_tokens']:,} training tokens (budget {cfg.budget_min:g} "
          f"min{'' if plan['fits'] else '; even the smallest pilot exceeds it'})")
@@ -293,18 +360,20 @@ def run_pilot(cfg: PilotConfig) -> dict:
         _log(f"note: a call at n = {plan['n_target']:,} needs a largest size of at least "
              f"{plan['call_reach']['largest_size']:,} (about {plan['call_reach']['minutes']:.0f} minutes: "
              f"--budget-min); with this budget the pilot can only say 'cannot tell'")
-    done = [_run_size(cfg, out, n) for n in plan["sizes"]]
+    plan, done = run_sizes(cfg, out, plan, inputs, t0)
     tables, ids = zip(*(difference_table(d["result"]) for d in done), strict=True)
     common = sorted(set.intersection(*(set(i) for i in ids)))
     tables = [t[:, [i.index(c) for c in common]] for t, i in zip(tables, ids, strict=True)]
     sizes = [d["result"]["split"].get("n_train_common", d["n"]) for d in done]
     ext = extrapolate(sizes, tables, plan["n_target"])
     seconds = sum(d["seconds"] for d in done)
-    need = {**needed(ext, cfg.seeds, len(common), seconds / 60 / cfg.seeds), "call_reach": plan.get("call_reach")}
+    n_seeds = plan.get("calibration", {}).get("seeds", cfg.seeds)
+    need = {**needed(ext, n_seeds, len(common), seconds / 60 / n_seeds), "call_reach": plan.get("call_reach")}
     result = {
         "kind": "imtune-pilot", "version": 1, "config": asdict(cfg), "plan": plan,
         "call": ext["call"], "text": call_text(ext, need, max(sizes)), "extrapolation": ext, "needed": need,
-        "cost": {"wall_minutes": seconds / 60, "training_tokens": sum(training_tokens(d["result"]) for d in done),
+        "cost": {"wall_minutes": seconds / 60, "pilot_wall_minutes": (time.monotonic() - t0) / 60,
+                 "training_tokens": sum(training_tokens(d["result"]) for d in done),
                  "planned_minutes": plan["seconds"] / 60, "planned_training_tokens": plan["train_tokens"]},
         "sizes": [{"n": n, "n_requested": d["n"], "results": str(out / f"n{d['n']}" / "results.json"),
                    "seconds": d["seconds"], "ratio": d["result"]["stats"]["instruction_output_ratio"]}

@@ -130,6 +130,9 @@ def pilot_lines(r: dict) -> list[str]:
               f"  cost: {c['wall_minutes']:.1f} wall minutes, {c['training_tokens']:,} training tokens "
               f"(planned {c['planned_minutes']:.1f} min / {c['planned_training_tokens']:,} tokens for a "
               f"{p['budget_s'] / 60:g}-minute budget; model trained: {r['trained_model']})",
+              *([f"  this machine: ×{p['calibration']['k']:.2f} the cost model (measured on size "
+                 f"{p['calibration']['sizes'][0]}); this pass took {c['pilot_wall_minutes']:.1f} wall minutes, "
+                 "set-up included"] if p.get("calibration") and "pilot_wall_minutes" in c else []),
               f"  results: {Path(r['sizes'][0]['results']).parents[1] / 'pilot.json'} (add it to the advisor's "
               "evidence with --evidence)"]
     return lines
