@@ -1,0 +1,158 @@
+"""imtune.hf: the tokenised dataset, the collator, and HF Trainer / TRL SFTTrainer with imtune's loss giving the same
+per-step losses, gradient norms and final weights as `imtune train` on the same batches."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import imtune
+from imtune.hf import IGNORE_INDEX, WeightedCollator, encode_dataset, encode_dataset_with_report
+from imtune.masking.encoding import encode
+from imtune.records.loading import load_records
+from imtune.training.batching import plan_batches
+
+MBS, ACCUM, STEPS, SEED, LR, WD = 2, 2, 5, 3, 1e-2, 0.1
+# fp32 on one CPU thread: both sides run the same loss engine on the same padded batches; what differs is the order
+# of float additions in the optimizer/normaliser plumbing (~1e-7 relative per step, compounded over 5 Adam steps).
+LOSS_RTOL, WEIGHT_ATOL = 1e-6, 1e-5
+
+
+def write_data(path, n=20, seed=0):
+    rows = []
+    for i in range(n):
+        q = " ".join(["Explain why the sky is blue."] * (1 + (i * 7 + seed) % 3))
+        a = " ".join(["The answer is 4."] * (1 + (i * 5 + seed) % 4))
+        msgs = [{"role": "user", "content": f"{i}: {q}"}, {"role": "assistant", "content": a}]
+        if i % 4 == 0:  # some two-turn conversations: `weighted:λ` and `@last` treat earlier replies differently
+            msgs += [{"role": "user", "content": "And again?"}, {"role": "assistant", "content": "Yes, 4."}]
+        rows.append({"id": f"r{i}", "messages": msgs})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("hfdata") / "d.jsonl")
+
+
+def test_columns_match_imtunes_encoder(tiny_tok, data):
+    """Same tokens and weights as `imtune train` encodes; labels are -100 exactly where the weight is 0."""
+    ds, info = encode_dataset_with_report(str(data), tiny_tok, "weighted:0.3", template="chatml", max_length=96)
+    ref = encode(load_records(data), tiny_tok, "weighted:0.3", template="chatml", max_length=96)
+    assert ds.column_names == ["input_ids", "attention_mask", "labels", "loss_weights"]
+    assert len(ds) == len(ref) == info.n_examples and info.fractional
+    for row, e in zip(ds, ref, strict=True):
+        assert row["input_ids"] == list(e.input_ids)
+        np.testing.assert_array_equal(np.float32(row["loss_weights"]), np.float32(e.weights))
+        assert row["labels"] == [t if w > 0 else IGNORE_INDEX for t, w in zip(e.input_ids, e.weights, strict=True)]
+        assert row["labels"][0] == IGNORE_INDEX and set(row["attention_mask"]) == {1}
+    it = encode_dataset(str(data), tiny_tok, "it", template="chatml", max_length=96)
+    assert {w for r in it for w in r["loss_weights"]} == {0.0, 1.0}
+
+
+def test_in_memory_dataset_and_bad_records(tiny_tok, data):
+    from datasets import Dataset
+
+    from imtune.errors import InputError
+
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    a = encode_dataset(Dataset.from_list(rows), tiny_tok, "im", template="chatml", max_length=96)
+    b = encode_dataset(str(data), tiny_tok, "im", template="chatml", max_length=96)
+    assert a["input_ids"] == b["input_ids"] and a["loss_weights"] == b["loss_weights"]
+    bad = rows[:3] + [{"messages": [{"role": "user", "content": "no reply"}]}]
+    with pytest.raises(InputError, match=r"record 3: conversation has no assistant turn"):
+        encode_dataset(bad, tiny_tok, "im", template="chatml")
+    assert len(encode_dataset(bad, tiny_tok, "im", template="chatml", skip_invalid=True)) == 3
+
+
+def test_collator_pads_with_zero_weight_and_ignored_labels(tiny_tok, data):
+    ds = encode_dataset(str(data), tiny_tok, "weighted:0.3", template="chatml", max_length=96)
+    feats = [ds[0], ds[1], ds[2]]
+    b = WeightedCollator(tiny_tok.pad_token_id)(feats)
+    n = [len(f["input_ids"]) for f in feats]
+    assert b["input_ids"].shape == (3, max(n)) and b["loss_weights"].dtype == torch.float32
+    for i, k in enumerate(n):
+        assert b["attention_mask"][i, :k].all() and not b["attention_mask"][i, k:].any()
+        assert (b["input_ids"][i, k:] == tiny_tok.pad_token_id).all() and (b["loss_weights"][i, k:] == 0).all()
+        assert b["labels"][i, :k].tolist() == feats[i]["labels"] and (b["labels"][i, k:] == IGNORE_INDEX).all()
+    packed = WeightedCollator(tiny_tok.pad_token_id, padding_free=True)(feats)
+    assert packed["input_ids"].shape == (1, sum(n)) and "attention_mask" not in packed
+    assert packed["position_ids"][0, n[0]] == 0 and packed["loss_weights"].sum() == pytest.approx(
+        b["loss_weights"].sum())
+    labels_only = WeightedCollator(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, -100]}])
+    assert labels_only["loss_weights"].tolist() == [[0.0, 1.0, 0.0]]
+
+
+# ------------------------------------------------------------------------------- the same steps as imtune train
+
+
+def imtune_run(tiny_dir, data, out, objective):
+    cfg = dict(model=str(tiny_dir), data=str(data), out=str(out), template="chatml", max_length=96, lr=LR,
+               warmup_ratio=0.0, micro_batch_size=MBS, gradient_accumulation_steps=ACCUM, max_steps=STEPS,
+               progress=False, seed=SEED, precision="fp32", padding_free=False, weight_decay=WD, objective=objective,
+               checkpoints=False, report_to=[])
+    return imtune.train(cfg)
+
+
+def plan_ordered(ds):
+    """The dataset in the order of imtune's length-grouped plan for epoch 0, so that a sequential sampler with the
+    same micro-batch size forms the very micro-batches (and steps) `imtune train` forms."""
+    mbs = plan_batches([len(x) for x in ds["input_ids"]], MBS, seed=SEED, epoch=0)
+    assert all(len(mb) == MBS for mb in mbs)  # every micro-batch full, so sequential batching lines up
+    return ds.select([i for mb in mbs for i in mb])
+
+
+def trainer_kwargs(tmp_path):
+    return dict(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=MBS, gradient_accumulation_steps=ACCUM,
+                max_steps=STEPS, learning_rate=LR, weight_decay=WD, warmup_steps=0, lr_scheduler_type="linear",
+                max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                seed=SEED, train_sampling_strategy="sequential", dataloader_num_workers=0, bf16=False,
+                disable_tqdm=True)
+
+
+def assert_same_run(ref, trainer, model):
+    from safetensors.torch import load_file
+
+    hf_rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(hf_rows) == len(ref.history) == STEPS
+    for a, b in zip(hf_rows, ref.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["learning_rate"] == pytest.approx(b["lr"], rel=1e-9)
+    final = load_file(str(ref.output_dir / "model.safetensors"))
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    for k, v in final.items():
+        torch.testing.assert_close(ours[k], v, rtol=0, atol=WEIGHT_ATOL)
+
+
+@pytest.mark.parametrize("objective", ["it", "im", "weighted:0.3"])
+def test_hf_trainer_matches_imtune_train(tiny_dir, tiny_tok, data, tmp_path, objective, one_torch_thread):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from imtune.hf import WeightedTrainer
+
+    ref = imtune_run(tiny_dir, data, tmp_path / "imtune", objective)
+    ds = plan_ordered(encode_dataset(str(data), tiny_tok, objective, template="chatml", max_length=96))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    trainer = WeightedTrainer(model=model, args=TrainingArguments(**trainer_kwargs(tmp_path)), train_dataset=ds,
+                              processing_class=tiny_tok)
+    trainer.train()
+    assert_same_run(ref, trainer, model)
+
+
+@pytest.mark.parametrize("objective", ["it", "im", "weighted:0.3"])
+def test_trl_sft_trainer_matches_imtune_train(tiny_dir, tiny_tok, data, tmp_path, objective, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from imtune.hf import WeightedSFTTrainer
+
+    ref = imtune_run(tiny_dir, data, tmp_path / "imtune", objective)
+    ds = plan_ordered(encode_dataset(str(data), tiny_tok, objective, template="chatml", max_length=96))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    args = SFTConfig(**trainer_kwargs(tmp_path), gradient_checkpointing=False)
+    trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tiny_tok)
+    trainer.train()
+    assert_same_run(ref, trainer, model)
