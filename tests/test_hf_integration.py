@@ -156,3 +156,65 @@ def test_trl_sft_trainer_matches_imtune_train(tiny_dir, tiny_tok, data, tmp_path
     trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tiny_tok)
     trainer.train()
     assert_same_run(ref, trainer, model)
+
+
+# ------------------------------------------------------------------------------------------------ imtune export
+
+
+def export(capsys, *args):
+    from imtune.cli.main import main
+
+    rc = main(["export", *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+def test_export_writes_weighted_and_labels_only_sets(tiny_dir, tiny_tok, data, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    out = tmp_path / "exp"
+    rc, err = export(capsys, "--data", data, "--model", tiny_dir, "--objective", "weighted:0.3", "--template",
+                     "chatml", "--max-length", 96, "--out", out)
+    assert rc == 0 and "fractional token weights" in err and "WeightedSFTTrainer" in err
+    ref = encode_dataset(str(data), tiny_tok, "weighted:0.3", template="chatml", max_length=96)
+    full = load_from_disk(str(out / "dataset"))
+    assert full.column_names == ref.column_names and full["loss_weights"] == ref["loss_weights"]
+    assert full["input_ids"] == ref["input_ids"] and full["labels"] == ref["labels"]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out / "train.parquet").column("loss_weights").to_pylist() == ref["loss_weights"]
+    assert pq.read_table(out / "labels_only.parquet").column_names == ["input_ids", "attention_mask", "labels"]
+    assert load_from_disk(str(out / "labels_only")).column_names == ["input_ids", "attention_mask", "labels"]
+    readme = (out / "README.md").read_text()
+    assert "**Warning:**" in readme and f"{out.resolve()}/labels_only.parquet" in readme
+    meta = json.loads((out / "imtune_export.json").read_text())
+    assert meta["fractional_weights"] and meta["examples"] == len(ref)
+    # 0/1 weights: the labels-only files are exact, and an earlier export is replaced only with --overwrite
+    rc, err = export(capsys, "--data", data, "--model", tiny_dir, "--objective", "it", "--template", "chatml",
+                     "--out", out)
+    assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    rc, err = export(capsys, "--data", data, "--model", tiny_dir, "--objective", "it", "--template", "chatml",
+                     "--out", out, "--overwrite")
+    assert rc == 0 and "fractional" not in err
+    assert "exact for this objective" in (out / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temp or old directory left beside it
+
+
+def test_export_refuses_foreign_directories_and_bad_input(tiny_dir, data, tmp_path, capsys):
+    base = ["--model", tiny_dir, "--objective", "im", "--template", "chatml"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    rc, err = export(capsys, "--data", data, *base, "--out", foreign, "--overwrite")
+    assert rc == 2 and "not written by imtune export" in err and (foreign / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "exp"
+    assert export(capsys, "--data", data, *base, "--out", out)[0] == 0
+    (out / "extra.txt").write_text("mine")
+    rc, err = export(capsys, "--data", data, *base, "--out", out, "--overwrite")
+    assert rc == 2 and "extra.txt" in err and (out / "extra.txt").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    rc, err = export(capsys, "--data", bad, *base, "--out", tmp_path / "new")
+    assert rc == 2 and err.strip() == f"imtune export: error: {bad}:1: conversation has no assistant turn"
+    assert not (tmp_path / "new").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    rc, err = export(capsys, "--data", data, *base, "--out", data)
+    assert rc == 2 and "not a directory" in err
