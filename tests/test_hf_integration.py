@@ -218,3 +218,54 @@ def test_export_refuses_foreign_directories_and_bad_input(tiny_dir, data, tmp_pa
     assert not (tmp_path / "new").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     rc, err = export(capsys, "--data", data, *base, "--out", data)
     assert rc == 2 and "not a directory" in err
+
+
+# ----------------------------------------------------------------------------------- several processes (gloo)
+
+DDP_SCRIPT = '''
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from imtune.hf import WeightedTrainer, encode_dataset
+from tests.test_hf_integration import trainer_kwargs
+model_dir, data, out, mbs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(model_dir)
+ds = encode_dataset(data, tok, "weighted:0.3", template="chatml", max_length=96)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+kw = {**trainer_kwargs(__import__("pathlib").Path(out).parent), "per_device_train_batch_size": mbs}
+trainer = WeightedTrainer(model=model, args=TrainingArguments(**kw), train_dataset=ds, processing_class=tok)
+trainer.train()
+if trainer.is_world_process_zero():
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    json.dump({"rows": rows, "world": trainer.args.world_size,
+               "weights": {k: v.tolist() for k, v in model.state_dict().items()}}, open(out, "w"))
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_dir, data, tmp_path):
+    """2 processes x micro-batch 1 x accumulation 2 take the same steps as 1 process x 2 x 2: the step's weight is
+    all-reduced, so each process' share of the loss is divided by the weight of the whole step."""
+    import subprocess
+    import sys
+
+    from tests import launching
+
+    if launching.launcher() is None:
+        pytest.skip("accelerate launcher not installed")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    cmd = launching.command(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no"], [str(script), str(tiny_dir), str(data),
+                                                         str(tmp_path / "two.json"), "1"])
+    log = tmp_path / "two.log"
+    assert launching.run(cmd, log) == 0, launching.tail(log)
+    one = subprocess.run([sys.executable, str(script), str(tiny_dir), str(data), str(tmp_path / "one.json"), "2"],
+                         env=launching.env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, one = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("two", "one"))
+    assert (two["world"], one["world"]) == (2, 1) and len(two["rows"]) == len(one["rows"]) == STEPS
+    for a, b in zip(two["rows"], one["rows"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for k, v in one["weights"].items():
+        np.testing.assert_allclose(two["weights"][k], v, rtol=0, atol=WEIGHT_ATOL)
