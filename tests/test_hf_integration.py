@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import imtune
 from imtune.hf import IGNORE_INDEX, WeightedCollator, encode_dataset, encode_dataset_with_report
@@ -65,6 +67,12 @@ def test_in_memory_dataset_and_bad_records(tiny_tok, data):
     with pytest.raises(InputError, match=r"record 3: conversation has no assistant turn"):
         encode_dataset(bad, tiny_tok, "im", template="chatml")
     assert len(encode_dataset(bad, tiny_tok, "im", template="chatml", skip_invalid=True)) == 3
+    from datasets import DatasetDict
+
+    from imtune.errors import ImtuneError
+
+    with pytest.raises(ImtuneError, match=r"pass one split, e.g. data\['train'\]"):
+        encode_dataset(DatasetDict(train=Dataset.from_list(rows)), tiny_tok, "im", template="chatml")
 
 
 def test_collator_pads_with_zero_weight_and_ignored_labels(tiny_tok, data):
@@ -83,6 +91,23 @@ def test_collator_pads_with_zero_weight_and_ignored_labels(tiny_tok, data):
         b["loss_weights"].sum())
     labels_only = WeightedCollator(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, -100]}])
     assert labels_only["loss_weights"].tolist() == [[0.0, 1.0, 0.0]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 99), st.sampled_from([0.0, 0.3, 1.0])), min_size=1, max_size=9),
+                min_size=1, max_size=5), st.sampled_from([None, 4]))
+def test_collator_keeps_each_example_and_pads_with_nothing(rows, multiple):
+    feats = [{"input_ids": [t for t, _ in r], "loss_weights": [0.0] + [w for _, w in r[1:]]} for r in rows]
+    b = WeightedCollator(7, pad_to_multiple_of=multiple)(feats)
+    width = max(len(r) for r in rows)
+    assert b["input_ids"].shape[1] == (width if multiple is None else -(-width // multiple) * multiple)
+    for i, f in enumerate(feats):
+        k = len(f["input_ids"])
+        assert b["input_ids"][i, :k].tolist() == f["input_ids"] and (b["input_ids"][i, k:] == 7).all()
+        assert b["loss_weights"][i, :k].tolist() == pytest.approx(f["loss_weights"])
+        assert (b["loss_weights"][i, k:] == 0).all() and b["attention_mask"][i].sum() == k
+    assert ((b["labels"] != IGNORE_INDEX) == (b["loss_weights"] > 0)).all()
+    assert (b["labels"][b["labels"] != IGNORE_INDEX] == b["input_ids"][b["labels"] != IGNORE_INDEX]).all()
 
 
 # ------------------------------------------------------------------------------- the same steps as imtune train
@@ -156,6 +181,63 @@ def test_trl_sft_trainer_matches_imtune_train(tiny_dir, tiny_tok, data, tmp_path
     trainer = WeightedSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tiny_tok)
     trainer.train()
     assert_same_run(ref, trainer, model)
+
+
+def test_padding_free_collator_gives_the_same_steps(tiny_dir, tiny_tok, data, tmp_path, one_torch_thread):
+    """One packed row per micro-batch (restarting position ids) trains exactly as the padded micro-batch."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from imtune.hf import WeightedTrainer
+
+    ds = plan_ordered(encode_dataset(str(data), tiny_tok, "weighted:0.3", template="chatml", max_length=96))
+    runs = []
+    for free in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+        t = WeightedTrainer(model=model, args=TrainingArguments(**{**trainer_kwargs(tmp_path), "max_steps": 2}),
+                            train_dataset=ds, data_collator=WeightedCollator(tiny_tok.pad_token_id, padding_free=free))
+        t.train()
+        runs.append([r["loss"] for r in t.state.log_history if "loss" in r])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("trl", [False, True])
+def test_evaluation_reports_the_weighted_mean(tiny_dir, tiny_tok, data, tmp_path, trl, one_torch_thread):
+    """eval_loss of one eval batch is its Σ w·CE / Σ w, as imtune's log-prob engine scores it."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from imtune.hf import WeightedSFTTrainer, WeightedTrainer
+    from imtune.training.logprobs import score_weighted
+
+    ds = encode_dataset(str(data), tiny_tok, "weighted:0.3", template="chatml", max_length=96)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    kw = {**trainer_kwargs(tmp_path), "per_device_eval_batch_size": len(ds)}
+    if trl:
+        from trl import SFTConfig
+
+        trainer = WeightedSFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=ds, processing_class=tiny_tok)
+    else:
+        trainer = WeightedTrainer(model=model, args=TrainingArguments(**kw), train_dataset=ds,
+                                  processing_class=tiny_tok)
+    got = trainer.evaluate(ds)["eval_loss"]
+    b = WeightedCollator(tiny_tok.pad_token_id)(list(ds))
+    s = score_weighted(model.eval(), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                                      "weights": b["loss_weights"]})
+    assert got == pytest.approx(s.ce_sum / s.weight_sum, rel=1e-5)
+
+
+def test_settings_the_weighted_loss_would_ignore_are_refused(tiny_dir, tiny_tok, data, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from imtune.hf import WeightedTrainer
+
+    ds = encode_dataset(str(data), tiny_tok, "it", template="chatml", max_length=96)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        WeightedTrainer(model=model, args=TrainingArguments(**trainer_kwargs(tmp_path), label_smoothing_factor=0.1),
+                        train_dataset=ds, processing_class=tiny_tok)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        WeightedTrainer(model=model, args=TrainingArguments(**trainer_kwargs(tmp_path)), train_dataset=ds,
+                        processing_class=tiny_tok, compute_loss_func=lambda *a, **k: 0)
 
 
 # ------------------------------------------------------------------------------------------------ imtune export

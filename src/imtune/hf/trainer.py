@@ -58,18 +58,29 @@ class WeightedLossMixin:
     loss_is_scaled_for_ga = True
     imtune_chunk_size = 1024
 
-    def _check_parallelism(self) -> None:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_supported()
+
+    def _check_supported(self) -> None:
+        """Refuse settings whose loss or batching imtune's loss would silently replace."""
+        name = type(self).__name__
+        if getattr(self.args, "label_smoothing_factor", 0):
+            raise ValueError(f"{name}: label_smoothing_factor is not applied by imtune's loss; set it to 0")
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError(f"{name}: compute_loss_func would be ignored: imtune's loss is the trainer's loss")
+        if getattr(self.args, "loss_type", "nll") not in ("nll", None):
+            raise ValueError(f"{name}: loss_type {self.args.loss_type!r} is not imtune's loss; use loss_type='nll'")
         if self.args.n_gpu > 1:
-            raise ValueError(f"{type(self).__name__} does not support nn.DataParallel (several GPUs in one process): "
+            raise ValueError(f"{name} does not support nn.DataParallel (several GPUs in one process): "
                              "launch with accelerate launch or torchrun, one process per GPU")
         sizes = [getattr(self, f"get_{k}_size", lambda: 1)() for k in ("tp", "cp", "sp")]
         if any(s > 1 for s in sizes):
-            raise ValueError(f"{type(self).__name__}: tensor/context/sequence parallelism is not supported "
+            raise ValueError(f"{name}: tensor/context/sequence parallelism is not supported "
                              "(data parallelism, DDP or FSDP, is)")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches and W, the step's total weight over all processes (as `num_items_in_batch`)."""
-        self._check_parallelism()
         batches = []
         for _ in range(num_batches):
             try:
