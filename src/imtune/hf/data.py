@@ -142,7 +142,7 @@ def _records(data, format: str | None, skip_invalid: bool, source: dict) -> tupl
         res = load_dataset(data, format=format, skip_invalid=skip_invalid,
                            **{k: v for k, v in source.items() if v is not None})
         return res.records, res.skipped
-    if hasattr(data, "keys") and hasattr(data, "values") and not hasattr(data, "column_names"):
+    if isinstance(data, dict):  # a DatasetDict (a dict of splits)
         raise ImtuneError(f"a DatasetDict with splits {sorted(data.keys())}: pass one split, e.g. data['train']")
     return _validated(data, _name(data), format, skip_invalid)
 
