@@ -71,7 +71,7 @@ def test_in_memory_dataset_and_bad_records(tiny_tok, data):
 
     from imtune.errors import ImtuneError
 
-    with pytest.raises(ImtuneError, match=r"pass one split, e.g. data\['train'\]"):
+    with pytest.raises(ImtuneError, match=r"pass one split of a DatasetDict"):
         encode_dataset(DatasetDict(train=Dataset.from_list(rows)), tiny_tok, "im", template="chatml")
 
 

@@ -73,7 +73,8 @@ def encode_dataset_with_report(data, tokenizer, objective: str = DEFAULT_OBJECTI
     records, skipped = _records(data, format, skip_invalid, dict(split=split, config=config, revision=revision))
     tables, total = [], EncodeReport()
     for c0 in range(0, len(records), CHUNK):
-        enc, rep = encode_with_report(records[c0:c0 + CHUNK], tok, obj, template, max_length, truncation_side,
+        enc, rep = encode_with_report(records[c0:c0 + CHUNK], tok, obj, template=template, max_length=max_length,
+                                      truncation_side=truncation_side,
                                       allow_special_tokens_in_content=allow_special_tokens_in_content)
         _merge(total, rep)
         if enc:
@@ -143,7 +144,8 @@ def _records(data, format: str | None, skip_invalid: bool, source: dict) -> tupl
                            **{k: v for k, v in source.items() if v is not None})
         return res.records, res.skipped
     if isinstance(data, dict):  # a DatasetDict (a dict of splits)
-        raise ImtuneError(f"a DatasetDict with splits {sorted(data.keys())}: pass one split, e.g. data['train']")
+        raise ImtuneError(f"a dict of {sorted(map(str, data))[:5]} is not a dataset: pass one split of a DatasetDict, "
+                          "e.g. data['train'], or a list of records")
     return _validated(data, _name(data), format, skip_invalid)
 
 
