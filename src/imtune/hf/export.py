@@ -58,16 +58,21 @@ def export_dataset(data, tokenizer, out: str | os.PathLike, objective: str, *, o
 
     out = check_out(out, overwrite, [data if isinstance(data, (str, os.PathLike)) else None, model])
     ds, info = encode_dataset_with_report(data, tokenizer, objective, **encode_kwargs)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_builds(out.absolute().parent, TMP_PATTERN)
-    tmp = out.absolute().parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    parent = out.absolute().parent
+    made = [p for p in (parent, *parent.parents) if not p.exists()]  # created here, removed again on failure
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_builds(parent, TMP_PATTERN)
+    tmp = parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        tmp.mkdir()
         with _quiet():
             _write(tmp, ds, _manifest(data, model, objective, info, encode_kwargs), out.resolve())
         _swap(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
     return out, info
 
