@@ -11,7 +11,7 @@ from imtune.config import DEFAULT_MODEL
 from imtune.errors import ImtuneError
 
 # (module, command) in help order; each module has add_parser(subparsers) and run(args) -> int | None.
-COMMANDS = ("stats", "inspect", "advise", "train", "loss", "plot", "generate", "memorisation", "evaluate", "judge",
+COMMANDS = ("stats", "inspect", "export", "advise", "train", "loss", "plot", "generate", "memorisation", "evaluate", "judge",
             "compare", "demo")
 
 
