@@ -322,13 +322,17 @@ class EncodeCache:
         if obj.spec not in memo:
             sums, counts = np.zeros(len(self)), np.zeros(len(self), dtype=np.int64)
             for a in range(0, len(self), chunk):
-                t, _ = self._tokens(np.arange(a, min(a + chunk, len(self))))
+                t = self.tokens(np.arange(a, min(a + chunk, len(self))))
                 w = weights(obj, t)
                 for k in range(len(t.bounds) - 1):
                     part = w[t.bounds[k]:t.bounds[k + 1]]
                     sums[a + k], counts[a + k] = math.fsum(part.tolist()), int((part > 0).sum())
             memo[obj.spec] = (sums, counts)
         return memo[obj.spec]
+
+    def tokens(self, rows) -> Tokens:
+        """The objective-independent token columns of `rows` (what an objective sees)."""
+        return self._tokens(rows)[0]
 
     def _tokens(self, rows) -> tuple[Tokens, object]:
         """The objective-independent token columns of `rows`, and the taken Arrow rows."""
@@ -354,7 +358,8 @@ class EncodeCache:
         for k, (i, nf, tr) in enumerate(zip(sub.column("id").to_pylist(), sub.column("n_full").to_pylist(),
                                             sub.column("truncated").to_pylist(), strict=True)):
             a, b = t.bounds[k], t.bounds[k + 1]
-            out.append(Encoded(ids[a:b], w[a:b], t.segments[a:b], t.messages[a:b], i, nf, tr))
+            mw = None if t.message_weights is None else t.message_weights[a:b]
+            out.append(Encoded(ids[a:b], w[a:b], t.segments[a:b], t.messages[a:b], i, nf, tr, mw))
         return out
 
 

@@ -45,9 +45,12 @@ from imtune.records.conversation import Conversation
 class Encoded:
     """One tokenised example: `input_ids`, `weights` (same length) and per-token `segments`."""
 
-    __slots__ = ("input_ids", "weights", "segment_codes", "turns", "id", "n_tokens_full", "truncated")
+    __slots__ = ("input_ids", "weights", "segment_codes", "turns", "id", "n_tokens_full", "truncated",
+                 "message_weights")
 
-    def __init__(self, input_ids, weights, segment_codes, turns, id="", n_tokens_full=None, truncated=False):
+    def __init__(self, input_ids, weights, segment_codes, turns, id="", n_tokens_full=None, truncated=False,
+                 message_weights=None):
+        self.message_weights: np.ndarray | None = message_weights  # per token, the data's message weight; None: 1
         self.input_ids: list[int] = input_ids
         self.weights: list[float] = weights
         self.segment_codes: np.ndarray = segment_codes
@@ -124,8 +127,9 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective=DEF
                 if had_w[k]:
                     report.truncated_to_nothing.append(conv.id)
                 continue
+            mw = raw.token_message_weights
             encoded.append(Encoded(ids[a:b], wl[a:b], raw.codes[a:b], raw.turns[a:b], conv.id,
-                                   int(raw.n_full[k]), bool(raw.truncated[k])))
+                                   int(raw.n_full[k]), bool(raw.truncated[k]), None if mw is None else mw[a:b]))
     report.trailing_user = [c.id for c in records if c.messages and c.messages[-1].role == "user"]
     report.n_kept = len(encoded)
     return encoded, report
