@@ -175,6 +175,38 @@ def test_kl_keeps_imtunes_own_head_with_a_fused_backend(tiny_dir, one_torch_thre
         assert torch.equal(ga[k], gb[k])
 
 
+def test_many_distinct_weights_fall_back_to_the_chunked_head(tiny_dir, one_torch_thread):
+    """Per-message weights can give a micro-batch more distinct weights than the grouped kernel takes: the loss
+    then runs on imtune's own head (bit-identical to kernels none) instead of refusing; few weights keep the kernel."""
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return kernels.torch_linear_cross_entropy(*a, **kw)
+
+    assert kernels.grouped_kernel_fits(torch.tensor([0.0, 0.1, 1.0, 1.0]))
+    assert not kernels.grouped_kernel_fits(torch.arange(kernels.MAX_WEIGHT_GROUPS + 1.0))
+    model = _tiny(tiny_dir)
+    exs = _examples(model.config.vocab_size)
+    for k, e in enumerate(exs):
+        e.weights = [w * (1 + k + i / 10) for i, w in enumerate(e.weights)]  # ~30 distinct values
+    batch = collate(exs, pad_token_id=0)
+    assert not kernels.grouped_kernel_fits(batch["weights"])
+    a, ga = _loss_and_grads(model, batch)
+    old = kernels.BACKENDS["torch"]
+    kernels.BACKENDS["torch"] = counting
+    try:
+        b, gb = _loss_and_grads(model, batch, kernels="torch")
+        assert calls == []
+        _loss_and_grads(model, collate(_examples(model.config.vocab_size), pad_token_id=0), kernels="torch")
+        assert calls  # three weight values: the grouped kernel
+    finally:
+        kernels.BACKENDS["torch"] = old
+    assert b.ce_sum == a.ce_sum and b.weight_sum == a.weight_sum
+    for k in ga:
+        assert torch.equal(ga[k], gb[k])
+
+
 def test_lora_and_neftune_work_through_the_fused_backend(tiny_dir, one_torch_thread):
     """LoRA adapters on the body (lm_head stays a plain Linear, so the fused backend applies) and NEFTune's
     embedding noise (same seed, same noise): the fused backend gives the default head's loss and adapter gradients."""

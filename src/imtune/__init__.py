@@ -21,6 +21,7 @@ _LAZY = {
     "Encoded": ("masking.encoding", "Encoded"),
     "Objective": ("masking.objectives", "Objective"),
     "parse_objective": ("masking.objectives", "parse_objective"),
+    "register_objective": ("masking.objectives", "register_objective"),
     "load_tokenizer": ("models", "load_tokenizer"),
     "load_model": ("models", "load_model"),
     "load_for_inference": ("models", "load_for_inference"),

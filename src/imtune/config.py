@@ -61,7 +61,8 @@ class TrainConfig:
     attn_implementation: str | None = _f(None, "eager, sdpa or flash_attention_2 (default: the model's own choice)")
 
     # data
-    data: str | None = _f(None, f"training {DATA_HELP} (required)")
+    data: str | None = _f(None, f"training {DATA_HELP} (required); in YAML also a list of sources, each "
+                                "{path, n or fraction, objective, split, config, revision} (see docs/TRAINING.md)")
     data_split: str = _f(DEFAULT_DATA_SPLIT, "with a Hub id or dataset directory: the split to use")
     data_config: str | None = _f(None, "with a Hub id or dataset directory: the configuration (subset) to use")
     data_revision: str | None = _f(None, "with a Hub dataset id: branch, tag or commit to use (default: main)")
@@ -209,6 +210,9 @@ class TrainConfig:
         if not self.out:
             raise ImtuneError("out: no output directory given (use --out DIR)")
         parse_objective(self.objective)
+        for src in self.sources():
+            if src.get("objective"):
+                parse_objective(src["objective"])
         _positive(self, "epochs", "max_length", "micro_batch_size", "lora_r", "loss_chunk_size", "logging_steps")
         _positive(self, "max_steps", "gradient_accumulation_steps", "global_batch_size", "num_proc", optional=True)
         _non_negative(self, "save_steps", "save_total_limit")
@@ -236,6 +240,17 @@ class TrainConfig:
             raise ImtuneError("lora_target_modules is empty (use all-linear or a comma-separated list)")
         _check_trackers(self.report_to)
         return self
+
+    def sources(self) -> list[dict]:
+        """The training data as sources ({path, n, fraction, objective, split, config, revision}); one for a plain
+        `data` string (its split/config/revision from the data_* options)."""
+        if isinstance(self.data, list):
+            return self.data
+        return [{"path": self.data, "split": self.data_split, "config": self.data_config,
+                 "revision": self.data_revision}] if self.data else []
+
+    def data_paths(self) -> list[str]:
+        return [str(s["path"]) for s in self.sources()]
 
     def accumulation_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each process, checked against `global_batch_size`."""
@@ -358,6 +373,8 @@ def coerce(name: str, value, spec: tuple[type, bool], source: str = "config"):
                 raise ValueError
             return float(value)
         if base is str:
+            if isinstance(value, (list, tuple)) and name == "data":
+                return data_sources(value, source)
             if isinstance(value, (list, tuple)) and name == "lora_target_modules":
                 return ",".join(str(v) for v in value)
             if isinstance(value, (dict, list, tuple)):
@@ -368,6 +385,26 @@ def coerce(name: str, value, spec: tuple[type, bool], source: str = "config"):
             base, "a comma-separated list of names")
         raise ImtuneError(f"{source}: {name} must be {kind}, got {value!r}") from None
     raise AssertionError(f"unhandled type {base} for {name}")  # pragma: no cover
+
+
+SOURCE_KEYS = {"path": (str, False), "n": (int, True), "fraction": (float, True), "objective": (str, True),
+               "split": (str, True), "config": (str, True), "revision": (str, True)}
+
+
+def data_sources(value, where: str = "config") -> list[dict]:
+    """A YAML `data:` list checked: each entry a path, or {path, n (examples sampled by --seed) or fraction (of the
+    source), objective (for its examples; default: the run's), a Hub dataset's split / config / revision}."""
+    out = []
+    for i, s in enumerate(value or [None]):
+        at = f"{where}: data[{i}]"
+        s = {"path": s} if isinstance(s, str) else s
+        if not isinstance(s, dict) or not s.get("path") or set(s) - set(SOURCE_KEYS):
+            raise ImtuneError(f"{at} must be a path or a mapping with a path and any of {', '.join(SOURCE_KEYS)}")
+        d = {k: coerce(k, v, SOURCE_KEYS[k], at) for k, v in s.items() if v is not None}
+        if d.get("n", 1) < 1 or not 0 < d.get("fraction", 1) <= 1 or {"n", "fraction"} <= set(d):
+            raise ImtuneError(f"{at}: give n >= 1 or a fraction in (0, 1], not both")
+        out.append(d)
+    return out
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------

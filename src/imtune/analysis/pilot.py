@@ -19,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +383,24 @@ def run_pilot(cfg: PilotConfig) -> dict:
     atomic_write_json(out / "pilot.json", result)
     return result
 
+
+
+def run_pilot_per_source(cfg: PilotConfig, sources: list[dict]) -> dict:
+    """`run_pilot` on each source of a training mixture (a YAML `data:` list), each in `<out>/source<k>-<name>/`,
+    and which objective to give it: `im`, `it`, or "cannot tell" (keep the run's). Writes `<out>/per_source.json`."""
+    from imtune.analysis.pilot_fit import IM_BETTER, IT_BETTER
+
+    out, rows = Path(cfg.out), []
+    for k, src in enumerate(sources):
+        where = {key: src[key] for key in ("split", "config", "revision") if src.get(key)}
+        sub = replace(cfg, data=src["path"], out=str(out / f"source{k}-{Path(src['path']).stem}"),
+                      data_source={**cfg.data_source, **where}, n_target=src.get("n") or cfg.n_target)
+        _log(f"source {k}: {src['path']}")
+        r = run_pilot(sub)
+        rows.append({"path": src["path"], "objective": {IM_BETTER: "im", IT_BETTER: "it"}.get(r["call"],
+                                                                                             "cannot tell"),
+                     "call": r["call"], "text": r["text"], "pilot": str(Path(sub.out) / "pilot.json"),
+                     "wall_minutes": r["cost"]["wall_minutes"]})
+    result = {"kind": "imtune-pilot-per-source", "version": 1, "sources": rows}
+    atomic_write_json(out / "per_source.json", result)
+    return result

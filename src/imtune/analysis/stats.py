@@ -50,6 +50,8 @@ def dataset_stats(records: Sequence[Conversation], tokenizer, template: str | No
     }
     if max_length is not None:
         stats["truncation"] = _truncation(col, max_length)
+    if col.get("message_weights") is not None:
+        stats["message_weights"] = col["message_weights"]
     if col.get("cache"):
         stats["encode_cache"] = col["cache"]
     return stats
@@ -68,13 +70,38 @@ def _columns(records, tokenizer, template, max_length, cache: bool, cache_dir, n
         if ds is not None:
             c = encode_cached(ds, fp, name, tokenizer, settings, root=cache_dir, num_proc=num_proc)
             return {"segment": c.counts["segment"], "window": c.counts["window"], "n_full": c.col["n_full"],
-                    "n_turns": c.col["n_turns"], "cache": str(c.path)}
+                    "n_turns": c.col["n_turns"], "cache": str(c.path), "message_weights": _cache_weights(c)}
     records = list(records)
     parts = [encode_raw(records[b:b + 512], tokenizer, settings, first_index=b) for b in range(0, len(records), 512)]
+    per_message = [m for p in parts for m in p.message_weights]
+    zero = sum(int((p.token_message_weights == 0).sum()) for p in parts if p.token_message_weights is not None)
     return {"segment": _stack([p.segment_counts for p in parts], len(SEGMENTS)),
             "window": _stack([p.window_counts for p in parts], N_CLASSES),
             "n_full": np.concatenate([p.n_full for p in parts]) if parts else np.zeros(0, np.int64),
-            "n_turns": np.asarray([r.n_turns for r in records], dtype=np.int64)}
+            "n_turns": np.asarray([r.n_turns for r in records], dtype=np.int64),
+            "message_weights": _weight_summary(per_message, zero)}
+
+
+def _cache_weights(cache) -> dict | None:
+    if not cache.weighted:
+        return None
+    per_message = [np.asarray(m, np.float32) for m in cache.table.column("message_weights").to_pylist()]
+    zero = 0
+    for a in range(0, len(cache), 4096):
+        t = cache.tokens(np.arange(a, min(a + 4096, len(cache))))
+        zero += int((t.message_weights == 0).sum()) if t.message_weights is not None else 0
+    return _weight_summary(per_message, zero)
+
+
+def _weight_summary(per_example: list, zero_tokens: int) -> dict | None:
+    """What the data's per-message `weight`s do: examples and messages weighted (weight != 1), messages at 0, and
+    the tokens (within max_length) that weight 0 takes out of training. None when no message has a weight."""
+    given = [m for m in per_example if len(m)]
+    if not given:
+        return None
+    flat = np.concatenate(given)
+    return {"examples_with_weights": len(given), "messages_weighted": int((flat != 1).sum()),
+            "messages_weight_zero": int((flat == 0).sum()), "tokens_weight_zero": zero_tokens}
 
 
 def _stack(arrays, width: int) -> np.ndarray:

@@ -35,6 +35,9 @@ def add_pilot_options(p) -> None:
     g = p.add_argument_group("measured pilot (--pilot): train IT and IM at a few small sizes on this data and "
                                  "extrapolate to its size; resumable (rerun the same command)")
     g.add_argument("--pilot", action="store_true", help="measure instead of predicting from the study table")
+    g.add_argument("--per-source", action="store_true",
+                   help="with --data CONFIG.yaml whose data: is a list of sources: a pilot per source, and which "
+                        "objective to give each (im, it or cannot tell)")
     g.add_argument("--pilot-model", default=None, help="train this smaller model (same tokenizer) instead of --model")
     g.add_argument("--budget-min", type=float, default=DEFAULT_PILOT_BUDGET_MIN,
                    help=f"wall-clock budget the pilot is planned to (default: {DEFAULT_PILOT_BUDGET_MIN:g})")
@@ -101,12 +104,21 @@ def run_pilot_cli(args) -> int:
     except ValueError:
         raise ImtuneError(f"--pilot-sizes {args.pilot_sizes!r}: expected comma-separated integers") from None
     out = args.out or str(Path("runs") / f"pilot-{Path(args.data).stem}")
-    prepare_output(out, (args.data, args.model, args.pilot_model), kind="dir")
+    sources = per_source_list(args) if args.per_source else []
+    prepare_output(out, (args.data, args.model, args.pilot_model, *(s["path"] for s in sources)), kind="dir")
     cfg = PilotConfig(data=args.data, out=out, model=args.model, pilot_model=args.pilot_model,
                       n_target=args.n_target, budget_min=args.budget_min, seeds=args.pilot_seeds,
                       n_val=args.pilot_heldout, sizes=sizes, max_length=args.max_length, template=args.template,
                       epochs=args.epochs, lr=args.lr, batch=args.batch, precision=args.precision,
                       data_format=args.data_format, data_source=data_source(args), skip_invalid=args.skip_invalid)
+    if args.per_source:
+        from imtune.analysis.pilot import run_pilot_per_source
+
+        r = run_pilot_per_source(cfg, sources)
+        print(json.dumps(r, indent=2) if args.json else "\n".join(
+            f"data[{k}] {s['path']}: objective {s['objective']} ({s['text']}; {s['pilot']})"
+            for k, s in enumerate(r["sources"])))
+        return 0
     r = run_pilot(cfg)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -136,3 +148,22 @@ def pilot_lines(r: dict) -> list[str]:
               f"  results: {Path(r['sizes'][0]['results']).parents[1] / 'pilot.json'} (add it to the advisor's "
               "evidence with --evidence)"]
     return lines
+
+
+def per_source_list(args) -> list[dict]:
+    """The sources of --data CONFIG.yaml (a training config, or any YAML, whose `data:` is a list)."""
+    import yaml
+
+    from imtune.config import data_sources
+    from imtune.errors import ImtuneError
+
+    path = Path(args.data)
+    if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+        raise ImtuneError(f"--per-source: --data {args.data} must be a YAML file whose data: lists the sources")
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ImtuneError(f"{path}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("data"), list):
+        raise ImtuneError(f"{path}: --per-source needs data: to be a list of sources")
+    return data_sources(d["data"], str(path))

@@ -49,6 +49,11 @@ def print_stats(s: dict) -> None:
     c.print(t)
     c.print(f"instruction/output ratio (mean/mean): [bold]{s['instruction_output_ratio']:.3f}[/bold]   "
             f"median per-example ratio: {s['median_example_ratio']:.3f}")
+    mw = s.get("message_weights")
+    if mw:
+        c.print(f"message weights from the data: {mw['examples_with_weights']} example(s) carry them; "
+                f"{mw['messages_weighted']} message(s) weighted != 1, {mw['messages_weight_zero']} at 0 "
+                f"({mw['tokens_weight_zero']} token(s) within --max-length take no loss from them)")
     tr = s.get("truncation")
     if tr:
         c.print(f"--max-length {tr['max_length']}: truncates {tr['truncated']} example(s); drops "

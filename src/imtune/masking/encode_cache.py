@@ -35,10 +35,11 @@ from imtune.masking.encoding import (
     EncodeReport,
     EncodeSettings,
     RawBatch,
-    class_weights,
     encode_raw,
-    weigh,
+    had_weight,
+    token_message_weights,
 )
+from imtune.masking.objectives import Objective, Tokens, parse_objective, weights
 from imtune.masking.templates import SEGMENTS
 from imtune.records.conversation import Conversation
 
@@ -56,7 +57,7 @@ def _features():
     cols = {"id": Value("string"), "input_ids": List(Value("int32")), "segment_codes": List(Value("int8")),
             "turns": List(Value("int32")), "classes": List(Value("int8")), "n_full": Value("int32"),
             "truncated": Value("bool"), "special": Value("bool"), "trailing_user": Value("bool"),
-            "n_turns": Value("int32"), "error": Value("string")}
+            "n_turns": Value("int32"), "error": Value("string"), "message_weights": List(Value("float32"))}
     for name, k in COUNTS.items():
         cols.update({f"{name}_{j}": Value("int32") for j in range(k)})
     return Features(cols)
@@ -92,10 +93,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(data_fingerprint: str, tokenizer, settings: EncodeSettings) -> str:
+def cache_key(data_fingerprint: str, tokenizer, settings: EncodeSettings, message_weights: bool = False) -> str:
+    """Data with per-message weights gets its own key (the weights are in the data's fingerprint too); data without
+    any keeps the key it had before message weights existed."""
     parts = {"data": data_fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer), "template": settings.template,
              "max_length": settings.max_length, "truncation_side": settings.truncation_side,
              "allow_special": settings.allow_special_tokens_in_content, "version": ENCODER_VERSION}
+    if message_weights:
+        parts["message_weights"] = 1
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
@@ -103,16 +108,30 @@ def records_table(records, name: str):
     """(datasets.Dataset, fingerprint) of in-memory `Conversation`s, in the columns a conversation table has."""
     from datasets import Dataset
 
+    from imtune.records.sources import features
+
     h = hashlib.blake2b(digest_size=16)
     rows = []
     for i, c in enumerate(records):
-        r = {"id": str(c.id), "row": i, "source": c.source,
-             "messages": [{"role": m.role, "content": m.content} for m in c.messages]}
-        h.update(json.dumps(r, ensure_ascii=False).encode())
+        r = {"id": str(c.id), "row": i, "source": c.source, "messages": [m.to_dict() for m in c.messages]}
+        h.update(json.dumps(r, ensure_ascii=False).encode())  # a message's weight enters only where it has one
         rows.append(r)
     if not rows:
         return None, h.hexdigest()
-    return Dataset.from_list(rows), h.hexdigest()
+    feats = features()
+    feats["source"] = feats["id"]
+    return Dataset.from_list(rows, features=feats), h.hexdigest()
+
+
+def has_message_weights(dataset) -> bool:
+    """Does any message of a conversation table carry a `weight`?"""
+    import pyarrow.compute as pc
+
+    inner = getattr(dataset.features.get("messages"), "feature", None)
+    if not isinstance(inner, dict) or "weight" not in inner:
+        return False
+    w = pc.struct_field(pc.list_flatten(dataset.data.table.column("messages")), "weight")
+    return bool(pc.any(pc.is_valid(w)).as_py())
 
 
 def _conversations(batch: dict, name: str, row_kind: str) -> list[Conversation]:
@@ -139,7 +158,8 @@ def _encode_batch(batch: dict, indices: list[int], tokenizer, settings: EncodeSe
     cols.update(n_full=pa.array(raw.n_full.astype(np.int32)), truncated=pa.array(raw.truncated),
                 special=pa.array(raw.special),
                 trailing_user=pa.array([bool(c.messages) and c.messages[-1].role == "user" for c in convs]),
-                n_turns=pa.array(np.asarray([c.n_turns for c in convs], dtype=np.int32)), error=pa.array(err))
+                n_turns=pa.array(np.asarray([c.n_turns for c in convs], dtype=np.int32)), error=pa.array(err),
+                message_weights=pa.array([m.tolist() for m in raw.message_weights], pa.list_(pa.float32())))
     for cname, counts in (("window", raw.window_counts), ("full", raw.full_counts), ("segment", raw.segment_counts)):
         for j in range(counts.shape[1]):
             cols[f"{cname}_{j}"] = pa.array(counts[:, j].astype(np.int32))
@@ -155,7 +175,8 @@ def encode_cached(dataset, fingerprint: str, name: str, tokenizer, settings: Enc
                   root: str | os.PathLike | None = None, num_proc: int | None = None,
                   batch_size: int = 1000, row_kind: str = "record") -> EncodeCache:
     """Open the cache of (data, tokenizer, settings), building it first if absent. See the module doc."""
-    key = cache_key(fingerprint, tokenizer, settings)
+    weighted = has_message_weights(dataset)
+    key = cache_key(fingerprint, tokenizer, settings, weighted)
     final = cache_root(root) / key
     if (final / MARKER).is_file():
         return EncodeCache.open(final, hit=True)
@@ -169,7 +190,7 @@ def encode_cached(dataset, fingerprint: str, name: str, tokenizer, settings: Enc
     try:
         with _no_progress_bars():
             _build(dataset, tmp, key, fingerprint, {"tokenizer": tokenizer, "settings": settings, "name": name,
-                                                    "row_kind": row_kind}, num_proc, batch_size)
+                                                    "row_kind": row_kind}, num_proc, batch_size, weighted)
         try:
             os.replace(tmp, final)
         except OSError:  # another process finished the same cache first: use theirs
@@ -196,7 +217,7 @@ def _no_progress_bars():
             datasets.enable_progress_bars()
 
 
-def _build(dataset, tmp: Path, key, fingerprint, kwargs: dict, num_proc, batch_size) -> None:
+def _build(dataset, tmp: Path, key, fingerprint, kwargs: dict, num_proc, batch_size, weighted: bool) -> None:
     n_proc = num_proc or default_num_proc(len(dataset), batch_size)
     out = dataset.map(_encode_batch, batched=True, batch_size=batch_size, with_indices=True,
                       num_proc=n_proc if n_proc > 1 else None, remove_columns=dataset.column_names,
@@ -206,7 +227,7 @@ def _build(dataset, tmp: Path, key, fingerprint, kwargs: dict, num_proc, batch_s
     _raise_first_error(out)
     shards = [Path(f["filename"]).name for f in out.cache_files]
     meta = {"version": ENCODER_VERSION, "key": key, "name": kwargs["name"], "data_fingerprint": fingerprint,
-            "rows": len(out), "shards": shards, "settings": kwargs["settings"].__dict__}
+            "rows": len(out), "shards": shards, "settings": kwargs["settings"].__dict__, "message_weights": weighted}
     del out
     (tmp / MARKER).write_text(json.dumps(meta, indent=1))  # last: a directory without it is not a cache
 
@@ -253,10 +274,13 @@ class EncodeCache:
 
     def report(self, objective, keep_empty: bool = False) -> tuple[np.ndarray, EncodeReport]:
         """(rows kept under `objective`, in order; the `EncodeReport` that `encode_with_report` gives)."""
-        cw = class_weights(objective)
-        pos = cw > 0
-        any_w = (self.counts["window"][:, pos] > 0).any(axis=1)
-        had_w = (self.counts["full"][:, pos] > 0).any(axis=1)
+        obj = parse_objective(objective)
+        cw = None if self.weighted else obj.class_weights()
+        if cw is not None:
+            any_w = (self.counts["window"][:, cw > 0] > 0).any(axis=1)
+        else:
+            any_w = self._scan(obj)[1] > 0
+        had_w = had_weight(obj, self.counts["full"], self.col["truncated"])
         kept = np.arange(len(self)) if keep_empty else np.flatnonzero(any_w)
         dropped = np.zeros(0, np.int64) if keep_empty else np.flatnonzero(~any_w)
         rep = EncodeReport(n_input=len(self), n_kept=len(kept), n_truncated=int(self.col["truncated"].sum()),
@@ -266,9 +290,19 @@ class EncodeCache:
                            special_in_content=self.ids(np.flatnonzero(self.col["special"])))
         return kept, rep
 
+    @property
+    def weighted(self) -> bool:
+        """Does the data carry per-message weights? (Then weights are counted from the tokens, not the classes.)"""
+        return bool(self.meta.get("message_weights"))
+
     def totals(self, rows: np.ndarray, objective) -> tuple[np.ndarray, np.ndarray]:
         """(weight sum as float64, number of tokens with weight > 0) of each of `rows` under `objective`."""
-        cw = class_weights(objective).astype(np.float64)
+        obj = parse_objective(objective)
+        cw = None if self.weighted else obj.class_weights()
+        if cw is None:
+            sums, n_weighted = self._scan(obj)
+            return sums[rows], n_weighted[rows]
+        cw = cw.astype(np.float64)
         win = self.counts["window"][rows].astype(np.int64)
         n_weighted = win[:, cw > 0].sum(axis=1)
         # Each count x weight is exact in float64; summing them groups equal weights first so that with at most two
@@ -281,8 +315,27 @@ class EncodeCache:
             sums = np.asarray([math.fsum(x) for x in zip(*(p.tolist() for p in parts), strict=True)])
         return np.asarray(sums, dtype=np.float64), n_weighted
 
-    def take(self, rows, objective) -> list[Encoded]:
-        """The examples at `rows` with their weights under `objective`; reads only those rows."""
+    def _scan(self, obj: Objective, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """(math.fsum of the weights, weighted tokens) of every row, from the tokens: for objectives that are not a
+        weight per class, and for data with message weights. Once per objective per opened cache."""
+        memo = self.__dict__.setdefault("_scans", {})
+        if obj.spec not in memo:
+            sums, counts = np.zeros(len(self)), np.zeros(len(self), dtype=np.int64)
+            for a in range(0, len(self), chunk):
+                t = self.tokens(np.arange(a, min(a + chunk, len(self))))
+                w = weights(obj, t)
+                for k in range(len(t.bounds) - 1):
+                    part = w[t.bounds[k]:t.bounds[k + 1]]
+                    sums[a + k], counts[a + k] = math.fsum(part.tolist()), int((part > 0).sum())
+            memo[obj.spec] = (sums, counts)
+        return memo[obj.spec]
+
+    def tokens(self, rows) -> Tokens:
+        """The objective-independent token columns of `rows` (what an objective sees)."""
+        return self._tokens(rows)[0]
+
+    def _tokens(self, rows) -> tuple[Tokens, object]:
+        """The objective-independent token columns of `rows`, and the taken Arrow rows."""
         import pyarrow.compute as pc
 
         sub = self.table.take(np.asarray(rows, dtype=np.int64))
@@ -290,13 +343,23 @@ class EncodeCache:
         bounds = np.zeros(len(lens) + 1, dtype=np.int64)
         np.cumsum(lens, out=bounds[1:])
         flat = {c: sub.column(c).combine_chunks().flatten().to_numpy() for c in TOKEN_COLUMNS}
-        w = weigh(flat["classes"], bounds, class_weights(objective))
-        ids = flat["input_ids"].astype(np.int64)
+        mw = None
+        if self.weighted:
+            per_example = [np.asarray(m, dtype=np.float32) for m in sub.column("message_weights").to_pylist()]
+            mw = token_message_weights(per_example, flat["segment_codes"], flat["turns"], bounds)
+        t = Tokens(flat["segment_codes"], flat["turns"], flat["classes"], bounds, mw)
+        return t, (sub, flat["input_ids"].astype(np.int64))
+
+    def take(self, rows, objective) -> list[Encoded]:
+        """The examples at `rows` with their weights under `objective`; reads only those rows."""
+        t, (sub, ids) = self._tokens(rows)
+        w = weights(parse_objective(objective), t)
         out = []
         for k, (i, nf, tr) in enumerate(zip(sub.column("id").to_pylist(), sub.column("n_full").to_pylist(),
                                             sub.column("truncated").to_pylist(), strict=True)):
-            a, b = bounds[k], bounds[k + 1]
-            out.append(Encoded(ids[a:b], w[a:b], flat["segment_codes"][a:b], flat["turns"][a:b], i, nf, tr))
+            a, b = t.bounds[k], t.bounds[k + 1]
+            mw = None if t.message_weights is None else t.message_weights[a:b]
+            out.append(Encoded(ids[a:b], w[a:b], t.segments[a:b], t.messages[a:b], i, nf, tr, mw))
         return out
 
 

@@ -16,7 +16,17 @@ import numpy as np
 
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE, DEFAULT_TRUNCATION_SIDE
 from imtune.errors import ImtuneError, InputError
-from imtune.masking.objectives import Objective, parse_objective
+from imtune.masking.objectives import (  # noqa: F401  (CLASS_*: the encoder's classes, defined with objectives)
+    CLASS_EARLIER_REPLY,
+    CLASS_PROMPT,
+    CLASS_REPLY,
+    CLASS_TEMPLATE,
+    N_CLASSES,
+    Objective,
+    Tokens,
+    parse_objective,
+    weights,
+)
 from imtune.masking.segments import TokenBatch, batch_token_segments, char_segments, token_segments  # noqa: F401
 from imtune.masking.templates import (
     ASSISTANT,
@@ -35,9 +45,12 @@ from imtune.records.conversation import Conversation
 class Encoded:
     """One tokenised example: `input_ids`, `weights` (same length) and per-token `segments`."""
 
-    __slots__ = ("input_ids", "weights", "segment_codes", "turns", "id", "n_tokens_full", "truncated")
+    __slots__ = ("input_ids", "weights", "segment_codes", "turns", "id", "n_tokens_full", "truncated",
+                 "message_weights")
 
-    def __init__(self, input_ids, weights, segment_codes, turns, id="", n_tokens_full=None, truncated=False):
+    def __init__(self, input_ids, weights, segment_codes, turns, id="", n_tokens_full=None, truncated=False,
+                 message_weights=None):
+        self.message_weights: np.ndarray | None = message_weights  # per token, the data's message weight; None: 1
         self.input_ids: list[int] = input_ids
         self.weights: list[float] = weights
         self.segment_codes: np.ndarray = segment_codes
@@ -97,14 +110,13 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective=DEF
     records = list(records)
     report = EncodeReport(n_input=len(records))
     encoded: list[Encoded] = []
-    cw = class_weights(obj)
     for b0 in range(0, len(records), max(1, batch_size)):
         batch = records[b0:b0 + max(1, batch_size)]
         raw = encode_raw(batch, tokenizer, settings, first_index=b0)
-        weights = weigh(raw.classes, raw.bounds, cw)
-        any_w = _any_weight(weights, raw.bounds[:-1], raw.bounds[1:])
-        had_w = (raw.full_counts[:, cw > 0] > 0).any(axis=1)
-        ids, wl = raw.ids.tolist(), weights.tolist()
+        w = weights(obj, raw.tokens())
+        any_w = _any_weight(w, raw.bounds[:-1], raw.bounds[1:])
+        had_w = had_weight(obj, raw.full_counts, raw.truncated)
+        ids, wl = raw.ids.tolist(), w.tolist()
         for k, conv in enumerate(batch):
             a, b = int(raw.bounds[k]), int(raw.bounds[k + 1])
             report.n_truncated += bool(raw.truncated[k])
@@ -115,25 +127,23 @@ def encode_with_report(records: Iterable[Conversation], tokenizer, objective=DEF
                 if had_w[k]:
                     report.truncated_to_nothing.append(conv.id)
                 continue
+            mw = raw.token_message_weights
             encoded.append(Encoded(ids[a:b], wl[a:b], raw.codes[a:b], raw.turns[a:b], conv.id,
-                                   int(raw.n_full[k]), bool(raw.truncated[k])))
+                                   int(raw.n_full[k]), bool(raw.truncated[k]), None if mw is None else mw[a:b]))
     report.trailing_user = [c.id for c in records if c.messages and c.messages[-1].role == "user"]
     report.n_kept = len(encoded)
     return encoded, report
 
 
 # ---- the objective-independent encoder ---------------------------------------------------------------------------
-# Weight classes: what a token's weight depends on. A token's class is fixed by the encode; an objective maps the
-# classes to weights (`class_weights`), so one encode serves every objective.
-CLASS_TEMPLATE, CLASS_PROMPT, CLASS_REPLY, CLASS_EARLIER_REPLY = range(4)
-N_CLASSES = 4
+# Weight classes (objectives.CLASS_*): markup, prompt, last-turn reply, earlier reply. A token's class is fixed by
+# the encode; a built-in objective is a weight per class, so one encode serves every objective.
 
 
-def class_weights(obj: str | Objective) -> np.ndarray:
-    """float32 weight of each class under `obj`: markup, prompt, last-turn reply, earlier reply."""
-    o = parse_objective(obj)
-    m, p, r = (float(np.float32(x)) for x in (o.markup_weight, o.prompt_weight, o.response_weight))
-    return np.asarray([m, p, r, p if o.last_turn_only else r], dtype=np.float32)
+def class_weights(obj: str | Objective) -> np.ndarray | None:
+    """float32 weight of each class under `obj` (markup, prompt, last-turn reply, earlier reply); None for an
+    objective whose weights depend on more than the class."""
+    return parse_objective(obj).class_weights()
 
 
 def weigh(classes: np.ndarray, bounds: np.ndarray, cw: np.ndarray) -> np.ndarray:
@@ -142,6 +152,15 @@ def weigh(classes: np.ndarray, bounds: np.ndarray, cw: np.ndarray) -> np.ndarray
     starts = bounds[:-1][np.diff(bounds) > 0]
     w[starts] = 0.0
     return w
+
+
+def had_weight(obj: Objective, full_counts: np.ndarray, truncated: np.ndarray) -> np.ndarray:
+    """Per example: did it have a weighted token before truncation? (Told from the class counts where the objective
+    is a weight per class; otherwise every truncated example is taken to have had one.)"""
+    cw = obj.class_weights()
+    if cw is None:
+        return np.asarray(truncated, dtype=bool)
+    return (full_counts[:, cw > 0] > 0).any(axis=1)
 
 
 @dataclass(frozen=True)
@@ -181,6 +200,11 @@ class RawBatch:
     segment_counts: np.ndarray  # (n, len(SEGMENTS)) tokens of each segment before truncation, all positions
     special: np.ndarray  # bool: special-token text in content (allowed by the settings)
     errors: list  # (example index, InputError) when collect_errors; the rows are then empty
+    message_weights: list = field(default_factory=list)  # per example: float32 weight per message, [] if none given
+    token_message_weights: np.ndarray | None = None  # float32 per token (markup 1), None when no message has one
+
+    def tokens(self) -> Tokens:
+        return Tokens(self.codes, self.turns, self.classes, self.bounds, self.token_message_weights)
 
 
 def encode_raw(convs: Sequence[Conversation], tokenizer, settings: EncodeSettings, first_index: int = 0,
@@ -225,7 +249,32 @@ def encode_raw(convs: Sequence[Conversation], tokenizer, settings: EncodeSetting
     raw = _truncate(tb.ids, codes, turns, classes, bounds, settings)
     raw.special = special
     raw.errors = sorted(errors, key=lambda t: t[0])
+    raw.message_weights = [message_weights(c) for c in convs]
+    raw.token_message_weights = token_message_weights(raw.message_weights, raw.codes, raw.turns, raw.bounds)
     return raw
+
+
+def message_weights(conv: Conversation) -> np.ndarray:
+    """The `weight` of each message as float32 (absent: 1), or an empty array when no message carries one."""
+    if all(m.weight is None for m in conv.messages):
+        return np.zeros(0, np.float32)
+    return np.asarray([1.0 if m.weight is None else m.weight for m in conv.messages], dtype=np.float32)
+
+
+def token_message_weights(per_example: list, codes: np.ndarray, turns: np.ndarray,
+                          bounds: np.ndarray) -> np.ndarray | None:
+    """Each token's message weight: content and end-of-turn tokens take their message's, markup 1. None when no
+    example has message weights (the common case costs nothing)."""
+    if not any(len(m) for m in per_example):
+        return None
+    table = [m if len(m) else np.zeros(0, np.float32) for m in per_example]
+    offsets = np.zeros(len(table) + 1, dtype=np.int64)
+    np.cumsum([len(m) for m in table], out=offsets[1:])
+    flat = np.concatenate([*table, np.ones(1, np.float32)])  # the last entry: weight 1
+    example = np.repeat(np.arange(len(table), dtype=np.int64), np.diff(bounds))
+    weighted = (turns >= 0) & (codes != TEMPLATE) & (np.diff(offsets)[example] > 0)
+    idx = np.where(weighted, offsets[example] + np.maximum(turns, 0), len(flat) - 1)
+    return flat[idx]
 
 
 def tokenize_mixed(tokenizer, texts: list[str], add_special: list[bool]) -> TokenBatch:

@@ -13,8 +13,23 @@ SEGMENT_STYLE = {"template": "grey50", "system": "magenta", "user": "cyan", "ass
 
 def token_rows(e: Encoded, tokenizer) -> list[dict]:
     texts = [tokenizer.decode([i]) for i in e.input_ids]
-    return [{"id": int(i), "text": t, "segment": s, "weight": float(w)}
+    rows = [{"id": int(i), "text": t, "segment": s, "weight": float(w)}
             for i, t, s, w in zip(e.input_ids, texts, e.segments, e.weights, strict=True)]
+    if e.message_weights is not None:  # the data's per-message weights, multiplied into `weight`
+        for r, m, mw in zip(rows, e.turns.tolist(), e.message_weights.tolist(), strict=True):
+            r["message"], r["message_weight"] = int(m), float(mw)
+    return rows
+
+
+def message_weights(e: Encoded) -> dict[int, float]:
+    """{message index: weight} of the messages whose data weight is not 1 (0-based, as in `turns`)."""
+    if e.message_weights is None:
+        return {}
+    out: dict[int, float] = {}
+    for m, w in zip(e.turns.tolist(), e.message_weights.tolist(), strict=True):
+        if m >= 0 and w != 1.0:
+            out[int(m)] = float(w)
+    return out
 
 
 def example_totals(e: Encoded) -> dict:
@@ -26,7 +41,8 @@ def example_totals(e: Encoded) -> dict:
         d["weighted_tokens"] += int(w > 0)
         d["weight"] = round(d["weight"] + w, 6)
     return {"tokens": len(e), "weighted_tokens": sum(1 for w in e.weights if w > 0),
-            "total_weight": round(sum(e.weights), 6), "truncated": e.truncated, "by_segment": by_seg}
+            "total_weight": round(sum(e.weights), 6), "truncated": e.truncated, "by_segment": by_seg,
+            "message_weights": message_weights(e)}
 
 
 def to_json(examples: Sequence[Encoded], tokenizer, objective: str) -> str:
@@ -65,6 +81,9 @@ def print_rich(examples: Sequence[Encoded], tokenizer, objective: str, console=N
         table.add_row("total", str(tot["tokens"]), str(tot["weighted_tokens"]), f"{tot['total_weight']:g}",
                       style="bold")
         console.print(table)
+        if tot["message_weights"]:
+            console.print("message weights from the data (x the objective's weight): " + ", ".join(
+                f"message {m + 1}: {w:g}" for m, w in sorted(tot["message_weights"].items())))
         if e.truncated:
             console.print(f"[yellow]truncated from {e.n_tokens_full} tokens[/yellow]")
 
@@ -86,7 +105,7 @@ def to_html(examples: Sequence[Encoded], tokenizer, objective: str) -> str:
         for r in token_rows(e, tokenizer):
             cls = "t w" if r["weight"] > 0 else "t z"
             parts.append(f"<span class='{cls}' style='color:{_COLORS[r['segment']]}' "
-                         f"title='{r['segment']} · weight {r['weight']:g} · id {r['id']}'>"
+                         f"title='{r['segment']} · weight {r['weight']:g}{_mw(r)} · id {r['id']}'>"
                          f"{html.escape(r['text'])}</span>")
         parts.append("</pre><table><tr><th>segment</th><th>tokens</th><th>weighted</th><th>Σ weight</th></tr>")
         tot = example_totals(e)
@@ -96,3 +115,7 @@ def to_html(examples: Sequence[Encoded], tokenizer, objective: str) -> str:
         parts.append(f"<tr><th>total</th><th>{tot['tokens']}</th><th>{tot['weighted_tokens']}</th>"
                      f"<th>{tot['total_weight']:g}</th></tr></table>")
     return "".join(parts)
+
+
+def _mw(row: dict) -> str:
+    return f" (message weight {row['message_weight']:g})" if row.get("message_weight", 1.0) != 1.0 else ""

@@ -11,6 +11,13 @@ ROLES = ("system", "user", "assistant")
 class Message:
     role: str
     content: str
+    weight: float | None = None  # the data's per-message loss weight (a float >= 0; None: absent, i.e. 1)
+
+    def to_dict(self) -> dict:
+        d = {"role": self.role, "content": self.content}
+        if self.weight is not None:
+            d["weight"] = self.weight
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +29,15 @@ class Conversation:
 
     @classmethod
     def from_messages(cls, messages: list[dict], id: str = "", source: str = "") -> Conversation:
-        return cls(tuple(Message(m["role"], m["content"]) for m in messages), id=id, source=source)
+        return cls(tuple(Message(m["role"], m["content"], m.get("weight")) for m in messages), id=id, source=source)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "messages": [{"role": m.role, "content": m.content} for m in self.messages]}
+        return {"id": self.id, "messages": [m.to_dict() for m in self.messages]}
+
+    @property
+    def weighted(self) -> bool:
+        """Does any message carry a `weight`?"""
+        return any(m.weight is not None for m in self.messages)
 
     @property
     def n_turns(self) -> int:

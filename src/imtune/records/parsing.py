@@ -10,6 +10,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import stat
 import sys
@@ -185,7 +186,7 @@ def _turns(raw: dict, field: str, role_key: str, text_key: str, word: str) -> li
 def normalise(raw: dict, schema: str, id_default: str = "") -> Conversation:
     """Turn one raw record into a validated `Conversation` (raises ValueError with the reason)."""
     if schema == "messages":
-        messages = [_message(m["role"], m["content"], i, ROLES)
+        messages = [_message(m["role"], m["content"], i, ROLES, weight=m.get("weight"))
                     for i, m in enumerate(_turns(raw, "messages", "role", "content", "message"))]
     elif schema == "sharegpt":
         messages = []
@@ -193,7 +194,7 @@ def normalise(raw: dict, schema: str, id_default: str = "") -> Conversation:
             role = SHAREGPT_ROLES.get(m["from"]) if isinstance(m["from"], str) else None
             if role is None:
                 raise ValueError(f"turn {i}: unknown role {m['from']!r} (expected human, gpt or system)")
-            messages.append(_message(role, m["value"], i, ROLES))
+            messages.append(_message(role, m["value"], i, ROLES, weight=m.get("weight")))
     elif schema == "alpaca":
         instruction, inp, output = _text(raw, "instruction"), _text(raw, "input", False), _text(raw, "output")
         prompt = f"{instruction}\n\n{inp}" if inp.strip() else instruction
@@ -211,7 +212,7 @@ def normalise(raw: dict, schema: str, id_default: str = "") -> Conversation:
     return Conversation(tuple(messages), id=str(rid))
 
 
-def _message(role, content, i: int, allowed, field_name: str | None = None) -> Message:
+def _message(role, content, i: int, allowed, field_name: str | None = None, weight=None) -> Message:
     label = f"field '{field_name}'" if field_name else f"message {i}"
     if role not in allowed:
         raise ValueError(f"{label}: unknown role {role!r} (expected one of {', '.join(allowed)})")
@@ -224,7 +225,19 @@ def _message(role, content, i: int, allowed, field_name: str | None = None) -> M
     except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800" from a JSON escape: not text at all
         raise ValueError(f"{label}: content has a lone surrogate {content[e.start]!r} at character {e.start} "
                          f"(not valid Unicode)") from None
-    return Message(role, content)
+    return Message(role, content, _weight(weight, label))
+
+
+def _weight(w, label: str) -> float | None:
+    """A message's `weight`: a finite number >= 0 (OpenAI's fine-tuning format uses 0/1), None when absent/null."""
+    if w is None:
+        return None
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise ValueError(f"{label}: weight must be a number >= 0, got {type(w).__name__} {w!r}"[:200])
+    w = float(w)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"{label}: weight must be a finite number >= 0, got {w!r}")
+    return w
 
 
 def _decode(path: Path, data: bytes, line_of_offset: bool = True) -> str:

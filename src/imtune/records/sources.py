@@ -1,7 +1,8 @@
 """Every `--data` as one canonical Arrow table: a local file, a Hugging Face Hub dataset id, or a dataset directory.
 
 The canonical table (`ConversationTable.dataset`) has the columns `id: string`, `row: int64` (the source line or
-row, for error messages) and `messages: list<struct<role: string, content: string>>`, memory-mapped from a cache
+row, for error messages) and `messages: list<struct<role: string, content: string, weight: double>>` (weight null
+when the message has none), memory-mapped from a cache
 entry `<cache>/<fingerprint>/` that is built once in a temporary directory, completed by a marker written last and
 then renamed into place, so an interrupted build is never trusted. Records are validated by the same functions as
 `records.loading` (`detect_schema`, `normalise`), so a bad row gives the same one-line `InputError`.
@@ -39,7 +40,7 @@ from imtune.records.parsing import (
 )
 
 # Part of every fingerprint: bump it when validation or the table's layout changes, so old cache entries are unused.
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: messages carry their `weight`
 MARKER = "complete.json"
 TMP_PATTERN = r"\.[0-9a-f]{32}\.tmp-(\d+)"  # a build's directory: .<fingerprint>.tmp-<pid>
 SKIPPED_ROWS_SHOWN = 5
@@ -109,7 +110,8 @@ class ConversationTable:
 
 def conversation_of(row: dict) -> Conversation:
     """A canonical row -> Conversation (no validation: the table holds validated records only)."""
-    return Conversation(tuple(Message(m["role"], m["content"]) for m in row["messages"]), id=row["id"])
+    return Conversation(tuple(Message(m["role"], m["content"], m.get("weight")) for m in row["messages"]),
+                        id=row["id"])
 
 
 def load_conversations(spec: DataSpec, skip_invalid: bool = False) -> LoadResult:
@@ -198,7 +200,8 @@ def features():
     from datasets import Features, List, Value
 
     return Features({"id": Value("string"), "row": Value("int64"),
-                     "messages": List({"role": Value("string"), "content": Value("string")})})
+                     "messages": List({"role": Value("string"), "content": Value("string"),
+                                       "weight": Value("float64")})})
 
 
 def _work_features():
@@ -267,6 +270,10 @@ def summarise_skipped(errors: list[tuple[int, str]]) -> dict:
     return out
 
 
+def _row_message(m: Message) -> dict:
+    return {"role": m.role, "content": m.content, "weight": m.weight}
+
+
 # ---- local data files -----------------------------------------------------------------------------------------------
 
 def _write_file_table(path: Path, format: str | None, tmp: Path, skip_invalid: bool) -> dict:
@@ -279,7 +286,7 @@ def _write_file_table(path: Path, format: str | None, tmp: Path, skip_invalid: b
     try:
         for where, conv in iter_conversations(path, format, skip_invalid, skipped):
             writer.write({"id": conv.id, "row": where.get("line", where.get("record")),
-                          "messages": [{"role": m.role, "content": m.content} for m in conv.messages]})
+                          "messages": [_row_message(m) for m in conv.messages]})
         n, _ = writer.finalize()
     finally:
         writer.close()
@@ -351,7 +358,7 @@ def _normalise_batch(batch: dict, indices: list[int], schema: str, name: str, sk
             out["_error"].append(str(e))
         else:
             out["id"].append(conv.id)
-            out["messages"].append([{"role": m.role, "content": m.content} for m in conv.messages])
+            out["messages"].append([_row_message(m) for m in conv.messages])
             out["_error"].append(None)
         out["row"].append(row)
     return out

@@ -80,7 +80,12 @@ def load_sets(cfg: TrainConfig, note: Callable[[str], None], main_first=contextl
     """(training data, held-out data, fingerprint of --data): with `encode_cache`, conversation tables
     (memory-mapped Arrow, never a list of all records, `records.sources`); else the in-memory records of
     `load_records`. Both split the same records and give the same fingerprint (a resumed run checks it).
-    `main_first`: a context under which the main process builds a table before the other processes open it."""
+    `main_first`: a context under which the main process builds a table before the other processes open it.
+    A YAML list of sources gives a list of `mixture.Part`s instead (`training.mixture`)."""
+    from imtune.training import mixture
+
+    if mixture.is_mixture(cfg):
+        return mixture.load_parts(cfg, note, main_first)
     if not cfg.encode_cache:
         return load_records(cfg, note)
     from imtune.masking.encode_cache import tables_dir as tables_dir_of
@@ -125,6 +130,10 @@ def encode_sets(cfg: TrainConfig, tokenizer, records, val_records, main_first=co
     With `encode_cache` (the default) each set is encoded once into the Arrow encode cache and read from there;
     `main_first` is a context under which the main process builds the cache before the others open it.
     """
+    from imtune.training import mixture
+
+    if mixture.is_mixture(cfg):
+        return mixture.encode_parts(cfg, tokenizer, records, main_first, report)
     train, rep, where = _encode_one(cfg, tokenizer, records, cfg.objective, cfg.data, main_first, report)
     if not len(train):
         raise ImtuneError(f"{cfg.data}: no example has a token with non-zero weight under objective {cfg.objective}")

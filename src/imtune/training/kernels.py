@@ -9,8 +9,9 @@ imtune[liger]`), `none` never, `liger` insists (one-line error where it cannot r
   with `logits_to_keep=1` and takes the loss from the final hidden states itself;
 * the lm_head + cross-entropy of the training loss (`training.loss.weighted_loss_sum`, the one loss engine) runs
   through Liger's fused linear cross-entropy, which never builds the [tokens × vocab] logits. That kernel takes no
-  per-token weights, so `grouped_linear_ce` calls it once per distinct weight value (an objective has at most
-  three: markup, prompt, response; weight-0 positions are never selected) with `reduction="sum"` and adds up
+  per-token weights, so `grouped_linear_ce` calls it once per distinct weight value (a built-in objective has
+  at most three: markup, prompt, response; weight-0 positions are never selected; a micro-batch with more than
+  `MAX_WEIGHT_GROUPS` values, e.g. from per-message weights, falls back to the chunked head, `grouped_kernel_fits`) with `reduction="sum"` and adds up
   w × group loss. Σ_g w_g·Σ_{i∈g} CE_i = Σ_i w_i·CE_i, and since each call's gradient is computed in its forward
   and scaled by its upstream gradient (here w_g), the gradient is exact as well.
 
@@ -33,7 +34,14 @@ KERNELS = ("auto", "none", "liger")
 # Liger's patch switches, passed to its instance-patching API (each apply function takes the ones it knows).
 LIGER_PATCHES = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                  "fused_linear_cross_entropy": False}
-MAX_WEIGHT_GROUPS = 16  # kernel calls per micro-batch; objectives give <= 3 distinct weights
+MAX_WEIGHT_GROUPS = 16  # kernel calls per micro-batch; built-in objectives give <= 3 distinct weights
+
+
+def grouped_kernel_fits(w: torch.Tensor) -> bool:
+    """Can `grouped_linear_ce` take these token weights? One kernel call per distinct value: a micro-batch with more
+    (per-message weights from the data, a plug-in objective with graded weights) runs on imtune's chunked head
+    instead, which takes any weights, rather than failing."""
+    return torch.unique(w).numel() <= MAX_WEIGHT_GROUPS
 
 
 def liger_installed() -> bool:

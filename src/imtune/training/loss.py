@@ -155,7 +155,7 @@ def weighted_loss_sum(model, batch: dict, *, chunk_size: int = 1024, kl_coef: fl
     h = hidden[:, :-1][sel]
     spec = _Spec(chunk_size, head.tf, kl_coef if use_kl else 0.0, kl_type)
     plain = _plain_weight(head.module)
-    if kernels != "none" and plain is not None and not use_kl and head.tf.scale == 1.0:
+    if kernels != "none" and plain is not None and not use_kl and head.tf.scale == 1.0 and _kernel_fits(w):
         loss = _kernel_head_loss(h, plain[0], plain[1], y, w, head.tf, kernels)
         ce, kl = loss.detach(), loss.new_zeros(())
     elif plain is not None:
@@ -172,6 +172,12 @@ class _Spec:
     tf: _LogitTransform
     kl_coef: float
     kl_type: str
+
+
+def _kernel_fits(w) -> bool:
+    from imtune.training.kernels import grouped_kernel_fits
+
+    return grouped_kernel_fits(w)
 
 
 def _kernel_head_loss(h, weight, bias, y, w, tf: _LogitTransform, kernels: str) -> torch.Tensor:

@@ -28,8 +28,7 @@ def objective_text(spec: str) -> str:
     obj = parse_objective(spec)
     text = _OBJECTIVE_TEXT.get(obj.name)
     if text is None:
-        text = (f"**Weighted** (`{obj.name}`): prompt tokens weigh {obj.prompt_weight:g}, output tokens "
-                f"{obj.response_weight:g}, template markup {obj.markup_weight:g}.")
+        return obj.describe()
     if obj.last_turn_only:
         text += " Only the last assistant turn counts as output; earlier turns are weighted as prompt."
     return text

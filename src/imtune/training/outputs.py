@@ -61,7 +61,7 @@ class RunDir:
         without --overwrite/--resume, or a file imtune did not write (which --overwrite would have to remove)."""
         from imtune.io_utils import prepare_output
 
-        prepare_output(self.out, (cfg.data, cfg.val_data, cfg.model), kind="dir")
+        prepare_output(self.out, (*cfg.data_paths(), cfg.val_data, cfg.model), kind="dir")
         if not self.out.is_dir() or not any(self.out.iterdir()):
             return
         if cfg.resume:
