@@ -1,0 +1,204 @@
+"""One input-trust rule for every file imtune reads (issue 23): content fingerprints that restored time stamps cannot
+fool, nothing cached from a file that changed while it was read, regular files only, bounded size and nesting, and
+one line + exit 2 for anything else. The hostile cases are written here (FIFOs, devices and edits cannot live in
+git); tests/test_hostile_inputs.py keeps the data-file cases that can."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from imtune.cli.main import main
+from imtune.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(n: int, tag: str = "a") -> bytes:
+    return "".join(json.dumps({"id": f"{tag}{i}", "messages": [{"role": "user", "content": f"question {tag}{i}"},
+                                                                {"role": "assistant", "content": f"answer {tag}{i}"}]})
+                   + "\n" for i in range(n)).encode()
+
+
+def entries(cache: Path) -> list[Path]:
+    """Committed cache entries (a build in progress is a hidden temp directory)."""
+    return [p for p in cache.iterdir() if not p.name.startswith(".")] if cache.exists() else []
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMTUNE_CACHE", str(tmp_path / "imtune_cache"))
+    return tmp_path / "tables"
+
+
+def _edit_in_place(path: Path, old: bytes, new: bytes) -> None:
+    """Change bytes without changing the size, inode or time stamps (what a hostile tester did with `touch -r`)."""
+    st = os.stat(path)
+    data = path.read_bytes()
+    assert len(old) == len(new) and old in data
+    with open(path, "r+b") as f:  # same inode
+        f.write(data.replace(old, new))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+# ---- data files: the content decides --------------------------------------------------------------------------------
+
+def test_an_in_place_edit_with_restored_times_is_read_again(tmp_path, cache):
+    from imtune.records.sources import DataSpec, conversation_table
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(rows(5))
+    os.utime(path, (1e9, 1e9))  # old: nothing about its age makes it special
+    t1 = conversation_table(DataSpec(str(path)), cache_dir=cache)
+    assert conversation_table(DataSpec(str(path)), cache_dir=cache).fingerprint == t1.fingerprint  # a real hit
+    _edit_in_place(path, b"answer a3", b"ANSWER a3")
+    t2 = conversation_table(DataSpec(str(path)), cache_dir=cache)
+    assert t2.fingerprint != t1.fingerprint  # the encode cache is keyed by this: it misses too
+    assert [m.content for c in t2.conversations() for m in c.messages if m.role == "assistant"][3] == "ANSWER a3"
+    _edit_in_place(path, b"ANSWER a3", b"answer a3")  # edited back: the first table is the right one again
+    assert conversation_table(DataSpec(str(path)), cache_dir=cache).fingerprint == t1.fingerprint
+
+
+def test_the_in_memory_loader_fingerprints_the_content(tmp_path, cache):
+    from imtune.records.loading import load_dataset
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(rows(3))
+    r1 = load_dataset(path)
+    _edit_in_place(path, b"answer a1", b"answer b1")
+    r2 = load_dataset(path)
+    assert r2.fingerprint != r1.fingerprint and r2.records[1].messages[1].content == "answer b1"
+
+
+def test_an_in_place_edit_reaches_the_encoded_examples(tmp_path, cache, tiny_tok):
+    from imtune.masking.encode_cache import encode_cached
+    from imtune.masking.encoding import EncodeSettings
+    from imtune.records.sources import DataSpec, conversation_table
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(rows(4))
+    settings = EncodeSettings.of(tiny_tok, template="chatml", max_length=64)
+
+    def encoded_ids():
+        t = conversation_table(DataSpec(str(path)), cache_dir=cache)
+        c = encode_cached(t.dataset, t.fingerprint, t.name, tiny_tok, settings, root=tmp_path / "enc", num_proc=1)
+        return c, [list(c.dataset[i]["input_ids"]) for i in range(len(c.dataset))]
+
+    c1, ids1 = encoded_ids()
+    _edit_in_place(path, b"answer a2", b"zzzzzz a2")
+    c2, ids2 = encoded_ids()
+    assert not c2.hit and ids2[2] != ids1[2] and ids2[:2] == ids1[:2]
+
+
+@pytest.mark.parametrize("change", ["append", "rewrite_same_size"])
+@pytest.mark.parametrize("loader", ["table", "memory"])
+def test_a_file_changed_while_it_is_read_is_refused_and_nothing_cached(tmp_path, cache, monkeypatch, change, loader):
+    """The file changes after its first record is parsed (a reader hook: deterministic); the read is refused, one
+    line naming the file, and no table is committed under any fingerprint."""
+    from imtune.records import parsing
+    from imtune.records.loading import load_dataset
+    from imtune.records.sources import DataSpec, conversation_table
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(rows(6))
+    real, calls = parsing._record, []
+
+    def record_then_change(*a, **k):
+        if not calls:
+            if change == "append":
+                with open(path, "ab") as f:
+                    f.write(rows(3, tag="late"))
+            else:
+                _edit_in_place(path, b"answer a5", b"answer z5")
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(parsing, "_record", record_then_change)
+    with pytest.raises(InputError, match="changed while it was being read") as e:
+        if loader == "table":
+            conversation_table(DataSpec(str(path)), cache_dir=cache)
+        else:
+            load_dataset(path)
+    assert e.value.path == str(path) and "\n" not in str(e.value)
+    assert entries(cache) == []
+    monkeypatch.setattr(parsing, "_record", real)  # the file is complete now: read whole, and cached
+    t = conversation_table(DataSpec(str(path)), cache_dir=cache)
+    assert len(t.dataset) == (9 if change == "append" else 6) and len(entries(cache)) == 1
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv", ".parquet"])
+def test_whole_file_formats_are_read_once_through_the_hash(tmp_path, cache, suffix, monkeypatch):
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imtune.records.sources import DataSpec, conversation_table, file_fingerprint
+
+    recs = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(recs))
+    elif suffix == ".csv":
+        path.write_text("prompt,completion\n" + "".join(f"p{i},c{i}\n" for i in range(4)))
+    else:
+        pq.write_table(pa.Table.from_pylist(recs), path)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
+    t = conversation_table(DataSpec(str(path)), cache_dir=cache)
+    assert opened.count(str(path)) == 1  # parsed and hashed in one read
+    assert t.fingerprint == file_fingerprint(path, hashlib.sha256(path.read_bytes()).hexdigest(), None)
+    assert len(t.dataset) == 4
+
+
+@pytest.mark.parametrize("text, reason, record", [
+    ("prompt,completion\np0,c0\np1,c1,EXTRA\n", "row has 3 fields, the header has 2", 1),
+    ("prompt,completion\np0,c0\np1\n", "row has 1 fields, the header has 2", 1),
+    ('prompt,completion\n"p0","c0","c0 again"\n', "row has 3 fields, the header has 2", 0),
+])
+def test_a_csv_row_with_a_field_count_unlike_its_header_is_refused(tmp_path, text, reason, record, tiny_dir, capsys):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    assert main(["inspect", "--model", str(tiny_dir), "--data", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"imtune inspect: error: {path}: record {record}: {reason}"
+    if record:  # with --skip-invalid the bad row is skipped and said so; the good one is used
+        assert main(["inspect", "--model", str(tiny_dir), "--data", str(path), "--skip-invalid"]) == 0
+        assert f"1x {reason} (record {record})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: Path("/dev/zero"), "is a device, not a regular file"),
+    (lambda p: (os.mkfifo(p / "fifo.jsonl"), p / "fifo.jsonl")[1], "is a FIFO (named pipe), not a regular file"),
+    (lambda p: (p / "dir.jsonl").mkdir() or p / "dir.jsonl", None),  # a directory is a dataset directory
+    (lambda p: ((p / "f.jsonl").write_text(""), p / "f.jsonl" / "x.jsonl")[1],
+     "not found (a part of the path is a file, not a directory)"),
+])
+def test_data_that_is_no_regular_file_is_refused_before_it_is_opened(tmp_path, make, reason, tiny_dir, capsys):
+    path = make(tmp_path)
+    if reason is None:
+        (tmp_path / "dir.jsonl" / "x").write_text("")
+    assert main(["inspect", "--model", str(tiny_dir), "--data", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err, err
+    if reason:
+        assert err.endswith(reason), err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root searches any directory regardless of its mode")
+def test_a_file_in_a_directory_that_cannot_be_searched(tmp_path, tiny_dir, capsys):
+    d = tmp_path / "locked"
+    d.mkdir()
+    (d / "d.jsonl").write_bytes(rows(2))
+    d.chmod(0o600)  # readable, not searchable
+    try:
+        assert main(["inspect", "--model", str(tiny_dir), "--data", str(d / "d.jsonl")]) == 2
+    finally:
+        d.chmod(0o700)
+    assert "permission denied (a directory on its path cannot be searched)" in capsys.readouterr().err
