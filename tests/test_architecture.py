@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "imtune"
 # Rank of each top-level part of the package; a module may import only parts of equal or lower rank.
 # Foundation modules (errors, config, io_utils, statistics, the model loader) serve every stage.
 RANK = {
-    "errors": 0, "inputs": 0, "statistics": 0, "io_utils": 0, "gguf": 0, "hub": 0, "config": 1, "models": 1,
+    "errors": 0, "inputs": 0, "ranges": 0, "statistics": 0, "io_utils": 0, "gguf": 0, "hub": 0, "config": 1, "models": 1,
     "records": 2, "masking": 3, "training": 4, "evaluation": 5, "analysis": 6, "cli": 7, "__init__": 8,
 }
 # config validates objective names with the pure parser of masking.objectives (which imports only errors).

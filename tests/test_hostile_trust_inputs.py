@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,102 @@ def test_a_file_in_a_directory_that_cannot_be_searched(tmp_path, tiny_dir, capsy
     finally:
         d.chmod(0o700)
     assert "permission denied (a directory on its path cannot be searched)" in capsys.readouterr().err
+
+
+# ---- every numeric flag, through the real command line --------------------------------------------------------------
+
+BIG = str(2**32)
+# command (with what it needs to get past argument parsing) -> {flag: bad values}
+NUMERIC_FLAGS = {
+    "train --data d.jsonl --out o": {
+        "--seed": ["-1", BIG, "1.5", "abc"], "--lr": ["nan", "0", "-1e-5", "inf"], "--epochs": ["0", "-2"],
+        "--max-length": ["1"], "--micro-batch-size": ["0"], "--val-fraction": ["1", "-0.1", "nan"],
+        "--warmup-ratio": ["1"], "--max-grad-norm": ["-1"], "--kl-coef": ["inf"], "--neftune-alpha": ["-5"],
+        "--num-proc": ["0"], "--save-steps": ["-1"], "--save-total-limit": ["-1"], "--lora-r": ["0"],
+        "--max-steps": ["0"], "--global-batch-size": ["0"], "--logging-steps": ["0"], "--adam-beta2": ["1"],
+        "--loss-chunk-size": ["0"], "--gradient-accumulation-steps": ["0"], "--lora-alpha": ["0"]},
+    "compare --data d.jsonl --out o": {
+        "--seed": ["-1", BIG], "--seeds": ["0"], "--memorisation-n": ["-1", "0"], "--max-new-tokens": ["0"],
+        "--val-fraction": ["0", "1", "nan"], "--n-train": ["0"], "--n-val": ["-3"], "--eval-limit": ["0"],
+        "--eval-batch-size": ["0"]},
+    "evaluate --tasks arc_easy": {
+        "--temperature": ["nan", "-1", "inf"], "--code-timeout": ["nan", "0", "-1", "inf", "1e9"],
+        "--seed": ["-1", BIG], "--max-new-tokens": ["0"], "--limit": ["0"], "--batch-size": ["0"],
+        "--num-fewshot": ["-1"], "--n-samples": ["0"]},
+    "generate --data d.jsonl": {
+        "--max-new-tokens": ["0"], "--temperature": ["nan"], "--top-p": ["0", "1.5"], "--seed": ["-1"],
+        "--n": ["0"], "--batch-size": ["0"]},
+    "memorisation --data d.jsonl": {"--max-new-tokens": ["0"], "--n": ["-1"], "--batch-size": ["0"]},
+    "inspect --data d.jsonl": {"--index": ["-1"], "--n": ["0"], "--max-length": ["1"]},
+    "loss --data d.jsonl --model m": {"--max-length": ["0"]},
+    "stats --data d.jsonl": {"--max-length": ["-5"]},
+    "advise --data d.jsonl --pilot": {
+        "--budget-min": ["0", "nan"], "--pilot-seeds": ["0"], "--pilot-heldout": ["0"], "--lr": ["0"],
+        "--batch": ["0"], "--epochs": ["0"], "--n": ["0"]},
+    "judge alpaca-eval --outputs o.json": {
+        "--judge-timeout": ["0", "nan"], "--judge-deadline": ["-1"], "--judge-concurrency": ["0"],
+        "--judge-max-retries": ["-1"], "--judge-max-tokens": ["0"], "--limit": ["0"]},
+    "judge mt-bench --answers a.jsonl": {"--limit": ["0"], "--max-new-tokens": ["0"], "--batch-size": ["0"]},
+}
+CASES = [(cmd, f, v) for cmd, flags in NUMERIC_FLAGS.items() for f, vals in flags.items() for v in vals]
+
+
+def cli(*argv, cwd=None, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "imtune.cli.main", *argv], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def one_line_exit_2(r, *needles):
+    err = r.stderr.strip()
+    assert r.returncode == 2, (r.returncode, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("cmd, flag, value", CASES, ids=[f"{c.split()[0]}{f}={v}" for c, f, v in CASES])
+def test_a_numeric_flag_out_of_range_is_one_line_and_exit_2(cmd, flag, value, tmp_path):
+    r = cli(*cmd.split(), f"{flag}={value}", cwd=tmp_path)
+    err = one_line_exit_2(r, "error: ")
+    assert flag.lstrip("-").replace("-", "_") in err.replace("-", "_"), err  # names the flag (or its field)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("seed: -1\n", "seed must be an integer in [0, 4294967295]"),
+    (f"seed: {2**32}\n", "seed must be an integer"),
+    ("lr: .nan\n", "lr must be a finite number"),
+    ("epochs: 0\n", "epochs must be an integer in [1, "),
+])
+def test_a_config_value_out_of_range_is_one_line(tmp_path, text, needle):
+    (tmp_path / "c.yaml").write_text("data: d.jsonl\nout: o\n" + text)
+    one_line_exit_2(cli("train", "c.yaml", cwd=tmp_path), needle)
+
+
+# ---- YAML configs ---------------------------------------------------------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d: (d / "c.yaml").write_bytes(b"data: d.jsonl\nout: \xff\xfe\n"), "not valid UTF-8"),
+    (lambda d: (d / "c.yaml").write_text(BOMB), "alias *a (anchors and aliases are not allowed)"),
+    (lambda d: (d / "c.yaml").write_text("lr: 1e-5\nepochs: 2\nlr: 1e-3\n"), "c.yaml:3: malformed YAML: duplicate "
+                                                                            "key 'lr'"),
+    (lambda d: (d / "c.yaml").write_text("a:\n  b:\n    lr: 1\n    lr: 2\n"), "duplicate key 'lr'"),
+    (lambda d: (d / "c.yaml").write_text("x: " + "[" * 5000 + "]" * 5000 + "\n"), "nested too deeply"),
+    (lambda d: (d / "c.yaml").write_text("x: " + "{a: " * 150 + "1" + "}" * 150 + "\n"), "nested too deeply"),
+    (lambda d: (d / "c.yaml").write_text("# " + "x" * (5 << 20) + "\n"), "too large"),
+    (lambda d: (d / "c.yaml").write_text("- lr\n- 1\n"), "expected a mapping of option: value, got list"),
+    (lambda d: (d / "c.yaml").write_text("lr: [1, 2\n"), "malformed YAML"),
+    (lambda d: (d / "c.yaml").mkdir(), "is a directory"),
+    (lambda d: os.mkfifo(d / "c.yaml"), "is a FIFO (named pipe), not a regular file"),
+    (lambda d: (d / "c.yaml").symlink_to("/dev/zero"), "is a device, not a regular file"),
+])
+def test_a_hostile_config_is_one_line_and_exit_2(tmp_path, make, needle):
+    make(tmp_path)
+    r = cli("train", "c.yaml", "--data", "d.jsonl", "--out", "o", cwd=tmp_path, timeout=60)
+    one_line_exit_2(r, "c.yaml", needle)

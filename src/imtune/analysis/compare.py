@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imtune import ranges
 from imtune.analysis.verdict import verdict
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
 from imtune.errors import ImtuneError
@@ -66,6 +67,10 @@ class CompareConfig:
             raise ImtuneError("--val-fraction must be in (0, 1)")
         if self.seeds < 1:
             raise ImtuneError("--seeds must be at least 1")
+        ranges.SEED.check("--seed", self.seed)
+        if self.seed + self.seeds - 1 > ranges.SEED_MAX:
+            raise ImtuneError(f"--seed {self.seed} with --seeds {self.seeds} runs seeds up to "
+                              f"{self.seed + self.seeds - 1}, past the largest seed {ranges.SEED_MAX}")
         for name in ("n_train", "n_val", "eval_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
