@@ -303,3 +303,54 @@ def test_a_hostile_config_is_one_line_and_exit_2(tmp_path, make, needle):
     make(tmp_path)
     r = cli("train", "c.yaml", "--data", "d.jsonl", "--out", "o", cwd=tmp_path, timeout=60)
     one_line_exit_2(r, "c.yaml", needle)
+
+
+# ---- checkpoints on --resume ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """A finished 2-step run with a checkpoint after each step; tests corrupt copies of it."""
+    import imtune
+
+    d = tmp_path_factory.mktemp("resume")
+    (d / "d.jsonl").write_bytes(rows(8))
+    cfg = dict(model=str(tiny_dir), data=str(d / "d.jsonl"), out=str(d / "run"), template="chatml", max_length=48,
+               micro_batch_size=2, gradient_accumulation_steps=2, epochs=1, save_steps=1, save_total_limit=0,
+               progress=False, report_to=["none"], seed=3)
+    imtune.train(cfg)
+    return cfg
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name, damage, needle", [
+    ("weights.safetensors", _truncate, "unreadable checkpoint weights"),
+    ("weights.safetensors", lambda p: p.write_bytes(b"\x00" * 64), "unreadable checkpoint weights"),
+    ("optimizer.pt", _truncate, "unreadable optimizer state"),
+    ("optimizer.pt", lambda p: p.write_bytes(b"not a torch file"), "unreadable optimizer state"),
+    ("scheduler.pt", lambda p: p.write_bytes(b""), "unreadable scheduler state"),
+    ("rng_state_0.pt", _truncate, "unreadable RNG state"),
+    ("trainer_state.json", lambda p: p.write_bytes(b'{"global_step": 1,'), "malformed JSON"),
+    ("trainer_state.json", lambda p: p.write_bytes(b'{"global_step": \xff}'), "not valid UTF-8"),
+    ("optimizer.pt", lambda p: (p.unlink(), os.mkfifo(p)), "is a FIFO (named pipe), not a regular file"),
+])
+def test_a_damaged_checkpoint_on_resume_is_one_line_naming_the_file(trained, tmp_path, name, damage, needle,
+                                                                    capsys):
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(trained["out"], out)
+    ckpt = out / "checkpoints" / "checkpoint-000001"
+    assert (ckpt / name).exists(), sorted(p.name for p in ckpt.iterdir())
+    damage(ckpt / name)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**trained, "out": str(out)}))
+    assert main(["train", str(cfg), "--resume", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error:" in line]  # the others are progress notes
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"imtune train: error: {ckpt / name}") and needle in errors[0], err

@@ -200,6 +200,21 @@ def read_text(path: str | Path, what: str = "file", limit: int | None = MAX_JSON
     return decode_utf8(path, read_bytes(path, what, limit))
 
 
+def load_input(path: str | Path, what: str, loader):
+    """`loader(path)` for a file a library reads itself (safetensors weights, torch's optimizer state): a regular
+    file only, and whatever the library raises on a truncated or corrupt one (its errors differ by format and
+    version) becomes one line naming the file."""
+    check_regular(path, what)
+    try:
+        return loader(str(path))
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - scoped to this one load; the message keeps the library's reason
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # the library's first sentence
+        raise InputError(str(path), f"unreadable {what}: {type(e).__name__}" + (f": {reason}" if reason else "")) \
+            from None
+
+
 # ---- JSON -----------------------------------------------------------------------------------------------------------
 
 class JSONObject(dict):
@@ -289,11 +304,12 @@ def _json_type(v) -> str:
         type(v), "a number")
 
 
-def read_json_records(path: str | Path, what: str = "records") -> list[tuple[dict, object]]:
+def read_json_records(path: str | Path, what: str = "records", empty_ok: bool = False,
+                      jsonl_only: bool = False) -> list[tuple[dict, object]]:
     """(where, value) for each record of a .json array or a JSONL file (told apart by the first character), where
     {'record': i} or {'line': n}: what a judge's outputs or answers file holds."""
     text = read_text(path, what)
-    if text.lstrip().startswith("["):
+    if not jsonl_only and text.lstrip().startswith("["):
         try:
             return [({"record": i}, r) for i, r in enumerate(loads_json(text))]
         except ValueError as e:
@@ -305,16 +321,16 @@ def read_json_records(path: str | Path, what: str = "records") -> list[tuple[dic
                 rows.append(({"line": n}, loads_json(line)))
             except ValueError as e:
                 raise InputError(str(path), str(e), line=n) from None
-    if not rows:
+    if not rows and not empty_ok:
         raise InputError(str(path), f"no {what}")
     return rows
 
 
 def read_jsonl_rows(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None,
-                    what: str = "rows") -> list[dict]:
+                    what: str = "rows", empty_ok: bool = False) -> list[dict]:
     """JSON objects of a JSONL file, each checked for `required` fields/types; errors name the file and line."""
     rows = []
-    for where, row in read_json_records(path, what):
+    for where, row in read_json_records(path, what, empty_ok, jsonl_only=True):
         if not isinstance(row, dict):
             raise InputError(str(path), f"expected a JSON object, got {_json_type(row)}", **where)
         for key, typ in (required or {}).items():
