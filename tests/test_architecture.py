@@ -13,8 +13,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "imtune"
 # Foundation modules (errors, config, io_utils, statistics, the model loader) serve every stage. `hf` (imtune's
 # weights in HF Trainer / TRL) is an integration layer on top of training, beside evaluation; only cli uses it.
 RANK = {
-    "errors": 0, "statistics": 0, "io_utils": 0, "gguf": 0, "hub": 0, "config": 1, "models": 1,
-    "records": 2, "masking": 3, "training": 4, "evaluation": 5, "hf": 5, "analysis": 6, "cli": 7, "__init__": 8,
+    "errors": 0, "inputs": 0, "ranges": 0, "statistics": 0, "io_utils": 0, "gguf": 0, "hub": 0, "config": 1,
+    "models": 1, "records": 2, "masking": 3, "training": 4, "evaluation": 5, "hf": 5, "analysis": 6, "cli": 7,
+    "__init__": 8,
 }
 # config validates objective names with the pure parser of masking.objectives (which imports only errors).
 ALLOWED = {("config", "masking.objectives")}

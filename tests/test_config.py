@@ -58,12 +58,12 @@ def test_unknown_key_suggests(tmp_path):
 
 
 @pytest.mark.parametrize("override, msg", [
-    ({"lr": -1}, "lr must be > 0"),
+    ({"lr": -1}, "lr must be a finite number > 0"),
     ({"objective": "bogus"}, "unknown objective"),
     ({"precision": "fp8"}, "precision: 'fp8' is not one of"),
-    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"epochs": 0}, r"epochs must be an integer in \[1, "),
     ({"micro_batch_size": "two"}, "micro_batch_size must be an integer"),
-    ({"warmup_ratio": 1.5}, "warmup_ratio must be in"),
+    ({"warmup_ratio": 1.5}, r"warmup_ratio must be a finite number in \[0, 1\)"),
     ({"val_fraction": 0.1, "val_data": "v.jsonl"}, "either val_fraction or val_data"),
     ({"merge": True}, "merge only applies to LoRA"),
     ({"data": None}, "no training data"),

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from imtune import ranges
 from imtune.errors import ImtuneError
+from imtune.inputs import stat_input
 
 CHOICES = {
     "data_format": ("messages", "sharegpt", "alpaca", "prompt_completion"),
@@ -45,6 +46,19 @@ DEFAULT_PILOT_BUDGET_MIN = 10.0
 TRACKERS = {"tensorboard": None, "wandb": "wandb", "mlflow": "mlflow"}
 DEFAULT_REPORT_TO = ("tensorboard",)
 DEFAULT_TRACKING_PROJECT = "imtune"  # wandb project / MLflow experiment when neither the config nor the env names one
+
+
+# The range of every numeric option (imtune/ranges.py): its flag's argparse type, and what `validate` checks in a
+# YAML config.
+FIELD_RANGES = {
+    "seed": ranges.SEED, "max_length": ranges.LENGTH, "epochs": ranges.COUNT, "micro_batch_size": ranges.COUNT,
+    "lora_r": ranges.COUNT, "loss_chunk_size": ranges.COUNT, "logging_steps": ranges.COUNT, "max_steps": ranges.COUNT,
+    "gradient_accumulation_steps": ranges.COUNT, "global_batch_size": ranges.COUNT, "num_proc": ranges.COUNT,
+    "save_steps": ranges.INDEX, "save_total_limit": ranges.INDEX, "lr": ranges.POSITIVE, "lora_alpha": ranges.POSITIVE,
+    "warmup_ratio": ranges.UNIT, "lora_dropout": ranges.UNIT, "adam_beta1": ranges.UNIT, "adam_beta2": ranges.UNIT,
+    "val_fraction": ranges.UNIT, "weight_decay": ranges.NON_NEGATIVE, "max_grad_norm": ranges.NON_NEGATIVE,
+    "neftune_alpha": ranges.NON_NEGATIVE, "kl_coef": ranges.NON_NEGATIVE, "adam_epsilon": ranges.NON_NEGATIVE,
+}
 
 
 def _f(default, help: str, **meta):
@@ -162,18 +176,11 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        import yaml
+        from imtune.inputs import read_yaml
 
-        path = Path(path)
-        if not path.is_file():
+        if stat_input(path) is None:
             raise ImtuneError(f"{path}: config file not found")
-        try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ImtuneError(f"{path}{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_yaml(path) or {}, source=str(path))
 
     @classmethod
     def coerce(cls, config: TrainConfig | dict | str | Path) -> TrainConfig:
@@ -213,27 +220,10 @@ class TrainConfig:
         for src in self.sources():
             if src.get("objective"):
                 parse_objective(src["objective"])
-        _positive(self, "epochs", "max_length", "micro_batch_size", "lora_r", "loss_chunk_size", "logging_steps")
-        _positive(self, "max_steps", "gradient_accumulation_steps", "global_batch_size", "num_proc", optional=True)
-        _non_negative(self, "save_steps", "save_total_limit")
-        _finite(self, "lr", "warmup_ratio", "weight_decay", "max_grad_norm", "neftune_alpha", "kl_coef", "lora_alpha",
-                "lora_dropout", "val_fraction", "adam_beta1", "adam_beta2", "adam_epsilon")
-        if self.max_length < 2:
-            raise ImtuneError("max_length must be at least 2")
-        if self.lr <= 0:
-            raise ImtuneError(f"lr must be > 0, got {self.lr:g}")
-        for name in ("warmup_ratio", "lora_dropout", "adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ImtuneError(f"{name} must be in [0, 1), got {getattr(self, name):g}")
-        if not 0 <= self.val_fraction < 1:
-            raise ImtuneError(f"val_fraction must be in [0, 1), got {self.val_fraction:g}")
+        for name, allowed_range in FIELD_RANGES.items():
+            allowed_range.check(name, getattr(self, name))
         if self.val_fraction and self.val_data:
             raise ImtuneError("give either val_fraction or val_data, not both")
-        for name in ("weight_decay", "max_grad_norm", "neftune_alpha", "kl_coef", "adam_epsilon"):
-            if getattr(self, name) < 0:
-                raise ImtuneError(f"{name} must be >= 0, got {getattr(self, name):g}")
-        if self.lora_alpha <= 0:
-            raise ImtuneError(f"lora_alpha must be > 0, got {self.lora_alpha:g}")
         if self.merge and not self.lora:
             raise ImtuneError("merge only applies to LoRA training (add --lora)")
         if not self.lora_target_modules.strip():
@@ -268,21 +258,6 @@ class TrainConfig:
         return accum
 
 
-def _positive(cfg, *names, optional=False):
-    for n in names:
-        v = getattr(cfg, n)
-        if v is None and optional:
-            continue
-        if v is None or v < 1:
-            raise ImtuneError(f"{n} must be a positive integer, got {v}")
-
-
-def _non_negative(cfg, *names):
-    for n in names:
-        if getattr(cfg, n) < 0:
-            raise ImtuneError(f"{n} must be >= 0, got {getattr(cfg, n)}")
-
-
 def _check_trackers(report_to: list[str]) -> None:
     """Known names, and each tracker importable: a missing one stops the run before any work, not after it."""
     import importlib.util
@@ -307,13 +282,6 @@ def _string_list(value) -> list[str]:
         raise ValueError
     out = list(dict.fromkeys(v.strip().lower() for v in items if v.strip()))
     return [] if out == ["none"] else out
-
-
-def _finite(cfg, *names):
-    for n in names:
-        v = getattr(cfg, n)
-        if not math.isfinite(v):
-            raise ImtuneError(f"{n} must be a finite number, got {v}")
 
 
 # ---- types ----------------------------------------------------------------------------------------------------------
@@ -431,12 +399,24 @@ def add_config_arguments(p: argparse.ArgumentParser, exclude: tuple[str, ...] = 
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
+        if f.name in FIELD_RANGES:  # refused while the command line is parsed, before anything is imported
+            kw["type"] = _range_type(FIELD_RANGES[f.name], optional=spec[f.name][1])
         if base is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "resume":
             p.add_argument(flag(f.name), nargs="?", const="latest", metavar="CHECKPOINT", **kw)
         else:
             p.add_argument(flag(f.name), metavar=f.name.upper(), **kw)
+
+
+def _range_type(allowed, optional: bool):
+    def parse(text: str):
+        if optional and text.strip().lower() in ("none", "null", ""):
+            return None
+        return allowed(text)
+
+    parse.__name__ = allowed.describe()
+    return parse
 
 
 def config_from_args(args: argparse.Namespace, config_path: str | None = None) -> TrainConfig:

@@ -14,7 +14,6 @@ measured) is stated with every recommendation, beside the accuracy of always say
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_PILOT_BUDGET_MIN, DEFAULT_TEMPLATE
 from imtune.errors import ImtuneError
+from imtune.inputs import read_json, read_json_object
 
 NO_DIFF = "no clear difference"
 MIN_ROWS = 4  # fewer rows than this cannot support three coefficients and a residual spread
@@ -59,10 +59,10 @@ def load_table(path: str | Path | None = None) -> dict:
     p = Path(path) if path else study_table_path()
     if not p.exists():
         return {"meta": {}, "rows": []}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ImtuneError(f"{p}: not a valid advisor table: {e.msg} at line {e.lineno}") from None
+    table = read_json_object(p, "advisor table")
+    if not isinstance(table.get("rows"), list) or not all(isinstance(r, dict) for r in table["rows"]):
+        raise ImtuneError(f"{p}: not a valid advisor table: expected 'rows', a list of objects")
+    return table
 
 
 def evidence_rows(paths) -> list[dict]:
@@ -72,7 +72,7 @@ def evidence_rows(paths) -> list[dict]:
     for path in paths:
         p = Path(path)
         try:
-            r = json.loads(p.read_text())
+            r = read_json(p, "evidence file")
             if isinstance(r, dict) and r.get("kind") == "imtune-pilot":
                 rows.extend(_pilot_rows(p, r))
                 continue
@@ -85,7 +85,7 @@ def evidence_rows(paths) -> list[dict]:
                          "template": r["train_config"].get("template"), "n_heldout": d["n"],
                          "seeds": d.get("n_seeds", 1), "im_minus_it": d["mean"], "ci95": d["ci95"],
                          "resolved": d["resolved"], "measured": v.get("measured_im_vs_it")})
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:  # a JSON file of another shape
             raise ImtuneError(f"{p}: not an imtune compare results.json or pilot.json ({type(e).__name__}: {e})") \
                 from None
     return rows

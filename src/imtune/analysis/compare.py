@@ -25,7 +25,9 @@ import numpy as np
 from imtune.analysis.verdict import verdict
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
 from imtune.errors import ImtuneError
+from imtune.inputs import read_json_object, read_jsonl_rows
 from imtune.io_utils import atomic_write_json, atomic_write_jsonl
+from imtune.ranges import SEED_MAX
 
 
 @dataclass
@@ -66,6 +68,8 @@ class CompareConfig:
             raise ImtuneError("--val-fraction must be in (0, 1)")
         if self.seeds < 1:
             raise ImtuneError("--seeds must be at least 1")
+        if not 0 <= self.seed <= SEED_MAX - self.seeds + 1:  # every seed run, --seed .. --seed+seeds-1
+            raise ImtuneError(f"--seed {self.seed} with --seeds {self.seeds}: every seed must be in [0, {SEED_MAX}]")
         for name in ("n_train", "n_val", "eval_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -106,7 +110,7 @@ def make_split(cfg: CompareConfig, out: Path) -> tuple[Path, Path, dict]:
     d = out / "data"
     train_p, val_p, spec_p = d / "train.jsonl", d / "heldout.jsonl", d / "split.json"
     if spec_p.exists():
-        old = json.loads(spec_p.read_text())
+        old = read_json_object(spec_p, "split record")
         if old.get("spec") != spec:
             raise ImtuneError(f"{out} holds a comparison made with other data/split settings; "
                               "use a new --out directory")
@@ -149,7 +153,7 @@ def _run_done(run_dir: Path, tcfg) -> bool:
     marker = run_dir / "compare_done.json"
     if not marker.exists():
         return False
-    return json.loads(marker.read_text()).get("config") == _config_key(tcfg)
+    return read_json_object(marker, "run marker").get("config") == _config_key(tcfg)
 
 
 def _config_key(tcfg) -> str:
@@ -227,8 +231,8 @@ def common_training_set(train_p: Path, tokenizer, objectives, tcfg) -> tuple[Pat
 def _cached(path: Path, params: dict, compute):
     """Evaluation result cache: reuse `path` when it was computed with the same params."""
     if path.exists():
-        d = json.loads(path.read_text())
-        if d.get("params") == params:
+        d = read_json_object(path, "evaluation result")
+        if d.get("params") == params and "result" in d:
             return d["result"]
     result = compute()
     atomic_write_json(path, {"params": params, "result": result})
@@ -442,6 +446,6 @@ def pool_evals(seed_evals: list[dict]) -> dict:
 
 def _read_metrics(run_dir: Path) -> dict:
     p = run_dir / "metrics.jsonl"
-    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+    rows = read_jsonl_rows(p, what="metrics rows", empty_ok=True) if p.exists() else []
     return {"train_loss": [(r.get("step"), r["loss"]) for r in rows if "loss" in r and "eval_loss" not in r],
             "eval_loss": [(r.get("step"), r["eval_loss"]) for r in rows if "eval_loss" in r]}

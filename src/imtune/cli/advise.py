@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from imtune import ranges
 from imtune.cli.common import add_data, add_model, add_token_count_options, data_source, load_data_table
 
 
@@ -39,18 +40,18 @@ def add_pilot_options(p) -> None:
                    help="with --data CONFIG.yaml whose data: is a list of sources: a pilot per source, and which "
                         "objective to give each (im, it or cannot tell)")
     g.add_argument("--pilot-model", default=None, help="train this smaller model (same tokenizer) instead of --model")
-    g.add_argument("--budget-min", type=float, default=DEFAULT_PILOT_BUDGET_MIN,
+    g.add_argument("--budget-min", type=ranges.BUDGET_MIN, default=DEFAULT_PILOT_BUDGET_MIN,
                    help=f"wall-clock budget the pilot is planned to (default: {DEFAULT_PILOT_BUDGET_MIN:g})")
-    g.add_argument("--n", dest="n_target", type=int, default=None,
+    g.add_argument("--n", dest="n_target", type=ranges.COUNT, default=None,
                    help="training examples you will train on (default: every record in --data)")
     g.add_argument("--out", default=None, help="pilot directory (default: runs/pilot-<data name>)")
-    g.add_argument("--pilot-seeds", type=int, default=d.seeds, help=f"seeds per size (default: {d.seeds})")
-    g.add_argument("--pilot-heldout", type=int, default=d.n_val,
+    g.add_argument("--pilot-seeds", type=ranges.COUNT, default=d.seeds, help=f"seeds per size (default: {d.seeds})")
+    g.add_argument("--pilot-heldout", type=ranges.COUNT, default=d.n_val,
                    help=f"held-out examples, the same at every size (default: {d.n_val})")
     g.add_argument("--pilot-sizes", default=None, help="comma-separated sizes instead of the planned ones")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default: {d.epochs})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
-    g.add_argument("--batch", type=int, default=d.batch, help=f"batch size (default: {d.batch})")
+    g.add_argument("--epochs", type=ranges.COUNT, default=d.epochs, help=f"training epochs (default: {d.epochs})")
+    g.add_argument("--lr", type=ranges.LEARNING_RATE, default=d.lr, help=f"peak learning rate (default: {d.lr:g})")
+    g.add_argument("--batch", type=ranges.COUNT, default=d.batch, help=f"batch size (default: {d.batch})")
     g.add_argument("--precision", default=d.precision, help=f"training precision (default: {d.precision})")
 
 
@@ -96,9 +97,6 @@ def run_pilot_cli(args) -> int:
     from imtune.errors import ImtuneError
     from imtune.io_utils import prepare_output
 
-    for name in ("budget_min", "pilot_seeds", "pilot_heldout", "epochs", "batch"):
-        if getattr(args, name) <= 0:
-            raise ImtuneError(f"--{name.replace('_', '-')} must be positive")
     try:
         sizes = tuple(int(x) for x in args.pilot_sizes.split(",")) if args.pilot_sizes else None
     except ValueError:

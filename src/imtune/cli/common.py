@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from imtune import ranges
 from imtune.config import (
     DATA_HELP,
     DEFAULT_DATA_SPLIT,
@@ -63,7 +64,7 @@ def add_objective(p: argparse.ArgumentParser, default: str = DEFAULT_OBJECTIVE) 
     p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help="tulu (the paper's), chatml, alpaca, or tokenizer (the model's own chat template); "
                         f"default: {DEFAULT_TEMPLATE}")
-    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
+    p.add_argument("--max-length", dest="max_length", type=ranges.LENGTH, default=DEFAULT_MAX_LENGTH,
                    help=f"truncate examples to this many tokens (default: {DEFAULT_MAX_LENGTH})")
     p.add_argument("--truncation-side", dest="truncation_side", choices=["right", "left"], default="right",
                    help="which end to cut when an example is longer than --max-length (default: right)")
@@ -73,7 +74,7 @@ def add_token_count_options(p: argparse.ArgumentParser) -> None:
     """--template and --max-length for commands that count tokens the way training would (stats, advise)."""
     p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help=f"template used for token counts (default: {DEFAULT_TEMPLATE})")
-    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
+    p.add_argument("--max-length", dest="max_length", type=ranges.LENGTH, default=DEFAULT_MAX_LENGTH,
                    help=f"report how many examples this length would truncate/drop (default: {DEFAULT_MAX_LENGTH})")
 
 

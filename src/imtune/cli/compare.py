@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from imtune import ranges
 from imtune.cli.common import add_data, data_source
 from imtune.config import DEFAULT_MODEL, add_config_arguments
 
@@ -29,24 +30,24 @@ def add_parser(sub):
                                                          "write them in the verdict (default: it,im)")
     p.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
     p.add_argument("--val-data", default=None, help="held-out data file (default: split off --val-fraction)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out when no --val-data "
+    p.add_argument("--val-fraction", type=ranges.FRACTION, default=0.1, help="fraction held out when no --val-data "
                                                                    "(default: 0.1)")
-    p.add_argument("--n-train", type=int, default=None, help="use only this many training examples (after the "
+    p.add_argument("--n-train", type=ranges.COUNT, default=None, help="use only this many training examples (after the "
                                                              "held-out split)")
-    p.add_argument("--n-val", type=int, default=None, help="use only this many held-out examples")
-    p.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and data order")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--n-val", type=ranges.COUNT, default=None, help="use only this many held-out examples")
+    p.add_argument("--seed", type=ranges.SEED, default=42, help="seed for the split, initialisation and data order")
+    p.add_argument("--seeds", type=ranges.COUNT, default=1,
                    help="train every objective with this many seeds (--seed, --seed+1, ...) on the same split; the "
                         "verdict's interval then covers run-to-run variation too (default: 1)")
     p.add_argument("--eval", dest="evals", default="loss,memorisation",
                    help="comma-separated: loss, memorisation, and benchmark tasks (see imtune evaluate --tasks "
                         "list); default: loss,memorisation")
-    p.add_argument("--eval-limit", type=int, default=50, help="examples per benchmark task (default: 50)")
-    p.add_argument("--memorisation-n", type=int, default=32,
+    p.add_argument("--eval-limit", type=ranges.COUNT, default=50, help="examples per benchmark task (default: 50)")
+    p.add_argument("--memorisation-n", type=ranges.COUNT, default=32,
                    help="training examples to generate on for memorisation BLEU (default: 32)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length for memorisation "
+    p.add_argument("--max-new-tokens", type=ranges.COUNT, default=128, help="generation length for memorisation "
                                                                    "(default: 128)")
-    p.add_argument("--eval-batch-size", type=int, default=8, help="batch size for evaluation (default: 8)")
+    p.add_argument("--eval-batch-size", type=ranges.COUNT, default=8, help="batch size for evaluation (default: 8)")
     train = p.add_argument_group("training options (same as imtune train; applied to every run)")
     add_config_arguments(train, exclude=OWN)
     p.set_defaults(func=run)

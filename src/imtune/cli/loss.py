@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from imtune import ranges
 from imtune.cli.common import add_data, add_model, load_data
 from imtune.cli.generate import add_runtime, add_template
 from imtune.config import DEFAULT_MAX_LENGTH
@@ -23,7 +24,7 @@ def add_parser(sub):
                    help="which tokens count: it (output only, the paper's probe), im, im-all, weighted:λ[:ρ], "
                         "optionally @last (default: it)")
     add_template(p)
-    p.add_argument("--max-length", dest="max_length", type=int, default=DEFAULT_MAX_LENGTH,
+    p.add_argument("--max-length", dest="max_length", type=ranges.LENGTH, default=DEFAULT_MAX_LENGTH,
                    help="truncate examples to this many tokens; examples left with no weighted token are "
                         f"excluded and reported (default: {DEFAULT_MAX_LENGTH})")
     add_runtime(p)

@@ -15,8 +15,16 @@ COMMANDS = ("stats", "inspect", "export", "advise", "train", "loss", "plot", "ge
             "compare", "demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line and exit code 2, like every other bad input (argparse would print the whole
+    usage first); subcommands' parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imtune",
         description="Instruction tuning with exact control over which tokens carry loss: IT (output only), "
                     "IM (instruction + output, the NeurIPS 2024 'Instruction Modelling'), or anything between.",

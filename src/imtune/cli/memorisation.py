@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from imtune import ranges
 from imtune.cli.common import add_data, add_model, load_data
 from imtune.cli.generate import add_n, add_runtime, add_template, first_n, generate_rows
 
@@ -25,7 +26,7 @@ def add_parser(sub):
                    help="score this generations JSONL instead of generating (no model needed)")
     add_template(p)
     add_n(p)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=256,
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=ranges.COUNT, default=256,
                    help="most tokens per generation (default: 256)")
     add_runtime(p)
     p.add_argument("--out", default="memorisation", help="output directory (default: ./memorisation)")
@@ -46,8 +47,6 @@ def run(args) -> int:
     else:
         if not args.data:
             raise ImtuneError("give --data (the training set to generate on) or --generations (a JSONL to score)")
-        if args.max_new_tokens < 1:
-            raise ImtuneError("--max-new-tokens must be at least 1")
         records = first_n(load_data(args), args.n)
         rows = generate_rows(args, records, do_sample=False)
         atomic_write_jsonl(out / "generations.jsonl", rows)

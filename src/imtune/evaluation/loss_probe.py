@@ -41,12 +41,9 @@ def training_config(model_ref) -> dict | None:
     for d in (path, path.parent):
         cfg = d / CONFIG_NAME
         if cfg.is_file():
-            import yaml
+            from imtune.inputs import read_yaml
 
-            try:
-                data = yaml.safe_load(cfg.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
-                raise ImtuneError(f"{cfg}: not valid YAML: {str(e).splitlines()[0]}") from None
+            data = read_yaml(cfg)
             if not isinstance(data, dict):
                 raise ImtuneError(f"{cfg}: expected a mapping of settings")
             return data

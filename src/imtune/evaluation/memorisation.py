@@ -67,7 +67,7 @@ def summary_of(scores: dict) -> dict:
 
 def read_generations(path: str | Path) -> list[dict]:
     """Rows of a generations JSONL (as written by `imtune generate`): each needs string `output` and `reference`."""
-    from imtune.io_utils import read_jsonl_rows
+    from imtune.inputs import read_jsonl_rows
 
     rows = read_jsonl_rows(path, {"output": str, "reference": str}, what="generations")
     for i, row in enumerate(rows):

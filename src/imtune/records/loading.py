@@ -12,6 +12,7 @@ from pathlib import Path
 
 from imtune.config import DEFAULT_DATA_SPLIT
 from imtune.errors import ImtuneError, InputError
+from imtune.inputs import Source
 from imtune.records.conversation import Conversation
 from imtune.records.parsing import (  # noqa: F401  (detect_schema, normalise, ...: the module's old API)
     SCHEMAS,
@@ -51,8 +52,10 @@ def load_dataset(path: str | Path, format: str | None = None, skip_invalid: bool
     path = Path(path)
     check_data_file(path)
     check_file_spec(DataSpec(str(path), split, config, revision, format))
-    result = LoadResult(records=[], fingerprint=file_fingerprint(path, format))
-    result.records.extend(conv for _, conv in iter_conversations(path, format, skip_invalid, result.skipped))
+    result = LoadResult(records=[])
+    with Source(path, "data file") as src:  # read once: parsed and hashed together
+        result.records.extend(conv for _, conv in iter_conversations(src, format, skip_invalid, result.skipped))
+    result.fingerprint = file_fingerprint(path, src.digest(), format)
     if not result.records:
         raise InputError(str(path), "no valid records" + (f" ({len(result.skipped)} skipped)" if result.skipped else ""))
     return result

@@ -7,17 +7,13 @@ the reason. `detect_schema` and `normalise` also validate the rows of Hub datase
 from __future__ import annotations
 
 import csv
-import errno
 import io
-import json
 import math
-import os
-import stat
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imtune.errors import InputError
+from imtune.inputs import Source, check_parsed, check_regular, decode_utf8, loads_json
 from imtune.records.conversation import ROLES, Conversation, Message
 
 SCHEMAS = ("messages", "sharegpt", "alpaca", "prompt_completion")
@@ -35,46 +31,34 @@ class LoadResult:
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".pq")
 
 
-def iter_conversations(path: Path, format: str | None, skip_invalid: bool, skipped: list):
-    """Yield (where, Conversation) for each valid record of a data file, where = {'line': n} or {'record': i};
-    bad records raise `InputError`, or with `skip_invalid` are appended to `skipped`."""
+def iter_conversations(source: Source, format: str | None, skip_invalid: bool, skipped: list):
+    """Yield (where, Conversation) for each valid record of a data file opened as `source` (read once, hashed as
+    it is parsed, checked unchanged at the end), where = {'line': n} or {'record': i}; bad records raise
+    `InputError`, or with `skip_invalid` are appended to `skipped`."""
+    path = source.path
     try:
-        for where, raw in _iter_raw(path, skip_invalid, skipped):
+        for where, raw in _iter_raw(source, skip_invalid, skipped):
             try:
                 yield where, _record(path, where, raw, format)
             except InputError as err:
                 if not skip_invalid:
                     raise
                 skipped.append(err)
-    except OSError as e:  # e.g. permission denied, or a device that fails to read
+    except OSError as e:  # e.g. a device that fails to read
         raise InputError(str(path), f"cannot read the file: {e.strerror or e}") from None
+    source.check_unchanged()
 
 
 def check_data_file(path: Path) -> None:
     """Refuse what is not a readable regular file before opening it: a FIFO would block forever."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError(str(path), "symlink loop (the link points, directly or not, back to itself)") from None
-        if e.errno == errno.ENOENT and path.is_symlink():
-            raise InputError(str(path), f"broken symlink (to {os.readlink(path)}, which does not exist)") from None
-        if e.errno == errno.ENOENT:
-            raise InputError(str(path), "file not found") from None
-        raise InputError(str(path), f"cannot read the file: {e.strerror or e}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise InputError(str(path), "is a directory, expected a data file")
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) \
-            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file"
-        raise InputError(str(path), f"is {kind}, not a regular file")
+    check_regular(path, "data file")
 
 
 def _record(path: Path, where: dict, raw, format: str | None) -> Conversation:
     try:
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-        _check_parsed(raw)
+        check_parsed(raw)
         schema = format or detect_schema(raw)
         rid = where.get("record", where.get("line"))
         conv = normalise(raw, schema, id_default=str(rid))
@@ -83,62 +67,12 @@ def _record(path: Path, where: dict, raw, format: str | None) -> Conversation:
     return Conversation(conv.messages, conv.id, source=_where_str(path, where))
 
 
-class _JSONObject(dict):
-    """A parsed JSON object that remembers keys it saw twice (plain json keeps the last one silently)."""
-    __slots__ = ("duplicates",)
-
-
-def _object_pairs(pairs) -> _JSONObject:
-    obj = _JSONObject()
-    obj.duplicates = []
-    for k, v in pairs:
-        if k in obj:
-            obj.duplicates.append(k)
-        obj[k] = v
-    return obj
-
-
-class _HugeInt:
-    """An integer literal too long for int() (Python refuses > 4300 digits): reported with its record."""
-    __slots__ = ("digits",)
-
-    def __init__(self, digits: int):
-        self.digits = digits
-
-
-def _parse_int(s: str):
-    limit = sys.get_int_max_str_digits()
-    return _HugeInt(len(s)) if limit and len(s) > limit else int(s)
-
-
-def _check_parsed(raw) -> None:
-    stack = [raw]  # iterative: a record may legally nest deeper than Python's recursion limit allows
-    while stack:
-        node = stack.pop()
-        if isinstance(node, _HugeInt):
-            raise ValueError(f"integer with {node.digits} digits (more than Python reads: {sys.get_int_max_str_digits()})")
-        if isinstance(node, dict):
-            if getattr(node, "duplicates", None):
-                raise ValueError(f"duplicate key {node.duplicates[0]!r} in a JSON object (which value is meant?)")
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-
-
 def _parse_json(text: str):
-    """json.loads with imtune's checks; every failure is a ValueError with a one-line reason."""
+    """json.loads with imtune's checks (inputs.loads_json); every failure is a ValueError with a one-line reason."""
     try:
-        return json.loads(text, object_pairs_hook=_object_pairs, parse_int=_parse_int)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed JSON: {e.msg} at column {e.colno}") from None
-    except (ValueError, RecursionError) as e:
-        raise ValueError(_json_reason(e)) from None
-
-
-def _json_reason(e: Exception) -> str:
-    if isinstance(e, RecursionError):
-        return "JSON nested too deeply"
-    return f"unreadable JSON value: {str(e).split(';')[0]}"  # e.g. an integer of more than 4300 digits
+        return loads_json(text, check=False)  # checked by _record, with the record's place
+    except ValueError as e:
+        raise ValueError(str(e)) from None  # without the JSON line number: the caller names the record
 
 
 def _where_str(path: Path, where: dict) -> str:
@@ -240,77 +174,84 @@ def _weight(w, label: str) -> float | None:
     return w
 
 
-def _decode(path: Path, data: bytes, line_of_offset: bool = True) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(str(path), f"not valid UTF-8 (byte {e.start})", line=line) from None
-
-
-def _iter_raw(path: Path, skip_invalid: bool, skipped: list):
+def _iter_raw(source: Source, skip_invalid: bool, skipped: list):
     """Yield (where, raw_record) with where = {'line': n} or {'record': i}."""
+    path = source.path
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, "rb") as f:
-            for n, bline in enumerate(f, 1):
-                if not bline.strip():
-                    continue
+        for n, bline in enumerate(source.stream(), 1):
+            if not bline.strip():
+                continue
+            try:
                 try:
-                    try:
-                        line = bline.decode("utf-8-sig" if n == 1 else "utf-8")
-                    except UnicodeDecodeError as e:
-                        raise ValueError(f"not valid UTF-8 (byte {e.start} of the line)") from None
-                    raw = _parse_json(line)
-                except ValueError as e:
-                    err = InputError(str(path), str(e), line=n)
-                    if not skip_invalid:
-                        raise err from None
-                    skipped.append(err)
-                    continue
-                yield {"line": n}, raw
+                    line = bline.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not valid UTF-8 (byte {e.start} of the line)") from None
+                raw = _parse_json(line)
+            except ValueError as e:
+                err = InputError(str(path), str(e), line=n)
+                if not skip_invalid:
+                    raise err from None
+                skipped.append(err)
+                continue
+            yield {"line": n}, raw
     elif suffix == ".json":
-        text = _decode(path, path.read_bytes())
-        try:
-            data = json.loads(text, object_pairs_hook=_object_pairs, parse_int=_parse_int)
-        except json.JSONDecodeError as e:
-            raise InputError(str(path), f"malformed JSON: {e.msg} at column {e.colno}", line=e.lineno) from None
-        except (ValueError, RecursionError) as e:
-            raise InputError(str(path), _json_reason(e)) from None
-        if isinstance(data, dict):
-            data = next((v for v in data.values() if isinstance(v, list)), None) if "messages" not in data else [data]
-        if not isinstance(data, list):
-            raise InputError(str(path), "expected a JSON array of records")
-        for i, raw in enumerate(data):
-            yield {"record": i}, raw
+        yield from _json_records(path, decode_utf8(path, source.read_all()))
     elif suffix == ".csv":
-        for i, row in enumerate(_csv_rows(path)):
-            yield {"record": i}, {k: v for k, v in row.items() if k is not None}
+        yield from _csv_records(path, decode_utf8(path, source.read_all()), skip_invalid, skipped)
     elif suffix in (".parquet", ".pq"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        data = source.read_all()  # once, through the hash; parsed from memory
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(data))
         except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise InputError(str(path), f"cannot read Parquet: {e}") from None
+            raise InputError(str(path), f"cannot read Parquet: {str(e).splitlines()[0] if str(e) else e}") from None
         for i, raw in enumerate(table.to_pylist()):
             yield {"record": i}, raw
     else:
         raise InputError(str(path), f"unsupported file type '{suffix}' (expected .jsonl, .json, .csv or .parquet)")
 
 
-def _csv_rows(path: Path) -> list[dict]:
-    text = _decode(path, path.read_bytes())
+def _json_records(path: Path, text: str):
+    try:
+        data = loads_json(text, check=False)  # each record is checked as it is read, so the error names it
+    except ValueError as e:
+        raise InputError(str(path), str(e), line=getattr(e, "lineno", None)) from None
+    if isinstance(data, dict):
+        data = next((v for v in data.values() if isinstance(v, list)), None) if "messages" not in data else [data]
+    if not isinstance(data, list):
+        raise InputError(str(path), "expected a JSON array of records")
+    for i, raw in enumerate(data):
+        yield {"record": i}, raw
+
+
+def _csv_records(path: Path, text: str, skip_invalid: bool, skipped: list):
+    """Rows of a CSV file as dicts by its header; a row with more or fewer fields than the header is a bad record
+    (csv.DictReader would silently drop the extra field, or fill the missing one with nothing)."""
     # csv's default field limit (131,072 characters) is no property of the data: a long response is fine. No field
     # can be longer than the file, so that is the limit while this file is read.
     old = csv.field_size_limit()
     csv.field_size_limit(max(old, len(text) + 1))
-    rows: list[dict] = []
+    i = -1
     try:
-        for row in csv.DictReader(io.StringIO(text, newline="")):
-            rows.append(row)
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            return
+        for row in reader:
+            if not row:  # a blank line is no record (as csv.DictReader has it)
+                continue
+            i += 1
+            if len(row) != len(header):
+                err = InputError(str(path), f"row has {len(row)} fields, the header has {len(header)}", record=i)
+                if not skip_invalid:
+                    raise err
+                skipped.append(err)
+                continue
+            yield {"record": i}, dict(zip(header, row, strict=True))
     except csv.Error as e:
-        raise InputError(str(path), f"malformed CSV: {e}", record=len(rows)) from None
+        raise InputError(str(path), f"malformed CSV: {e}", record=i + 1) from None
     finally:
         csv.field_size_limit(old)
-    return rows

@@ -19,7 +19,8 @@ import json
 import os
 import re
 import shutil
-import time
+import stat
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from pathlib import Path
 from imtune.config import DEFAULT_DATA_SPLIT
 from imtune.errors import ImtuneError, InputError
 from imtune.gguf import cache_root
+from imtune.inputs import Source, file_digest, stat_input
 from imtune.io_utils import atomic_write_text, remove_dead_builds
 from imtune.records.conversation import Conversation, Message
 from imtune.records.parsing import (
@@ -40,11 +42,10 @@ from imtune.records.parsing import (
 )
 
 # Part of every fingerprint: bump it when validation or the table's layout changes, so old cache entries are unused.
-TABLE_VERSION = 2  # 2: messages carry their `weight`
+TABLE_VERSION = 3  # 2: CSV rows with more or fewer fields than the header are refused; 3: messages carry `weight`
 MARKER = "complete.json"
-TMP_PATTERN = r"\.[0-9a-f]{32}\.tmp-(\d+)"  # a build's directory: .<fingerprint>.tmp-<pid>
+TMP_PATTERN = r"\.[0-9a-f]{32}\.tmp-(\d+)"  # a build's directory: .<random>.tmp-<pid>
 SKIPPED_ROWS_SHOWN = 5
-MEMO_MIN_AGE_S = 2.0  # a file's digest is remembered only once it is this old (see content_digest)
 ROWS_PER_WORKER = 5000  # below this many rows per process, starting a worker costs more than it saves
 
 
@@ -71,15 +72,15 @@ def is_table_source(path: str | Path) -> bool:
     s = str(path)
     if s.startswith("hf://"):
         return True
-    p = Path(s).expanduser()
-    if p.exists():
-        return p.is_dir()
+    st = stat_input(Path(s).expanduser())
+    if st is not None:
+        return stat.S_ISDIR(st.st_mode)
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s) is not None and not s.lower().endswith(DATA_SUFFIXES)
 
 
 def is_hub_id(s: str) -> bool:
     """ORG/NAME (or hf://datasets/ORG/NAME, hf://ORG/NAME) that is not an existing path."""
-    return is_table_source(s) and not Path(str(s)).expanduser().exists()
+    return is_table_source(s) and stat_input(Path(str(s)).expanduser()) is None
 
 
 def source_key(s: str | None) -> str | None:
@@ -141,10 +142,8 @@ def conversation_table(spec: DataSpec, *, skip_invalid: bool = False, num_proc: 
             path = Path(spec.path).expanduser()
             check_data_file(path)
             check_file_spec(spec)
-            name, fp = str(path), file_fingerprint(path, spec.format)
+            name, fp = str(path), _file_entry(path, spec.format, root, skip_invalid)
             entry = root / fp
-            if _marker(entry) is None:
-                _build(entry, lambda tmp: _write_file_table(path, spec.format, tmp, skip_invalid))
             row_kind = "line" if path.suffix.lower() in (".jsonl", ".ndjson") else "record"
         return _open_entry(entry, name, fp, row_kind, skip_invalid)
 
@@ -159,30 +158,44 @@ def _digest(parts: list) -> str:
     return hashlib.sha256(json.dumps([TABLE_VERSION, *parts]).encode()).hexdigest()[:32]
 
 
-def file_fingerprint(path: Path, format: str | None) -> str:
-    """A data file's fingerprint: its bytes, its suffix (which says how they are parsed) and the schema asked for.
-    Not its name or time stamps: a copied or touched file is the same data (and a resumed run may use it)."""
-    return _digest(["file", Path(path).suffix.lower(), content_digest(Path(path)), format])
+def file_fingerprint(path: Path, digest: str, format: str | None) -> str:
+    """A data file's fingerprint: the sha256 of its bytes, its suffix (which says how they are parsed) and the schema
+    asked for. Not its name or time stamps: a copied or touched file is the same data (and a resumed run may use it)."""
+    return _digest(["file", Path(path).suffix.lower(), digest, format])
 
 
-def content_digest(path: Path) -> str:
-    """sha256 of the file's bytes, remembered per (path, size, mtime, inode) in imtune's cache: hashing a 1 GB file
-    takes seconds, which a cached run's start-up should not pay again for a file that has not changed. A file
-    modified in the last seconds is not remembered (its next change could keep the same time stamp)."""
+def _file_entry(path: Path, format: str | None, root: Path, skip_invalid: bool) -> str:
+    """The fingerprint of a data file's table in `root`, built if needed. The content decides, never time stamps:
+    a file whose (path, inode, size, times) were seen before with a table built is hashed (one read) and its table
+    reused only if the hash matches; anything else is parsed, hashed as it is parsed (one read), and its table
+    committed under the hash of the bytes parsed, only if the file did not change during the read."""
+    hint = _remembered_digest(path)
+    if hint is not None and _marker(root / file_fingerprint(path, hint, format)) is not None:
+        digest = file_digest(path)
+        fp = file_fingerprint(path, digest, format)
+        if _marker(root / fp) is not None:
+            _remember(path, os.stat(path), digest)
+            return fp
+    return _build_file_table(path, format, root, skip_invalid)
+
+
+def _memo_path(path: Path, st: os.stat_result) -> Path:
+    return cache_root() / "digests" / _digest(
+        [str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+
+
+def _remembered_digest(path: Path) -> str | None:
+    """The digest last seen for this file with these stat fields: only a hint of which table to check first (a
+    file edited in place with its time stamps restored has the same stat fields and a different hash)."""
     try:
-        st = path.stat()
-        memo = cache_root() / "digests" / _digest(
-            [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
-        if memo.is_file():
-            return memo.read_text().strip()
-        with open(path, "rb") as f:
-            content = hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as e:
-        raise InputError(str(path), f"cannot read the file: {e.strerror or e}") from None
-    if time.time() - st.st_mtime > MEMO_MIN_AGE_S:
-        with contextlib.suppress(OSError):  # an unwritable cache only costs the next run the hash
-            atomic_write_text(memo, content)
-    return content
+        return _memo_path(path, os.stat(path)).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _remember(path: Path, st: os.stat_result, digest: str) -> None:
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the next run a parse
+        atomic_write_text(_memo_path(path, st), digest)
 
 
 def check_file_spec(spec: DataSpec) -> None:
@@ -227,22 +240,33 @@ def _build(entry: Path, write) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     if _marker(entry) is not None:  # another process completed it meanwhile
         return
-    if entry.exists():  # an entry without its marker is not complete (imtune wrote it: the cache is imtune's own)
-        shutil.rmtree(entry, ignore_errors=True)
-    remove_dead_builds(entry.parent, TMP_PATTERN)
-    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _new_build_dir(entry.parent)
     try:
-        marker = write(tmp)
-        (tmp / MARKER).write_text(json.dumps(marker))
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another process finished the same entry first: its copy is as good as ours
-            if _marker(entry) is None:
-                raise
+        _commit(tmp, entry, write(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_build_dir(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    remove_dead_builds(root, TMP_PATTERN)
+    tmp = root / f".{uuid.uuid4().hex}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def _commit(tmp: Path, entry: Path, marker: dict) -> None:
+    """Write the marker last, then rename the build into place (unless another process finished it first)."""
+    if _marker(entry) is not None:
+        return
+    if entry.exists():  # an entry without its marker is not complete (imtune wrote it: the cache is imtune's own)
+        shutil.rmtree(entry, ignore_errors=True)
+    (tmp / MARKER).write_text(json.dumps(marker))
+    try:
+        os.rename(tmp, entry)
+    except OSError:  # another process finished the same entry first: its copy is as good as ours
+        if _marker(entry) is None:
+            raise
 
 
 def _open_entry(entry: Path, name: str, fp: str, row_kind: str, skip_invalid: bool) -> ConversationTable:
@@ -276,24 +300,39 @@ def _row_message(m: Message) -> dict:
 
 # ---- local data files -----------------------------------------------------------------------------------------------
 
-def _write_file_table(path: Path, format: str | None, tmp: Path, skip_invalid: bool) -> dict:
-    """Stream the file's records (parsed and validated by records.loading) into an Arrow file, never holding them
-    all as Python objects."""
+def _build_file_table(path: Path, format: str | None, root: Path, skip_invalid: bool) -> str:
+    """Parse the file (read once, hashed as it is read) into a build directory, then commit it under the
+    fingerprint of the bytes parsed; a file that changed during the read raises before anything is committed."""
+    tmp = _new_build_dir(root)
+    try:
+        marker, digest, st = _write_file_table(path, format, tmp, skip_invalid)
+        fp = file_fingerprint(path, digest, format)
+        _commit(tmp, root / fp, marker)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _remember(path, st, digest)
+    return fp
+
+
+def _write_file_table(path: Path, format: str | None, tmp: Path, skip_invalid: bool):
+    """Stream the file's records (parsed and validated by records.parsing) into an Arrow file, never holding them
+    all as Python objects: (marker, sha256 of the bytes parsed, the file's stat when the read began)."""
     from datasets.arrow_writer import ArrowWriter
 
     skipped: list[InputError] = []
     writer = ArrowWriter(features=features(), path=str(tmp / "table.arrow"), writer_batch_size=1000)
     try:
-        for where, conv in iter_conversations(path, format, skip_invalid, skipped):
-            writer.write({"id": conv.id, "row": where.get("line", where.get("record")),
-                          "messages": [_row_message(m) for m in conv.messages]})
+        with Source(path, "data file") as src:
+            for where, conv in iter_conversations(src, format, skip_invalid, skipped):
+                writer.write({"id": conv.id, "row": where.get("line", where.get("record")),
+                              "messages": [_row_message(m) for m in conv.messages]})
         n, _ = writer.finalize()
     finally:
         writer.close()
     errors = [(e.line if e.line is not None else e.record, e.reason) for e in skipped]
     if not n:
         raise InputError(str(path), "no valid records" + (f" ({len(errors)} skipped)" if errors else ""))
-    return {"files": ["table.arrow"], "rows": n, "errors": errors}
+    return {"files": ["table.arrow"], "rows": n, "errors": errors}, src.digest(), src.start
 
 
 # ---- Hub datasets and dataset directories -----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from imtune.errors import ImtuneError
+from imtune.inputs import load_input, read_json_object
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -180,9 +181,8 @@ def prune(out: Path, keep: int) -> None:
 
 def read_state(ckpt: Path) -> TrainerState:
     try:
-        d = json.loads((Path(ckpt) / STATE_FILE).read_text(encoding="utf-8"))
-        return TrainerState(**d)
-    except (OSError, ValueError, TypeError) as e:
+        return TrainerState(**read_json_object(Path(ckpt) / STATE_FILE, "trainer state"))
+    except TypeError as e:
         raise ImtuneError(f"{ckpt}: unreadable {STATE_FILE} ({e})") from None
 
 
@@ -199,21 +199,25 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator, sharde
         if not (ckpt / WEIGHTS_FILE).is_file():
             raise ImtuneError(f"{ckpt}: saved under FSDP (no {WEIGHTS_FILE}); resume it with an FSDP launch")
         _load_weights(ckpt, accelerator.unwrap_model(model))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
+        load_input(ckpt / "optimizer.pt", "optimizer state", lambda p: optimizer.load_state_dict(_torch_load(p)))
+    load_input(ckpt / "scheduler.pt", "scheduler state", lambda p: scheduler.load_state_dict(_torch_load(p)))
     rank = accelerator.process_index
     rng_file = ckpt / f"rng_state_{rank}.pt"
     if not rng_file.is_file():
         # Resuming on more processes than saved: fall back to rank 0's streams (data order is unaffected).
         rng_file = ckpt / "rng_state_0.pt"
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    load_input(rng_file, "RNG state", lambda p: set_rng_state(_torch_load(p)))
     return state
+
+
+def _torch_load(path: str):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _load_weights(ckpt: Path, model) -> None:
     from safetensors.torch import load_file
 
-    sd = load_file(str(ckpt / WEIGHTS_FILE))
+    sd = load_input(ckpt / WEIGHTS_FILE, "checkpoint weights", load_file)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(sd) != trainable:
         missing, extra = sorted(trainable - set(sd)), sorted(set(sd) - trainable)

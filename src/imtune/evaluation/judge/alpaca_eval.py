@@ -152,29 +152,11 @@ def alpaca_eval_instructions(limit: int | None = None) -> list[str]:
 
 def load_model_outputs(path: str | Path) -> list[dict]:
     """`{instruction, output}` records from a .json array or .jsonl file (other keys, e.g. generator, kept)."""
+    from imtune.inputs import read_json_records
+
     path = Path(path)
-    if not path.exists():
-        raise ImtuneError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    rows: list[tuple[int | None, int, object]] = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(str(path), f"invalid JSON: {e.msg}", line=e.lineno) from e
-        rows = [(None, i, r) for i, r in enumerate(data)]
-    else:
-        for ln, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((ln, len(rows), json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InputError(str(path), f"invalid JSON: {e.msg}", line=ln) from e
     out = []
-    for ln, i, r in rows:
-        where = {"line": ln} if ln is not None else {"record": i}
+    for where, r in read_json_records(path, "records", empty_ok=True):  # one line for any unreadable input
         if not isinstance(r, dict):
             raise InputError(str(path), "expected an object with 'instruction' and 'output'", **where)
         for k in ("instruction", "output"):

@@ -68,37 +68,21 @@ def load_judge_prompts() -> dict[str, dict]:
 def load_answers(path: str | Path) -> dict[int, list[str]]:
     """question_id -> answer turns, from `{question_id, turns: [a1, a2]}` records (.jsonl or a .json array);
     FastChat's own answer files (`{question_id, choices: [{turns: [...]}]}`) are accepted too."""
-    path = Path(path)
-    if not path.exists():
-        raise ImtuneError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = [(None, i, r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise InputError(str(path), f"invalid JSON: {e.msg}", line=e.lineno) from e
-    else:
-        rows = []
-        for ln, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((ln, len(rows), json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise InputError(str(path), f"invalid JSON: {e.msg}", line=ln) from e
+    from imtune.inputs import read_json_records
+
     known = {q["question_id"] for q in _questions()}
     out: dict[int, list[str]] = {}
-    for ln, i, r in rows:
-        where = {"line": ln} if ln is not None else {"record": i}
+    for where, r in read_json_records(path, "answers"):  # one line naming file + line for any unreadable input
         if not isinstance(r, dict) or "question_id" not in r:
             raise InputError(str(path), "expected an object with 'question_id' and 'turns'", **where)
         turns = r.get("turns")
-        if turns is None and isinstance(r.get("choices"), list) and r["choices"]:
+        if turns is None and isinstance(r.get("choices"), list) and r["choices"] and isinstance(r["choices"][0], dict):
             turns = r["choices"][0].get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
             raise InputError(str(path), "'turns' must be a non-empty list of strings", **where)
         try:
             qid = int(r["question_id"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InputError(str(path), f"bad question_id {r['question_id']!r}", **where) from None
         if qid not in known:
             raise InputError(str(path), f"question_id {qid} is not an MT-Bench question", **where)
