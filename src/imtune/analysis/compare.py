@@ -6,9 +6,8 @@ Flow (each step cached under the output directory, so a rerun reuses finished wo
     training device and precision (held-out and train output loss per example, memorisation BLEU, optional
     benchmarks) → results.json → report.md / report.html + plots.
 
-The verdict (analysis/verdict.py) rests on paired per-example differences of held-out output loss (the same held-out
-examples are scored by every model), with a 95% interval from a bootstrap over training seeds and held-out examples
-(imtune.statistics); a difference whose interval contains 0 is reported as not resolved.
+The verdict (analysis/verdict.py) rests on paired per-example differences of held-out output loss, with a 95%
+interval from a bootstrap over seeds and held-out examples; an interval containing 0 is reported as not resolved.
 """
 
 from __future__ import annotations
