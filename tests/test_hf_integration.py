@@ -54,6 +54,27 @@ def test_columns_match_imtunes_encoder(tiny_tok, data):
     assert {w for r in it for w in r["loss_weights"]} == {0.0, 1.0}
 
 
+def test_per_message_weights_from_the_data_reach_the_trainer(tiny_tok, tmp_path):
+    """A message's `weight` multiplies the objective's weight of its tokens in `loss_weights` and `labels`."""
+    rows = [{"messages": [{"role": "user", "content": "Say hi to me"},
+                          {"role": "assistant", "content": "Hi there", "weight": 0.25},
+                          {"role": "user", "content": "Again"},
+                          {"role": "assistant", "content": "Not trained", "weight": 0}]}]
+    path = tmp_path / "w.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = [{"messages": [{k: v for k, v in m.items() if k != "weight"} for m in r["messages"]]} for r in rows]
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    for objective in ("it", "im"):
+        weighted = encode_dataset(str(path), tiny_tok, objective, template="chatml", max_length=96)[0]
+        base = encode_dataset(str(tmp_path / "plain.jsonl"), tiny_tok, objective, template="chatml",
+                              max_length=96)[0]
+        assert weighted["input_ids"] == base["input_ids"]
+        ratios = {w / b for w, b in zip(weighted["loss_weights"], base["loss_weights"], strict=True) if b}
+        assert ratios == ({0.25, 0.0} if objective == "it" else {1.0, 0.25, 0.0})
+        assert all((lab == IGNORE_INDEX) == (w == 0)
+                   for lab, w in zip(weighted["labels"], weighted["loss_weights"], strict=True))
+
+
 def test_in_memory_dataset_and_bad_records(tiny_tok, data):
     from datasets import Dataset
 
