@@ -178,20 +178,3 @@ def test_training_with_weights(tiny_dir, tmp_path):
 def test_objective_weight_unchanged_for_markup():
     obj = parse_objective("im-all")
     assert obj.class_weights().tolist() == [1.0, 1.0, 1.0, 1.0]
-
-
-def test_a_table_of_the_layout_before_weights_is_rebuilt_under_the_same_fingerprint(tmp_path):
-    """Tables written before messages carried weights are read again (a file with weights gets them), and the
-    fingerprint, hence the encode cache key of data without weights, stays what it was."""
-    from imtune.records.sources import MARKER, DataSpec, conversation_table
-
-    path = _jsonl(tmp_path / "d.jsonl", _rows(3, lambda i, k: 0.5 if k == 1 else None))
-    t = conversation_table(DataSpec(str(path)), cache_dir=tmp_path / "c")
-    marker = tmp_path / "c" / t.fingerprint / MARKER
-    old = json.loads(marker.read_text())
-    del old["layout"]
-    marker.write_text(json.dumps(old))
-    again = conversation_table(DataSpec(str(path)), cache_dir=tmp_path / "c")
-    assert again.fingerprint == t.fingerprint
-    assert [m.weight for m in next(again.conversations()).messages] == [None, 0.5]
-    assert json.loads(marker.read_text())["layout"] == 2

@@ -40,11 +40,7 @@ from imtune.records.parsing import (
 )
 
 # Part of every fingerprint: bump it when validation or the table's layout changes, so old cache entries are unused.
-TABLE_VERSION = 1
-# The table's layout, recorded in its marker: 2 = messages carry their `weight`. An entry of an older layout is
-# rebuilt under the same fingerprint (the data's), so data without weights keeps its fingerprint, encode cache key
-# and resumable checkpoints, while data with weights is read again with them.
-TABLE_LAYOUT = 2
+TABLE_VERSION = 2  # 2: messages carry their `weight`
 MARKER = "complete.json"
 TMP_PATTERN = r"\.[0-9a-f]{32}\.tmp-(\d+)"  # a build's directory: .<fingerprint>.tmp-<pid>
 SKIPPED_ROWS_SHOWN = 5
@@ -219,12 +215,10 @@ def _work_features():
 # ---- cache entries ------------------------------------------------------------------------------------------------
 
 def _marker(entry: Path) -> dict | None:
-    """The marker of a complete entry of the current layout; None for none (an older layout is rebuilt)."""
     try:
-        m = json.loads((entry / MARKER).read_text())
+        return json.loads((entry / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return m if m.get("layout") == TABLE_LAYOUT else None
 
 
 def _build(entry: Path, write) -> None:
@@ -240,7 +234,7 @@ def _build(entry: Path, write) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        marker = {**write(tmp), "layout": TABLE_LAYOUT}
+        marker = write(tmp)
         (tmp / MARKER).write_text(json.dumps(marker))
         try:
             os.rename(tmp, entry)
