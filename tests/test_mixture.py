@@ -51,6 +51,9 @@ def test_sources_with_the_runs_objective_train_as_their_concatenation(tiny_dir, 
                             objective="weighted:0.3"))
     one = imtune.train(_cfg(tiny_dir, tmp_path, str(tmp_path / "ab.jsonl"), "one", objective="weighted:0.3"))
     assert [h["loss"] for h in mix.history] == [h["loss"] for h in one.history]
+    mem = imtune.train(_cfg(tiny_dir, tmp_path, [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "mem",
+                            objective="weighted:0.3", encode_cache=False))
+    assert [h["loss"] for h in mem.history] == [h["loss"] for h in one.history]
     assert [h["weight_sum"] for h in mix.history] == [h["weight_sum"] for h in one.history]
     wm, wo = _weights(mix), _weights(one)
     assert all(torch.equal(wm[k], wo[k]) for k in wo)
