@@ -73,6 +73,9 @@ def test_each_source_has_its_objective_and_sample(tiny_dir, tmp_path):
              for k, d in enumerate(data)]
     assert [s["weighted_tokens"] for s in src] == [x.metrics["data"]["weighted_tokens"] for x in alone]
     assert r.metrics["data"]["weighted_tokens"] == sum(s["weighted_tokens"] for s in src)
+    assert "val_examples" not in r.metrics["data"]
+    held = imtune.train(_cfg(tiny_dir, tmp_path, data, "held", max_steps=1, val_data=str(tmp_path / "b.jsonl")))
+    assert held.metrics["data"]["val_examples"] == 6 and held.eval_history
     # a source samples the same alone or in a mixture; a saved config reloads with its sources
     saved = TrainConfig.from_yaml(r.output_dir / "imtune_config.yaml")
     assert saved.sources() == data
