@@ -172,6 +172,7 @@ def test_training_with_weights(tiny_dir, tmp_path):
         runs[name] = imtune.train({**base, "data": str(data), "out": str(tmp_path / name)})
     assert [h["loss"] for h in runs["ones"].history] == [h["loss"] for h in runs["none"].history]
     assert runs["zero"].metrics["data"]["dropped_no_weight"] == 1
+    assert runs["zero"].metrics["data"]["dropped_by_truncation"] == 0  # its weights were 0, nothing was cut
     assert all(math.isfinite(h["loss"]) for h in runs["zero"].history)
 
 

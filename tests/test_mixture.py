@@ -51,6 +51,9 @@ def test_sources_with_the_runs_objective_train_as_their_concatenation(tiny_dir, 
                             objective="weighted:0.3"))
     one = imtune.train(_cfg(tiny_dir, tmp_path, str(tmp_path / "ab.jsonl"), "one", objective="weighted:0.3"))
     assert [h["loss"] for h in mix.history] == [h["loss"] for h in one.history]
+    mem = imtune.train(_cfg(tiny_dir, tmp_path, [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "mem",
+                            objective="weighted:0.3", encode_cache=False))
+    assert [h["loss"] for h in mem.history] == [h["loss"] for h in one.history]
     assert [h["weight_sum"] for h in mix.history] == [h["weight_sum"] for h in one.history]
     wm, wo = _weights(mix), _weights(one)
     assert all(torch.equal(wm[k], wo[k]) for k in wo)
@@ -70,6 +73,9 @@ def test_each_source_has_its_objective_and_sample(tiny_dir, tmp_path):
              for k, d in enumerate(data)]
     assert [s["weighted_tokens"] for s in src] == [x.metrics["data"]["weighted_tokens"] for x in alone]
     assert r.metrics["data"]["weighted_tokens"] == sum(s["weighted_tokens"] for s in src)
+    assert "val_examples" not in r.metrics["data"]
+    held = imtune.train(_cfg(tiny_dir, tmp_path, data, "held", max_steps=1, val_data=str(tmp_path / "b.jsonl")))
+    assert held.metrics["data"]["val_examples"] == 6 and held.eval_history
     # a source samples the same alone or in a mixture; a saved config reloads with its sources
     saved = TrainConfig.from_yaml(r.output_dir / "imtune_config.yaml")
     assert saved.sources() == data

@@ -155,12 +155,13 @@ def weigh(classes: np.ndarray, bounds: np.ndarray, cw: np.ndarray) -> np.ndarray
 
 
 def had_weight(obj: Objective, full_counts: np.ndarray, truncated: np.ndarray) -> np.ndarray:
-    """Per example: did it have a weighted token before truncation? (Told from the class counts where the objective
-    is a weight per class; otherwise every truncated example is taken to have had one.)"""
+    """Per example: was it truncated, and did it have a weighted token before? (Told from the class counts where the
+    objective is a weight per class, message weights aside; otherwise every truncated example is taken to have.)"""
+    truncated = np.asarray(truncated, dtype=bool)
     cw = obj.class_weights()
     if cw is None:
-        return np.asarray(truncated, dtype=bool)
-    return (full_counts[:, cw > 0] > 0).any(axis=1)
+        return truncated
+    return truncated & (full_counts[:, cw > 0] > 0).any(axis=1)
 
 
 @dataclass(frozen=True)

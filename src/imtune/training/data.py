@@ -133,7 +133,7 @@ def encode_sets(cfg: TrainConfig, tokenizer, records, val_records, main_first=co
     from imtune.training import mixture
 
     if mixture.is_mixture(cfg):
-        return mixture.encode_parts(cfg, tokenizer, records, main_first, report)
+        return mixture.encode_parts(cfg, tokenizer, records, main_first, report, val_records)
     train, rep, where = _encode_one(cfg, tokenizer, records, cfg.objective, cfg.data, main_first, report)
     if not len(train):
         raise ImtuneError(f"{cfg.data}: no example has a token with non-zero weight under objective {cfg.objective}")

@@ -61,7 +61,11 @@ def load_parts(cfg: TrainConfig, note: Callable[[str], None], main_first=context
         parts.append(Part(sub, _rows(train, rest, f"train, {tag}"), _rows(train, held, f"held out, {tag}")))
         prints.append([fp, src.get("n"), src.get("fraction"), sub.objective, cfg.val_fraction])
     fingerprint = hashlib.blake2b(json.dumps(prints).encode(), digest_size=16).hexdigest()
-    return parts, None, fingerprint
+    val = None
+    if cfg.val_data:  # read as a plain --val-data is (its default split)
+        val = load_sets(cfg.replace(data=cfg.val_data, data_split=DEFAULT_DATA_SPLIT, data_config=None,
+                                    data_revision=None, val_fraction=0.0, val_data=None), note, main_first)[0]
+    return parts, val, fingerprint
 
 
 def _rows(train, rows: list[int], tag: str):
@@ -72,9 +76,9 @@ def _rows(train, rows: list[int], tag: str):
     return [train[i] for i in rows]
 
 
-def encode_parts(cfg: TrainConfig, tokenizer, parts: list[Part], main_first, report) -> tuple:
+def encode_parts(cfg: TrainConfig, tokenizer, parts: list[Part], main_first, report, val_data=None) -> tuple:
     """(training set, held-out set or None, data summary, notes): every source encoded under its own objective
-    and concatenated (see the module doc)."""
+    and concatenated (see the module doc); `val_data`: the records of --val-data, if given."""
     from imtune.training.data import _encode_one, encode_notes
 
     train, val, notes, summary = [], [], [], {"sources": []}
@@ -96,6 +100,8 @@ def encode_parts(cfg: TrainConfig, tokenizer, parts: list[Part], main_first, rep
         if p.val is not None and len(p.val.dataset if hasattr(p.val, "dataset") else p.val):
             v, _, _ = _encode_one(p.cfg, tokenizer, p.val, "it", f"{name} (held out)", main_first, report)
             val.append(v)
+    if val_data is not None:
+        val.append(_encode_one(cfg, tokenizer, val_data, "it", cfg.val_data, main_first, report)[0])
     notes.insert(0, "sources: " + "; ".join(f"data[{k}] {s['path']}: {s['examples']} example(s) under {s['objective']}"
                                              for k, s in enumerate(summary["sources"])))
     data = concat(train)
