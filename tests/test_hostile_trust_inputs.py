@@ -5,6 +5,7 @@ git); tests/test_hostile_inputs.py keeps the data-file cases that can."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -295,6 +296,9 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     (lambda d: (d / "c.yaml").write_text("# " + "x" * (5 << 20) + "\n"), "too large"),
     (lambda d: (d / "c.yaml").write_text("- lr\n- 1\n"), "expected a mapping of option: value, got list"),
     (lambda d: (d / "c.yaml").write_text("lr: [1, 2\n"), "malformed YAML"),
+    (lambda d: (d / "c.yaml").write_text("lr: !!python/object/apply:os.system [echo hi]\n"), "malformed YAML"),
+    (lambda d: (d / "c.yaml").write_text("lr: 1e-5\n", encoding="utf-16"), "not valid UTF-8"),
+    (lambda d: (d / "c.yaml").write_text("? [a, b]\n: 1\n"), "found unhashable key"),
     (lambda d: (d / "c.yaml").mkdir(), "is a directory"),
     (lambda d: os.mkfifo(d / "c.yaml"), "is a FIFO (named pipe), not a regular file"),
     (lambda d: (d / "c.yaml").symlink_to("/dev/zero"), "is a device, not a regular file"),
@@ -486,3 +490,33 @@ def test_an_auto_map_of_a_known_model_type_loads_without_running_it(tmp_path, ti
     from imtune.models import load_model
 
     assert load_model(_model_with_auto_map(tmp_path, tiny_dir, None)) is not None
+
+
+# ---- the ranges themselves --------------------------------------------------------------------------------------------
+
+def test_a_range_accepts_exactly_its_values():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from imtune import ranges
+
+    @given(st.integers(min_value=-(2**70), max_value=2**70))
+    def seeds(v):
+        ok = 0 <= v < 2**32
+        assert ranges.SEED.contains(v) == ok
+        if ok:
+            assert ranges.SEED(str(v)) == v
+        else:
+            with pytest.raises(argparse.ArgumentTypeError, match=r"must be an integer in \[0, 4294967295\]"):
+                ranges.SEED(str(v))
+
+    @given(st.floats(allow_nan=True, allow_infinity=True))
+    def timeouts(v):
+        ok = v == v and 0 < v <= ranges.TIMEOUT_MAX_S
+        assert ranges.TIMEOUT_S.contains(v) == ok
+        assert (ranges.TIMEOUT_S(repr(v)) == v) if ok else pytest.raises(argparse.ArgumentTypeError,
+                                                                          ranges.TIMEOUT_S, repr(v))
+
+    seeds()
+    timeouts()
+    assert ranges.COUNT.contains(1) and not ranges.COUNT.contains(True) and not ranges.COUNT.contains(1.0)
