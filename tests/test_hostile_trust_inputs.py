@@ -520,3 +520,31 @@ def test_a_range_accepts_exactly_its_values():
     seeds()
     timeouts()
     assert ranges.COUNT.contains(1) and not ranges.COUNT.contains(True) and not ranges.COUNT.contains(1.0)
+
+
+# ---- dataset directories: the same rule for every file in them ------------------------------------------------------
+
+def test_a_dataset_directory_edited_in_place_is_read_again(tmp_path, cache):
+    from imtune.records.sources import DataSpec, conversation_table
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_bytes(rows(4))
+    os.utime(d / "train.jsonl", (1e9, 1e9))
+    t1 = conversation_table(DataSpec(str(d)), cache_dir=cache)
+    assert conversation_table(DataSpec(str(d)), cache_dir=cache).fingerprint == t1.fingerprint
+    _edit_in_place(d / "train.jsonl", b"answer a2", b"ANSWER a2")  # `datasets`' own cache would trust the mtime
+    t2 = conversation_table(DataSpec(str(d)), cache_dir=cache)
+    assert t2.fingerprint != t1.fingerprint
+    assert [c.messages[1].content for c in t2.conversations()][2] == "ANSWER a2"
+
+
+def test_a_fifo_in_a_dataset_directory_is_refused_before_it_is_opened(tmp_path, cache):
+    from imtune.records.sources import DataSpec, conversation_table
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_bytes(rows(2))
+    os.mkfifo(d / "more.jsonl")
+    with pytest.raises(InputError, match=r"more.jsonl: is a FIFO \(named pipe\), not a regular file"):
+        conversation_table(DataSpec(str(d)), cache_dir=cache)
