@@ -5,6 +5,7 @@ git); tests/test_hostile_inputs.py keeps the data-file cases that can."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from imtune.cli.main import main
-from imtune.errors import InputError
+from imtune.errors import ImtuneError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,6 +296,9 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     (lambda d: (d / "c.yaml").write_text("# " + "x" * (5 << 20) + "\n"), "too large"),
     (lambda d: (d / "c.yaml").write_text("- lr\n- 1\n"), "expected a mapping of option: value, got list"),
     (lambda d: (d / "c.yaml").write_text("lr: [1, 2\n"), "malformed YAML"),
+    (lambda d: (d / "c.yaml").write_text("lr: !!python/object/apply:os.system [echo hi]\n"), "malformed YAML"),
+    (lambda d: (d / "c.yaml").write_text("lr: 1e-5\n", encoding="utf-16"), "not valid UTF-8"),
+    (lambda d: (d / "c.yaml").write_text("? [a, b]\n: 1\n"), "found unhashable key"),
     (lambda d: (d / "c.yaml").mkdir(), "is a directory"),
     (lambda d: os.mkfifo(d / "c.yaml"), "is a FIFO (named pipe), not a regular file"),
     (lambda d: (d / "c.yaml").symlink_to("/dev/zero"), "is a device, not a regular file"),
@@ -354,3 +358,193 @@ def test_a_damaged_checkpoint_on_resume_is_one_line_naming_the_file(trained, tmp
     errors = [line for line in err.splitlines() if "error:" in line]  # the others are progress notes
     assert len(errors) == 1 and "Traceback" not in err, err
     assert errors[0].startswith(f"imtune train: error: {ckpt / name}") and needle in errors[0], err
+
+
+# ---- every non-data JSON input x every hostile file -------------------------------------------------------------------
+
+def _fn(name):
+    def call(path, tmp):
+        if name == "outputs":
+            from imtune.evaluation.judge.alpaca_eval import load_model_outputs as f
+        elif name == "answers":
+            from imtune.evaluation.judge.mt_bench import load_answers as f
+        elif name == "evidence":
+            from imtune.analysis.advise import evidence_rows
+
+            def f(p):
+                return evidence_rows([p])
+        elif name == "table":
+            from imtune.analysis.advise import load_table as f
+        elif name == "trainer_state":
+            from imtune.training.checkpointing import read_state
+
+            def f(p):
+                return read_state(Path(p).parent)
+        return f(str(path))
+    return call
+
+
+def _compare(path, tmp):
+    (tmp / "d.jsonl").write_bytes(rows(12))
+    return ["compare", "--data", str(tmp / "d.jsonl"), "--out", str(tmp / "cmp"), "--model", "x"]
+
+
+# kind -> (where the hostile file goes, relative to tmp; a function raising InputError, or the argv that reads it)
+JSON_INPUTS = {
+    "judge outputs": ("outputs.json", _fn("outputs")),
+    "MT-Bench answers": ("answers.jsonl", _fn("answers")),
+    "--evidence": ("results.json", _fn("evidence")),
+    "--table": ("study.json", _fn("table")),
+    "trainer_state.json": ("ckpt/trainer_state.json", _fn("trainer_state")),
+    "--samples": ("samples.jsonl", lambda p, tmp: ["evaluate", "--tasks", "humaneval", "--samples", str(p)]),
+    "plot rows": ("loss.jsonl", lambda p, tmp: ["plot", str(p), "--out", str(tmp / "fig")]),
+    "--generations": ("gen.jsonl", lambda p, tmp: ["memorisation", "--generations", str(p), "--out",
+                                                    str(tmp / "mem")]),
+    "compare split.json": ("cmp/data/split.json", _compare),
+}
+
+
+def _sparse(p: Path, size: int) -> None:
+    with open(p, "wb") as f:
+        f.truncate(size)
+
+
+# case -> (make the file at p, what the one line says; None: any reason, as long as it names the file)
+HOSTILE = {
+    "invalid-utf8": (lambda p: p.write_bytes(b'{"output": "caf\xe9"}\n'), "not valid UTF-8"),
+    "deep-nesting": (lambda p: p.write_text("[" * 5000 + "]" * 5000 + "\n"), "nested too deeply"),
+    "nesting-150": (lambda p: p.write_text("[" * 150 + "]" * 150 + "\n"), "nested too deeply"),
+    "directory": (lambda p: p.mkdir(), "is a directory"),
+    "dev-zero": (lambda p: p.symlink_to("/dev/zero"), "is a device, not a regular file"),
+    "fifo": (lambda p: os.mkfifo(p), "is a FIFO (named pipe), not a regular file"),
+    "huge": (lambda p: _sparse(p, (512 << 20) + 1), "too large"),
+    "wrong-shape": (lambda p: p.write_text("42\n"), None),
+    "wrong-record-shape": (lambda p: p.write_text('[[1, 2], "x"]\n'), None),
+    "duplicate-key": (lambda p: p.write_text('{"output": "a", "output": "b"}\n'), "duplicate key 'output'"),
+    "truncated": (lambda p: p.write_text('{"output": "a", \n'), "malformed JSON"),
+    "empty": (lambda p: p.write_text(""), None),
+    "huge-int": (lambda p: p.write_text('{"n": ' + "9" * 5000 + "}\n"), "integer with 5000 digits"),
+}
+JSON_CASES = [(k, c) for k in JSON_INPUTS for c in HOSTILE]
+
+
+@pytest.mark.parametrize("kind, case", JSON_CASES, ids=[f"{k}-{c}" for k, c in JSON_CASES])
+def test_a_hostile_json_input_is_one_line_naming_it(kind, case, tmp_path, capsys):
+    where, reader = JSON_INPUTS[kind]
+    make, needle = HOSTILE[case]
+    p = tmp_path / where
+    p.parent.mkdir(parents=True, exist_ok=True)
+    argv = reader(p, tmp_path) if reader.__name__ in ("_compare", "<lambda>") else None
+    make(p)
+    if argv is None:  # the reader itself (its command needs a model, a judge server or a run first)
+        with pytest.raises(ImtuneError) as e:
+            reader(p, tmp_path)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(str(p)), msg
+    elif case == "fifo":  # a real process: if the FIFO were opened, the read would block and the timeout say so
+        msg = one_line_exit_2(cli(*argv, cwd=tmp_path, timeout=120), str(p))
+    else:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        msg = err.splitlines()[-1]
+        assert "Traceback" not in err and [line for line in err.splitlines() if "error:" in line] == [msg], err
+        assert "error: " + str(p) in msg, msg
+    if needle:
+        assert needle in msg, msg
+
+
+def test_a_corrupt_compare_done_marker_is_one_line(tmp_path):
+    from imtune.analysis.compare import _run_done
+
+    (tmp_path / "compare_done.json").write_bytes(b'{"config": "abc"')
+    with pytest.raises(InputError, match=r"compare_done.json:1: malformed JSON"):
+        _run_done(tmp_path, None)
+
+
+# ---- models that need their own code -----------------------------------------------------------------------------------
+
+def _model_with_auto_map(tmp_path, tiny_dir, model_type):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    cfg["model_type"] = model_type or cfg["model_type"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "modeling_x.py").write_text("raise SystemExit('remote code ran')\n")
+    return d
+
+
+def test_a_model_that_needs_remote_code_is_one_line(tmp_path, tiny_dir, capsys):
+    d = _model_with_auto_map(tmp_path, tiny_dir, "imtune_custom")
+    (tmp_path / "d.jsonl").write_bytes(rows(2))
+    assert main(["generate", "--model", str(d), "--data", str(tmp_path / "d.jsonl"), "--out",
+                 str(tmp_path / "g.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{d / 'config.json'}: the model needs its own Python code" in err and "--trust-remote-code" in err
+
+
+def test_an_auto_map_of_a_known_model_type_loads_without_running_it(tmp_path, tiny_dir):
+    from imtune.models import load_model
+
+    assert load_model(_model_with_auto_map(tmp_path, tiny_dir, None)) is not None
+
+
+# ---- the ranges themselves --------------------------------------------------------------------------------------------
+
+def test_a_range_accepts_exactly_its_values():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from imtune import ranges
+
+    @given(st.integers(min_value=-(2**70), max_value=2**70))
+    def seeds(v):
+        ok = 0 <= v < 2**32
+        assert ranges.SEED.contains(v) == ok
+        if ok:
+            assert ranges.SEED(str(v)) == v
+        else:
+            with pytest.raises(argparse.ArgumentTypeError, match=r"must be an integer in \[0, 4294967295\]"):
+                ranges.SEED(str(v))
+
+    @given(st.floats(allow_nan=True, allow_infinity=True))
+    def timeouts(v):
+        ok = v == v and 0 < v <= ranges.TIMEOUT_MAX_S
+        assert ranges.TIMEOUT_S.contains(v) == ok
+        assert (ranges.TIMEOUT_S(repr(v)) == v) if ok else pytest.raises(argparse.ArgumentTypeError,
+                                                                          ranges.TIMEOUT_S, repr(v))
+
+    seeds()
+    timeouts()
+    assert ranges.COUNT.contains(1) and not ranges.COUNT.contains(True) and not ranges.COUNT.contains(1.0)
+
+
+# ---- dataset directories: the same rule for every file in them ------------------------------------------------------
+
+def test_a_dataset_directory_edited_in_place_is_read_again(tmp_path, cache):
+    from imtune.records.sources import DataSpec, conversation_table
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_bytes(rows(4))
+    os.utime(d / "train.jsonl", (1e9, 1e9))
+    t1 = conversation_table(DataSpec(str(d)), cache_dir=cache)
+    assert conversation_table(DataSpec(str(d)), cache_dir=cache).fingerprint == t1.fingerprint
+    _edit_in_place(d / "train.jsonl", b"answer a2", b"ANSWER a2")  # `datasets`' own cache would trust the mtime
+    t2 = conversation_table(DataSpec(str(d)), cache_dir=cache)
+    assert t2.fingerprint != t1.fingerprint
+    assert [c.messages[1].content for c in t2.conversations()][2] == "ANSWER a2"
+
+
+def test_a_fifo_in_a_dataset_directory_is_refused_before_it_is_opened(tmp_path, cache):
+    from imtune.records.sources import DataSpec, conversation_table
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_bytes(rows(2))
+    os.mkfifo(d / "more.jsonl")
+    with pytest.raises(InputError, match=r"more.jsonl: is a FIFO \(named pipe\), not a regular file"):
+        conversation_table(DataSpec(str(d)), cache_dir=cache)

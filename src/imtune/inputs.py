@@ -141,16 +141,20 @@ class Source:
         """Buffered reads (line iteration) that still pass through the hash."""
         return io.BufferedReader(_Raw(self), buffer_size=READ_CHUNK)
 
-    def read_all(self, limit: int | None = None) -> bytes:
-        if limit is not None and self.start.st_size > limit:
-            raise InputError(str(self.path), f"too large ({self.start.st_size:,} bytes; at most {limit:,} read)")
-        out = bytearray()
-        buf = bytearray(READ_CHUNK)
-        while n := self.readinto(buf):
-            out += memoryview(buf)[:n]
-            if limit is not None and len(out) > limit:
-                raise InputError(str(self.path), f"too large (more than {limit:,} bytes)")
-        return bytes(out)
+    def read_all(self, limit: int | None = None) -> bytearray:
+        """The whole file, read into one buffer of its size (no copy); a file that grew is refused here."""
+        size = self.start.st_size
+        if limit is not None and size > limit:
+            raise InputError(str(self.path), f"too large ({size:,} bytes; at most {limit:,} read)")
+        out = bytearray(size + 1)  # one byte more than the file had: a read that fills it saw the file grow
+        n = 0
+        with memoryview(out) as view:
+            while n < len(out) and (k := self.readinto(view[n:])):
+                n += k
+        if n > size:
+            self.check_unchanged()
+        del out[n:]
+        return out
 
     def drain(self) -> None:
         buf = bytearray(READ_CHUNK)
@@ -181,7 +185,7 @@ def file_digest(path: str | Path) -> str:
         return src.digest()
 
 
-def read_bytes(path: str | Path, what: str = "file", limit: int | None = MAX_JSON_BYTES) -> bytes:
+def read_bytes(path: str | Path, what: str = "file", limit: int | None = MAX_JSON_BYTES) -> bytearray:
     with Source(path, what) as src:
         data = src.read_all(limit)
         src.check_unchanged()

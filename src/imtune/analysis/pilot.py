@@ -15,7 +15,6 @@ plan is kept in `<out>/plan.json`, so a rerun of the same command finds the same
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, DEFAULT_PILOT_BUDGET_MIN, DEFAULT_TEMPLATE
 from imtune.errors import ImtuneError
+from imtune.inputs import read_json_object, read_jsonl_rows
 from imtune.io_utils import atomic_write_json
 
 # Cost model, measured 2026-12-06 on 2 quiet Intel Xeon cores (bf16 with AMX, SmolLM2-135M, max length 160): a
@@ -185,7 +185,7 @@ def make_plan(cfg: PilotConfig, records, tokenizer, out: Path, inputs: dict | No
     spec = _spec(cfg, n_target)
     p = out / "plan.json"
     if p.exists():
-        old = json.loads(p.read_text())
+        old = read_json_object(p, "pilot plan")
         if old.get("spec") == spec:
             return old
     inputs = inputs or cost_inputs(cfg, records, tokenizer)
@@ -235,7 +235,7 @@ def _run_size(cfg: PilotConfig, out: Path, size: int, seeds: int | None = None) 
     t0 = time.time()
     result = run_compare(size_config(cfg, out, size, seeds))
     p = out / f"n{size}" / "pilot_time.json"
-    old = json.loads(p.read_text()) if p.exists() else {"seconds": 0.0, "passes": 0}
+    old = read_json_object(p, "pilot timing") if p.exists() else {"seconds": 0.0, "passes": 0}
     spent = round(old["seconds"] + time.time() - t0, 1)
     atomic_write_json(p, {"seconds": spent, "passes": old["passes"] + 1})
     _prune(out / f"n{size}")
@@ -262,7 +262,7 @@ def difference_table(result: dict) -> tuple[np.ndarray, list[str]]:
     for o in ("it", "im"):
         maps[o] = []
         for s in result["runs"][o]["seeds"]:
-            cached = json.loads((Path(s["dir"]) / "eval" / "loss_heldout.json").read_text())["result"]
+            cached = read_json_object(Path(s["dir"]) / "eval" / "loss_heldout.json", "evaluation result")["result"]
             maps[o].append(loss_map({"loss_heldout": cached}, "heldout"))
     ids = sorted(set.intersection(*(set(m) for m in maps["it"] + maps["im"])))
     table = np.asarray([[im[i] - it[i] for i in ids] for it, im in zip(maps["it"], maps["im"], strict=True)])
@@ -275,8 +275,7 @@ def training_tokens(result: dict) -> int:
     for o in ("it", "im"):
         for s in result["runs"][o]["seeds"]:
             p = Path(s["dir"]) / "metrics.jsonl"
-            for line in p.read_text().splitlines() if p.exists() else ():
-                row = json.loads(line) if line.strip() else {}
+            for row in read_jsonl_rows(p, what="metrics rows", empty_ok=True) if p.exists() else ():
                 total += int(row.get("tokens", 0)) if "loss" in row and "eval_loss" not in row else 0
     return total
 

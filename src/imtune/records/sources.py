@@ -132,11 +132,11 @@ def conversation_table(spec: DataSpec, *, skip_invalid: bool = False, num_proc: 
         if is_table_source(spec.path):
             from imtune.records.hub_sources import open_raw
 
-            raw, name, identity = open_raw(spec)
+            raw_of, name, identity = open_raw(spec)
             fp = _digest(["table", *identity, spec.format])
             entry = root / fp
             if _marker(entry) is None:
-                _build(entry, lambda tmp: _normalise_table(raw, name, spec.format, tmp, skip_invalid, num_proc))
+                _build(entry, lambda tmp: _normalise_table(raw_of(), name, spec.format, tmp, skip_invalid, num_proc))
             row_kind = "record"
         else:
             path = Path(spec.path).expanduser()
