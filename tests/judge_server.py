@@ -5,7 +5,7 @@ and cache are exercised end to end instead of patched out. Knobs: `api_key` (401
 `fail_next(codes)` (answer these statuses first, e.g. 429, 500; an item may be (status, headers), e.g.
 (429, {"Retry-After": "3600"})), `delay` (seconds to sleep per request), `policy` (messages -> reply text),
 `redirect_to` (answer every request with a 302 to this URL), `raw_reply` (send these bytes as the 200 body
-instead of a chat completion), `huge_reply` (a 200 reply of this many bytes, streamed in 1 MiB pieces and never
+instead of a chat completion), `huge_reply` (a reply of this many bytes, the scripted failures' too, streamed in 1 MiB pieces and never
 held whole), `drip` (send the 200 reply one byte every `drip` seconds), `echo_auth` (the reply quotes the request's
 Authorization header, as a hostile or debugging server might). It records every request body, every Authorization header, the request count
 and the most requests it ever had in flight.
@@ -140,6 +140,8 @@ class JudgeServer:
                     code, headers = fail if isinstance(fail, tuple) else (fail, None)
                     if headers is None and code == 429:
                         headers = {"Retry-After": "0"}
+                    if server.huge_reply:
+                        return self._send_huge(server.huge_reply, code, headers)
                     return self._send(code, {"error": {"message": f"scripted failure {code}"}}, headers=headers)
                 if server.raw_reply is not None:
                     return self._send(200, server.raw_reply)
@@ -176,12 +178,14 @@ class JudgeServer:
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     pass  # the client gave up (timeout, deadline, size cap tests)
 
-            def _send_huge(self, n):
+            def _send_huge(self, n, code=200, headers=None):
                 piece = b'{"pad": "' + b"x" * (1 << 20)
                 try:
-                    self.send_response(200)
+                    self.send_response(code)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(n))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
                     self.end_headers()
                     sent = 0
                     while sent < n:

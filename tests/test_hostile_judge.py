@@ -132,6 +132,26 @@ def test_huge_reply_is_refused_in_one_line(server):
     assert peak < 16 * 1024 * 1024  # the body was never held whole
 
 
+def test_huge_error_replies_are_neither_read_nor_drained(server):
+    server.huge_reply = 200 * 1024 * 1024
+    server.fail_next([503, 503])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImtuneError) as e:  # retried twice without reading 400 MB, then the 200 is refused
+            make(server.base_url, False, max_reply_bytes=1 << 20, max_retries=3).complete(HI)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "sent a reply over" in str(e.value) and server.n_requests == 3
+    assert peak < 16 * 1024 * 1024
+    server.reset()
+    server.huge_reply = 200 * 1024 * 1024
+    server.fail_next([500] * 5)
+    with pytest.raises(ImtuneError, match="kept failing: HTTP 500") as e:  # the last error's first bytes only
+        make(server.base_url, False, max_retries=1).complete(HI)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 500
+
+
 def test_dripping_server_stops_at_the_deadline(server):
     server.drip = 0.05  # ~300 bytes of reply: 15 s at this pace
     t0 = time.monotonic()

@@ -37,7 +37,14 @@ class JudgeRetry(Retry):
 
     def increment(self, *a, **kw):
         self.attempts.append(1)
-        return super().increment(*a, **kw)
+        new = super().increment(*a, **kw)  # raises when no retry is left: the caller then reads the reply
+        response = kw.get("response")
+        if response is not None:
+            # A reply that is retried is never read: urllib3 would drain it, however large or slow, before the
+            # back-off; closing it (and handing the dead connection back to the pool) costs one reconnect instead.
+            response.close()
+            response.release_conn()
+        return new
 
     def is_exhausted(self) -> bool:
         return (super().is_exhausted() or time.monotonic() >= self.deadline
