@@ -152,7 +152,8 @@ def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler,
 def _save_deepspeed(tmp: Path, accelerator) -> None:
     # accelerate's own checkpoint: DeepSpeed's engine checkpoint (ZeRO shards of weights and AdamW state), each
     # process' RNG streams and the objects registered with register_for_checkpointing (the LR schedule).
-    accelerator.save_state(str(tmp / DEEPSPEED_DIR))
+    # Frozen weights (the base model under LoRA) never change: they come from --model, as in the other layouts.
+    accelerator.save_state(str(tmp / DEEPSPEED_DIR), exclude_frozen_parameters=True)
 
 
 def _write_weights(tmp: Path, model) -> None:
@@ -206,7 +207,14 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator, layout
         if state.world_size != accelerator.num_processes:
             raise ImtuneError(f"{ckpt}: a DeepSpeed checkpoint of {state.world_size} process(es) resumes on as many "
                               f"(this launch has {accelerator.num_processes})")
-        accelerator.load_state(str(ckpt / DEEPSPEED_DIR))
+        try:
+            # Not strict: the frozen weights are absent by design (_save_deepspeed); the trainable ones come back
+            # from the ZeRO partitions, whose sizes DeepSpeed checks against this model's.
+            accelerator.load_state(str(ckpt / DEEPSPEED_DIR), load_module_strict=False)
+        except Exception as e:  # noqa: BLE001 - DeepSpeed raises several kinds for a checkpoint that does not fit
+            raise ImtuneError(f"{ckpt}: cannot load the DeepSpeed checkpoint into this model "
+                              f"({(str(e).splitlines() or [type(e).__name__])[0]}); was it saved with other "
+                              f"--lora / --model settings?") from None
         return state
     if layout == "fsdp":
         _load_sharded(ckpt / SHARDED_DIR, model, optimizer)
