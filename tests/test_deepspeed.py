@@ -172,3 +172,26 @@ def test_deepspeed_configs():
         assert c["use_cpu"] is False  # accelerate launches DeepSpeed only so, on CPU-only machines too
     z3 = yaml.safe_load(config_file(3).read_text())["deepspeed_config"]
     assert z3["zero3_init_flag"] is False and z3["zero3_save_16bit_model"] is True
+
+
+def test_checkpoint_of_another_launch_is_one_line(tmp_path):
+    """Each checkpoint layout names the launch that wrote it; resuming it under another stops with one line."""
+    from imtune.training import checkpointing
+
+    marks = {"plain": "weights.safetensors", "fsdp": "sharded", "deepspeed": "deepspeed"}
+    launches = {"plain": "a launch without FSDP or DeepSpeed", "fsdp": "an FSDP launch",
+                "deepspeed": "a DeepSpeed launch"}
+    for saved, mark in marks.items():
+        d = tmp_path / saved
+        d.mkdir()
+        (d / mark).write_bytes(b"") if saved == "plain" else (d / mark).mkdir()
+        for layout in marks:
+            if layout == saved:
+                checkpointing._check_layout(d, layout)
+                continue
+            with pytest.raises(ImtuneError) as e:
+                checkpointing._check_layout(d, layout)
+            assert str(e.value) == f"{d}: saved under {launches[saved]}; resume it with the launch it was saved with"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImtuneError, match="holds no weights"):
+        checkpointing._check_layout(tmp_path / "empty", "deepspeed")
