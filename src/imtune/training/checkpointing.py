@@ -40,6 +40,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "weights.safetensors"
 SHARDED_DIR = "sharded"
+DEEPSPEED_DIR = "deepspeed"
 _NAME = re.compile(r"checkpoint-(\d+)$")
 _TMP = ".tmp-checkpoint-"
 
@@ -115,8 +116,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler, accelerator,
-                    sharded: bool = False, save_total_limit: int = 0) -> Path:
-    """Every process calls this (collective under FSDP); the main process owns the directory."""
+                    layout: str = "plain", save_total_limit: int = 0) -> Path:
+    """Every process calls this (collective under FSDP and DeepSpeed); the main process owns the directory.
+    `layout`: `plain`, `fsdp` or `deepspeed` (`distributed.layout`)."""
     out = Path(out)
     final = checkpoint_path(out, state.global_step)
     # One temp name for all ranks: the pid would differ, so it is keyed by the main process' choice via the step.
@@ -125,14 +127,17 @@ def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    if sharded:
-        _save_sharded(tmp / SHARDED_DIR, model, optimizer)
-    elif accelerator.is_main_process:
-        _write_weights(tmp, accelerator.unwrap_model(model))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if layout == "deepspeed":
+        _save_deepspeed(tmp, accelerator)
+    else:
+        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        if layout == "fsdp":
+            _save_sharded(tmp / SHARDED_DIR, model, optimizer)
+        elif accelerator.is_main_process:
+            _write_weights(tmp, accelerator.unwrap_model(model))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_state(tmp, state)
@@ -143,6 +148,13 @@ def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler,
         prune(out, save_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_deepspeed(tmp: Path, accelerator) -> None:
+    # accelerate's own checkpoint: DeepSpeed's engine checkpoint (ZeRO shards of weights and AdamW state), each
+    # process' RNG streams and the objects registered with register_for_checkpointing (the LR schedule).
+    # Frozen weights (the base model under LoRA) never change: they come from --model, as in the other layouts.
+    accelerator.save_state(str(tmp / DEEPSPEED_DIR), exclude_frozen_parameters=True)
 
 
 def _write_weights(tmp: Path, model) -> None:
@@ -186,18 +198,27 @@ def read_state(ckpt: Path) -> TrainerState:
         raise ImtuneError(f"{ckpt}: unreadable {STATE_FILE} ({e})") from None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator, sharded: bool = False) -> TrainerState:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator, layout: str = "plain") -> TrainerState:
     """Restore weights, optimizer, scheduler and this process' RNG state; returns where to continue."""
     ckpt = Path(ckpt)
     state = read_state(ckpt)
-    if sharded:
-        if not (ckpt / SHARDED_DIR).is_dir():
-            raise ImtuneError(f"{ckpt}: saved without FSDP (no {SHARDED_DIR}/); resume it with the launch it was "
-                              f"saved with")
+    _check_layout(ckpt, layout)
+    if layout == "deepspeed":
+        if state.world_size != accelerator.num_processes:
+            raise ImtuneError(f"{ckpt}: a DeepSpeed checkpoint of {state.world_size} process(es) resumes on as many "
+                              f"(this launch has {accelerator.num_processes})")
+        try:
+            # Not strict: the frozen weights are absent by design (_save_deepspeed); the trainable ones come back
+            # from the ZeRO partitions, whose sizes DeepSpeed checks against this model's.
+            accelerator.load_state(str(ckpt / DEEPSPEED_DIR), load_module_strict=False)
+        except Exception as e:  # noqa: BLE001 - DeepSpeed raises several kinds for a checkpoint that does not fit
+            raise ImtuneError(f"{ckpt}: cannot load the DeepSpeed checkpoint into this model "
+                              f"({(str(e).splitlines() or [type(e).__name__])[0]}); was it saved with other "
+                              f"--lora / --model settings?") from None
+        return state
+    if layout == "fsdp":
         _load_sharded(ckpt / SHARDED_DIR, model, optimizer)
     else:
-        if not (ckpt / WEIGHTS_FILE).is_file():
-            raise ImtuneError(f"{ckpt}: saved under FSDP (no {WEIGHTS_FILE}); resume it with an FSDP launch")
         _load_weights(ckpt, accelerator.unwrap_model(model))
         load_input(ckpt / "optimizer.pt", "optimizer state", lambda p: optimizer.load_state_dict(_torch_load(p)))
     load_input(ckpt / "scheduler.pt", "scheduler state", lambda p: scheduler.load_state_dict(_torch_load(p)))
@@ -212,6 +233,19 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, accelerator, sharde
 
 def _torch_load(path: str):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_LAYOUT_MARK = {"fsdp": SHARDED_DIR, "deepspeed": DEEPSPEED_DIR, "plain": WEIGHTS_FILE}
+_LAUNCH = {"fsdp": "an FSDP launch", "deepspeed": "a DeepSpeed launch", "plain": "a launch without FSDP or DeepSpeed"}
+
+
+def _check_layout(ckpt: Path, layout: str) -> None:
+    """One line when the checkpoint was written by another kind of launch than this one."""
+    if (ckpt / _LAYOUT_MARK[layout]).exists():
+        return
+    saved = next((k for k, mark in _LAYOUT_MARK.items() if (ckpt / mark).exists()), None)
+    what = f"saved under {_LAUNCH[saved]}" if saved else "holds no weights"
+    raise ImtuneError(f"{ckpt}: {what}; resume it with the launch it was saved with")
 
 
 def _load_weights(ckpt: Path, model) -> None:

@@ -1,5 +1,5 @@
-"""Several processes: the Accelerator (with FSDP2 on CPU too), workers that die with their launcher, and the
-full state dict of a sharded model.
+"""Several processes: the Accelerator (with FSDP2 and DeepSpeed ZeRO on CPU too), workers that die with their
+launcher, and the full state dict of a sharded model.
 
 FSDP. `accelerate launch --config_file fsdp.yaml` sets `ACCELERATE_USE_FSDP` and the `FSDP_*` settings for every
 process. accelerate 1.x only honours them on GPU-like devices: on a CPU-only machine the launch becomes plain
@@ -12,6 +12,16 @@ With FSDP every parameter outside a forward pass is a DTensor shard. Two things 
 - checkpoints are torch.distributed.checkpoint (DCP) directories, one file per process (`checkpointing.py`);
 - the final model is gathered into one full state dict on the main process and saved from an unsharded copy
   built on the meta device (`unsharded_copy`), so `merge_and_unload` and `save_pretrained` see plain tensors.
+
+DeepSpeed. `accelerate launch --config_file deepspeed_zero{2,3}.yaml` (ZeRO-2: AdamW state and gradients sharded;
+ZeRO-3: the weights too). accelerate runs DeepSpeed only with `Accelerator(cpu=False)`; without a GPU the processes
+meet over gloo (`InitProcessGroupKwargs(backend="gloo")`, DeepSpeed's CPU accelerator), which is what the CPU tests
+(tests/test_deepspeed.py) run. imtune keeps its maths: DeepSpeed is told `gradient_accumulation_steps: 1`, so its
+backward never rescales the loss, and `accelerator.sync_gradients` marks the last pass of an optimizer step, on which
+DeepSpeed reduces (averaging over processes, like DDP), clips at the run's `max_grad_norm` and steps imtune's own
+torch AdamW. Checkpoints are accelerate's `save_state` (DeepSpeed's engine checkpoint); the final model is gathered
+with `accelerator.get_state_dict` (ZeRO-3's consolidated state dict, fp32 master weights) like FSDP's. ZeRO-3 loads
+the model whole and lets `deepspeed.initialize` partition it (`zero3_init_flag: false`).
 
 Launcher death. torchrun starts each worker in its own session, so `kill -9` of the launcher (or of
 `accelerate launch`) leaves the workers running on their own: they would go on training and writing into the
@@ -40,18 +50,49 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
-def make_accelerator(cpu: bool):
-    """The run's Accelerator; FSDP on CPU when the launch asked for FSDP (see the module doc)."""
+def make_accelerator(cpu: bool, micro_batch_size: int = 1, max_grad_norm: float = 0.0):
+    """The run's Accelerator; FSDP on CPU when the launch asked for FSDP, DeepSpeed ZeRO when it asked for DeepSpeed
+    (see the module doc). `micro_batch_size` and `max_grad_norm` fill DeepSpeed's config."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    if deepspeed_requested():
-        raise ImtuneError("DeepSpeed launches are not supported: use the FSDP config "
-                          "(src/imtune/accelerate_configs/fsdp.yaml), see docs/TRAINING.md")
     die_with_launcher()
+    if deepspeed_requested():
+        return _deepspeed_accelerator(cpu, micro_batch_size, max_grad_norm)
     accelerator = Accelerator(cpu=cpu)
     if accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_requested():
         _fsdp_over_gloo(accelerator)
+    return accelerator
+
+
+def _deepspeed_accelerator(cpu: bool, micro_batch_size: int, max_grad_norm: float):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, is_deepspeed_available
+
+    if not is_deepspeed_available():
+        raise ImtuneError("a DeepSpeed launch needs the deepspeed package: pip install 'imtune[deepspeed]'")
+    # Accelerator(cpu=True) switches DeepSpeed off; without a GPU the processes meet over gloo instead (DeepSpeed's
+    # CPU accelerator uses gloo when oneCCL is absent).
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu else []
+    accelerator = Accelerator(kwargs_handlers=handlers)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.zero_stage == 3:
+        if plugin.zero3_init_flag:
+            raise ImtuneError("DeepSpeed ZeRO-3: set zero3_init_flag: false in the accelerate config (imtune loads the "
+                              "model whole, then deepspeed.initialize partitions it; see deepspeed_zero3.yaml)")
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        # accelerate hands the ZeRO-3 config to transformers whatever zero3_init_flag says, and from_pretrained
+        # would then load straight into empty ZeRO-3 placeholders (no gather hooks until deepspeed.initialize).
+        unset_hf_deepspeed_config()
+    ds = plugin.deepspeed_config
+    # imtune accumulates and normalises itself: DeepSpeed sees one micro-batch per optimizer step, so its backward
+    # never divides by gradient_accumulation_steps; the step boundary comes from accelerator.sync_gradients.
+    ds.update(train_micro_batch_size_per_gpu=micro_batch_size, gradient_accumulation_steps=1,
+              gradient_clipping=max(max_grad_norm, 0.0))
+    # The final save gathers ZeRO-3 shards through accelerator.get_state_dict, which needs this switch; the
+    # gathered tensors keep the weights' own dtype (fp32 here: imtune keeps fp32 master weights).
+    ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     return accelerator
 
 
@@ -79,8 +120,8 @@ def _fsdp_over_gloo(accelerator) -> None:
         raise ImtuneError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (FSDP1 has no gloo path)")
     if accelerator.state.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.state.mixed_precision)
-    # AcceleratorState re-reads PartialState's shared dict whenever it is instantiated again, so both change.
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    # AcceleratorState re-reads PartialState's (shared) state whenever it is instantiated again, so both change.
+    PartialState().distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
 
@@ -103,6 +144,25 @@ def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def zero_stage(accelerator) -> int | None:
+    """DeepSpeed's ZeRO stage under a DeepSpeed launch, else None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def layout(accelerator) -> str:
+    """How checkpoints are written under this launch: `deepspeed`, `fsdp` or `plain` (checkpointing.py)."""
+    return "deepspeed" if zero_stage(accelerator) is not None else "fsdp" if is_fsdp(accelerator) else "plain"
+
+
+def params_sharded(accelerator) -> bool:
+    """Parameters live as per-process shards (FSDP, ZeRO-3): saving gathers them, checks need every process."""
+    return is_fsdp(accelerator) or zero_stage(accelerator) == 3
 
 
 def full_state_dict(accelerator, model) -> dict[str, torch.Tensor] | None:

@@ -22,8 +22,11 @@ STALL_RTOL = 1e-6
 
 
 def local_tensors(params) -> list[torch.Tensor]:
-    # FSDP2 parameters are DTensors: each process checks its own shard (`_local_tensor`), the caller reduces.
-    return [getattr(p, "_local_tensor", p).detach() for p in params]
+    """This process' own values of each parameter; the caller reduces over processes.
+
+    FSDP2 parameters are DTensors (the shard is `_local_tensor`); outside a forward pass a ZeRO-3 parameter is an
+    empty placeholder whose values are this process' partition `ds_tensor`."""
+    return [(p.ds_tensor if hasattr(p, "ds_tensor") else getattr(p, "_local_tensor", p)).detach() for p in params]
 
 
 def all_finite(tensors) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -154,16 +154,35 @@ def weighted_loss_sum(model, batch: dict, *, chunk_size: int = 1024, kl_coef: fl
     head, hidden = forward_hidden(model, batch)
     h = hidden[:, :-1][sel]
     spec = _Spec(chunk_size, head.tf, kl_coef if use_kl else 0.0, kl_type)
-    plain = _plain_weight(head.module)
-    if kernels != "none" and plain is not None and not use_kl and head.tf.scale == 1.0 and _kernel_fits(w):
-        loss = _kernel_head_loss(h, plain[0], plain[1], y, w, head.tf, kernels)
-        ce, kl = loss.detach(), loss.new_zeros(())
-    elif plain is not None:
-        loss, ce, kl = _fused_head_loss(h, plain[0], plain[1], y, w, ref, spec)
-    else:
-        loss, ce, kl = _checkpointed_head_loss(h, head.module, y, w, ref, spec)
+    with _frozen_zero3_head(head.module) as gathered:
+        plain = gathered or _plain_weight(head.module)
+        if kernels != "none" and plain is not None and not use_kl and head.tf.scale == 1.0 and _kernel_fits(w):
+            loss = _kernel_head_loss(h, plain[0], plain[1], y, w, head.tf, kernels)
+            ce, kl = loss.detach(), loss.new_zeros(())
+        elif plain is not None:
+            loss, ce, kl = _fused_head_loss(h, plain[0], plain[1], y, w, ref, spec)
+        else:
+            loss, ce, kl = _checkpointed_head_loss(h, head.module, y, w, ref, spec)
     ce_sum, kl_sum, w_sum = torch.stack([ce.float(), kl.float(), w.sum()]).tolist()
     return LossOutput(loss, ce_sum, w_sum, int(y.numel()), kl_sum)
+
+
+@contextmanager
+def _frozen_zero3_head(head: nn.Module):
+    """(weight, bias) of a frozen DeepSpeed ZeRO-3 head (LoRA) gathered whole for this pass, else None.
+
+    DeepSpeed does not fetch a frozen ZeRO-3 parameter again when a checkpointed chunk is recomputed in the backward
+    pass (the recompute sees an empty placeholder), so such a head takes the fused path instead: it computes the
+    gradient while each chunk's logits exist and keeps nothing of the weight for the backward pass.
+    """
+    w = getattr(head, "weight", None)
+    if type(head) is not nn.Linear or not hasattr(w, "ds_id") or any(p.requires_grad for p in head.parameters()):
+        yield None
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(head.parameters())):
+        yield w, head.bias
 
 
 @dataclass(frozen=True)

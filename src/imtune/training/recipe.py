@@ -20,9 +20,12 @@ split into micro-batches or processes.
 
 Sharding. A global step is `accumulation x world_size` consecutive micro-batches of the plan; process r takes
 micro-batches r, r + world_size, ... of each step. A process left without one (a short last step) runs a zero-weight
-pass so that DDP's gradient all-reduce still happens on every process; under FSDP every process runs as many passes
-as the busiest one (`distributed.share_of_step`). FSDP (`accelerate launch --config_file fsdp.yaml`, also on CPU)
-averages gradients like DDP, so the same normaliser holds (tests/test_fsdp.py).
+pass so that DDP's gradient all-reduce still happens on every process; under FSDP and DeepSpeed every process runs as
+many passes as the busiest one (`distributed.share_of_step`). FSDP (`accelerate launch --config_file fsdp.yaml`, also
+on CPU) and DeepSpeed ZeRO-2/3 (`deepspeed_zero2.yaml`, `deepspeed_zero3.yaml`) average gradients like DDP, so the
+same normaliser holds (tests/test_fsdp.py, tests/test_deepspeed.py). DeepSpeed is configured with gradient
+accumulation 1, so its backward never divides the loss by an accumulation count; `accelerator.sync_gradients` marks
+the last pass, on which DeepSpeed reduces, clips at `max_grad_norm` and steps imtune's AdamW inside the backward.
 """
 
 from __future__ import annotations
@@ -121,10 +124,14 @@ class Recipe:
         self.out = self.run_dir.out
         # cpu=True on a machine without an accelerator lets a multi-process launch (`accelerate launch --multi_gpu`,
         # torchrun) run as MULTI_CPU over gloo instead of as independent single processes; FSDP configs as FSDP.
-        acc = self.accelerator = distributed.make_accelerator(cpu=not _has_accelerator())
+        acc = self.accelerator = distributed.make_accelerator(not _has_accelerator(), cfg.micro_batch_size,
+                                                              cfg.max_grad_norm)
         self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
         self.run_dir.active = self.is_main
-        self.sharded = distributed.is_fsdp(acc)
+        # sharded: parameters are per-process shards (FSDP, ZeRO-3); layout: how checkpoints are written. Under
+        # DeepSpeed every process runs as many passes as the busiest (ZeRO reduces inside each backward).
+        self.sharded, self.layout = distributed.params_sharded(acc), distributed.layout(acc)
+        self.lockstep = self.layout != "plain"
         self.accumulation = cfg.accumulation_steps(self.world)
         self.ckpt = checkpointing.find_checkpoint(self.out, cfg.resume) if cfg.resume else None
         self.resumed = checkpointing.read_state(self.ckpt) if self.ckpt else None
@@ -166,6 +173,8 @@ class Recipe:
         self.neftune = neftune_hook(model, cfg.neftune_alpha) if cfg.neftune_alpha > 0 else None
         # The scheduler stays unprepared: accelerate would step it once per process.
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.layout == "deepspeed":  # saved and restored by accelerate's save_state / load_state
+            self.accelerator.register_for_checkpointing(self.scheduler)
         self.autocast = functools.partial(self.fast.autocast, self.accelerator.device.type)
 
     # ---- start: restore the checkpoint, or open a fresh output directory ----------------------------------------------
@@ -173,7 +182,7 @@ class Recipe:
         cfg, keep_rows = self.cfg, None
         if self.ckpt:
             st = checkpointing.load_checkpoint(self.ckpt, self.model, self.optimizer, self.scheduler,
-                                               self.accelerator, sharded=self.sharded)
+                                               self.accelerator, layout=self.layout)
             self.global_step, self.start_epoch, self.start_in_epoch = st.global_step, st.epoch, st.step_in_epoch
             keep_rows = st.metrics_rows
             self._verify(f"checkpoint {self.ckpt} holds non-finite weights")
@@ -251,7 +260,9 @@ class Recipe:
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-            raise self._stopped(self.global_step + 1, f"{what}; training stopped before applying it")
+            # DeepSpeed steps inside the last backward pass: the update is applied, and never saved.
+            when = "after DeepSpeed applied it" if self.layout == "deepspeed" else "before applying it"
+            raise self._stopped(self.global_step + 1, f"{what}; training stopped {when}")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -274,16 +285,16 @@ class Recipe:
         from imtune.training.loss import weighted_loss_sum
 
         cfg, acc, world = self.cfg, self.accelerator, self.world
-        passes = distributed.share_of_step(step_mbs, self.rank, world, lockstep=self.sharded)
+        passes = distributed.share_of_step(step_mbs, self.rank, world, lockstep=self.lockstep)
         scale = world / norm
         stats = torch.zeros(3, dtype=torch.float64)  # loss_sum, ce_sum, kl_sum over this process
         for i, (mb, real) in enumerate(passes):  # real = 0.0: a stand-in pass that contributes nothing
             batch = make_batch(cfg, self.train_data.take(mb), self.pad_id, acc.device, self.packed)
             last = i == len(passes) - 1
-            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
-            if self.sharded:
-                acc.gradient_state._set_sync_gradients(last)
-            with sync:
+            # accelerate's own accumulation switch: gradients are reduced (DeepSpeed: and the optimizer steps) on the
+            # last pass only.
+            acc.sync_gradients = last
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 with self.autocast():
                     o = weighted_loss_sum(self.model, batch, chunk_size=cfg.loss_chunk_size, kl_coef=cfg.kl_coef,
                                           kl_type=cfg.kl_type, ref_model=self.ref_model,
@@ -343,7 +354,7 @@ class Recipe:
         self.run_dir.claim(checkpointing.checkpoint_path(self.out, self.global_step).relative_to(self.out)
                            .as_posix(), "trees")
         path = checkpointing.save_checkpoint(self.out, state, self.model, self.optimizer, self.scheduler,
-                                             self.accelerator, sharded=self.sharded,
+                                             self.accelerator, layout=self.layout,
                                              save_total_limit=self.cfg.save_total_limit)
         self.run_dir.forget_missing()  # checkpoints pruned by save_total_limit
         self.last_good = path
