@@ -48,7 +48,7 @@ from urllib3.exceptions import (
 
 from imtune.errors import ImtuneError
 from imtune.evaluation.judge.cache import CACHE_SCHEMA, JudgeCache, JudgeStats, default_cache_path
-from imtune.evaluation.judge.redact import redact, redact_url, register
+from imtune.evaluation.judge.redact import known_secrets, redact, redact_url, register
 from imtune.evaluation.judge.transport import (
     DeadlineReached,
     HeaderWatch,
@@ -157,6 +157,7 @@ class JudgeClient:
         self._fatal_lock = threading.Lock()
         self._in_batch = False
         self._headers, self._http = self._connection()
+        self._secret_values = known_secrets()  # once per client: the environment and token file are read here
 
     def _connection(self) -> tuple[dict, urllib3.PoolManager]:
         parts = urllib.parse.urlsplit(self.url)
@@ -206,7 +207,7 @@ class JudgeClient:
                 self.stats.add(cache_hits=1)
                 return hit
         try:
-            text = redact(self._request(messages))
+            text = redact(self._request(messages), self._secret_values)
         except ImtuneError as e:
             # Stop sibling workers now: a bad key must not be tried hundreds of times. The first error is the
             # one worth reporting.
