@@ -6,7 +6,7 @@ and cache are exercised end to end instead of patched out. Knobs: `api_key` (401
 (429, {"Retry-After": "3600"})), `delay` (seconds to sleep per request), `policy` (messages -> reply text),
 `redirect_to` (answer every request with a 302 to this URL), `raw_reply` (send these bytes as the 200 body
 instead of a chat completion), `huge_reply` (a reply of this many bytes, the scripted failures' too, streamed in 1 MiB pieces and never
-held whole), `drip` (send the 200 reply one byte every `drip` seconds), `echo_auth` (the reply quotes the request's
+held whole), `drip` (send the 200 reply one byte every `drip` seconds), `drip_headers` (its status line and headers too), `echo_auth` (the reply quotes the request's
 Authorization header, as a hostile or debugging server might). It records every request body, every Authorization header, the request count
 and the most requests it ever had in flight.
 """
@@ -66,6 +66,7 @@ class JudgeServer:
         self.raw_reply: bytes | None = None
         self.huge_reply = 0
         self.drip = 0.0
+        self.drip_headers = 0.0
         self.echo_auth = False
         self.bodies: list[dict] = []
         self.auth_headers: list[str | None] = []
@@ -99,7 +100,7 @@ class JudgeServer:
             self._epoch += 1
         self.policy, self.delay, self.api_key = scripted_judge, 0.0, None
         self.redirect_to, self.raw_reply = None, None
-        self.huge_reply, self.drip, self.echo_auth = 0, 0.0, False
+        self.huge_reply, self.drip, self.echo_auth, self.drip_headers = 0, 0.0, False, 0.0
 
     def start(self) -> JudgeServer:
         server = self
@@ -167,6 +168,13 @@ class JudgeServer:
                     self.send_header("Content-Length", str(len(data)))
                     for k, v in (headers or {}).items():
                         self.send_header(k, v)
+                    if server.drip_headers:  # the status line and headers a byte at a time too
+                        head = b"".join(self._headers_buffer)
+                        self._headers_buffer = []
+                        for i in range(len(head)):
+                            self.wfile.write(head[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(server.drip_headers)
                     self.end_headers()
                     if server.drip and code == 200:
                         for i in range(len(data)):

@@ -162,6 +162,14 @@ def test_dripping_server_stops_at_the_deadline(server):
     assert elapsed < 4.0, elapsed  # the deadline, not 15 s of drip nor the 30 s per-read timeout
 
 
+def test_headers_dripped_a_byte_at_a_time_stop_at_the_deadline(server):
+    server.drip_headers = 0.05  # ~150 bytes of status line and headers: 7 s at this pace
+    t0 = time.monotonic()
+    with pytest.raises(ImtuneError, match="did not finish its reply within the 1 s deadline"):
+        make(server.base_url, False, deadline=1.0, timeout=30.0).complete(HI)
+    assert time.monotonic() - t0 < 4.0
+
+
 def test_silent_server_mid_body_stops_at_the_deadline(server):
     server.drip = 60.0  # one byte, then a minute of silence per byte
     t0 = time.monotonic()

@@ -41,7 +41,8 @@ def add_pilot_options(p) -> None:
                         "objective to give each (im, it or cannot tell)")
     g.add_argument("--pilot-model", default=None, help="train this smaller model (same tokenizer) instead of --model")
     g.add_argument("--budget-min", type=ranges.BUDGET_MIN, default=DEFAULT_PILOT_BUDGET_MIN,
-                   help=f"wall-clock budget the pilot is planned to (default: {DEFAULT_PILOT_BUDGET_MIN:g})")
+                   help="wall minutes on this machine, set-up and evaluation included; the plan is calibrated on the "
+                        f"first run to fit them (default: {DEFAULT_PILOT_BUDGET_MIN:g})")
     g.add_argument("--n", dest="n_target", type=ranges.COUNT, default=None,
                    help="training examples you will train on (default: every record in --data)")
     g.add_argument("--out", default=None, help="pilot directory (default: runs/pilot-<data name>)")

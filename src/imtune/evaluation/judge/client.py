@@ -23,6 +23,7 @@ missing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -47,8 +48,15 @@ from urllib3.exceptions import (
 
 from imtune.errors import ImtuneError
 from imtune.evaluation.judge.cache import CACHE_SCHEMA, JudgeCache, JudgeStats, default_cache_path
-from imtune.evaluation.judge.redact import redact, redact_url, register
-from imtune.evaluation.judge.transport import JudgeRetry, describe_error, error_detail
+from imtune.evaluation.judge.redact import known_secrets, redact, redact_url, register
+from imtune.evaluation.judge.transport import (
+    DeadlineReached,
+    HeaderWatch,
+    JudgeRetry,
+    describe_error,
+    error_detail,
+    watched,
+)
 
 API_KEY_ENVS = ("IMTUNE_JUDGE_API_KEY", "OPENAI_API_KEY")
 KEY_MESSAGE = "judge rejected the API key (set IMTUNE_JUDGE_API_KEY)"
@@ -149,6 +157,7 @@ class JudgeClient:
         self._fatal_lock = threading.Lock()
         self._in_batch = False
         self._headers, self._http = self._connection()
+        self._secret_values = known_secrets()  # once per client: the environment and token file are read here
 
     def _connection(self) -> tuple[dict, urllib3.PoolManager]:
         parts = urllib.parse.urlsplit(self.url)
@@ -165,8 +174,8 @@ class JudgeClient:
         # A corporate HTTP(S)_PROXY is honoured for remote judges (as urllib did), never for this machine's.
         proxy = urllib.request.getproxies().get(parts.scheme)
         if proxy and not _is_loopback(parts.hostname) and not urllib.request.proxy_bypass(parts.hostname or ""):
-            return headers, urllib3.ProxyManager(proxy, num_pools=2, maxsize=self.concurrency, block=True)
-        return headers, urllib3.PoolManager(num_pools=2, maxsize=self.concurrency, block=True)
+            return headers, watched(urllib3.ProxyManager(proxy, num_pools=2, maxsize=self.concurrency, block=True))
+        return headers, watched(urllib3.PoolManager(num_pools=2, maxsize=self.concurrency, block=True))
 
     # ------------------------------------------------------------------------------------------------ keys
 
@@ -198,7 +207,7 @@ class JudgeClient:
                 self.stats.add(cache_hits=1)
                 return hit
         try:
-            text = redact(self._request(messages))
+            text = redact(self._request(messages), self._secret_values)
         except ImtuneError as e:
             # Stop sibling workers now: a bad key must not be tried hundreds of times. The first error is the
             # one worth reporting.
@@ -261,15 +270,21 @@ class JudgeClient:
         retry = self._retry()
         with self._slots:
             try:
-                resp = self._http.request("POST", self.url, body=body, headers=self._headers, retries=retry,
-                                          redirect=False, preload_content=False,
-                                          timeout=urllib3.Timeout(total=min(self.timeout, self.deadline)))
-            except MaxRetryError as e:
-                self._count(len(retry.attempts))
-                raise self._transport_error(e.reason, len(retry.attempts)) from None
-            except (HTTPError, OSError) as e:  # a failure urllib3 does not retry (e.g. a bad TLS setup)
-                self._count(len(retry.attempts) + 1)
-                raise self._transport_error(e, len(retry.attempts) + 1) from None
+                with HeaderWatch(retry.deadline) as watch:
+                    resp = self._http.request("POST", self.url, body=body, headers=self._headers, retries=retry,
+                                              redirect=False, preload_content=False,
+                                              timeout=urllib3.Timeout(total=min(self.timeout, self.deadline)))
+            except (HTTPError, OSError) as e:  # MaxRetryError: retries spent; else one urllib3 does not retry
+                retried = isinstance(e, MaxRetryError)
+                n = len(retry.attempts) + (0 if retried else 1)
+                self._count(n)
+                if watch.expired or isinstance(e, DeadlineReached):
+                    # The deadline cut the back-off or an attempt: name what the earlier attempts got, if anything.
+                    last = next((c for c in reversed(retry.attempts) if c is not None), None)
+                    raise (self._late() if last is None else ImtuneError(
+                        f"judge at {self.base_url} kept failing: HTTP {last} until the {self.deadline:g} s deadline "
+                        f"({self._tries(n)})")) from None
+                raise self._transport_error(e.reason if retried else e, n) from None
             attempts = len(retry.attempts) + (resp.status not in RETRY_STATUSES)
             self._count(attempts)
             ok = resp.status == 200
@@ -288,7 +303,11 @@ class JudgeClient:
         it is an error), and never past the request's deadline: a watchdog shuts the socket at the deadline, so a
         server dripping bytes, or gone silent mid-body, cannot hold the read open."""
         chunks, size = [], 0
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), resp.shutdown)
+        def cut() -> None:
+            with contextlib.suppress(OSError):  # already closed: nothing left to cut
+                resp.shutdown()
+
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
         watchdog.daemon = True
         watchdog.start()
         try:
@@ -309,14 +328,17 @@ class JudgeClient:
             resp.close()  # the connection is mid-body: never hand it back to the pool
             if resp.status != 200:
                 return b"".join(chunks)[:cap]
-            raise ImtuneError(f"judge at {self.base_url} did not finish its reply within the {self.deadline:g} s "
-                              "deadline (--judge-deadline)")
+            raise self._late()
         if size > cap:
             resp.close()
             if resp.status == 200:
                 raise ImtuneError(f"judge at {self.base_url} sent a reply over {cap} bytes; refused (a chat "
                                   "completion is a few kilobytes: check --judge-base-url)")
         return b"".join(chunks)[:cap]
+
+    def _late(self) -> ImtuneError:
+        return ImtuneError(f"judge at {self.base_url} did not finish its reply within the {self.deadline:g} s "
+                           "deadline (--judge-deadline)")
 
     def _count(self, attempts: int) -> None:
         self.stats.add(requests=attempts, retries=max(0, attempts - 1))
