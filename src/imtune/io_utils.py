@@ -1,6 +1,7 @@
 """Writing outputs without harm: every output goes to a temp name beside the target and is renamed (nothing is
 ever half-written), `remove_dead_builds` clears the temp directories of builds that were killed, and
-`prepare_output` checks an `--out` path before any work is done."""
+`prepare_output` checks an `--out` path before any work is done. Worker processes imtune starts die with it
+(`children_die_with_us`, `die_with_parent`), so a killed run leaves no process behind writing into its outputs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -128,3 +131,56 @@ def prepare_output(out: str | Path, inputs: Iterable[str | Path | None] = (), ki
             raise ImtuneError(f"{flag} {out} contains an input of this command ({inp}), which its outputs could "
                               f"replace; choose an output directory that holds no input")
     return out
+
+
+# ---- processes that die with imtune -----------------------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_tie = {"on": False, "parent": 0, "prctl": None, "registered": False}  # a forked child reads its parent's copy
+
+
+def _libc_prctl():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no prctl (not Linux, an unusual libc)
+        return None
+
+
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux); False where it cannot. `parent`:
+    the pid the parent had; if it is already gone (died before the request took effect), die now."""
+    prctl = _tie["prctl"] or (_libc_prctl() if sys.platform.startswith("linux") else None)
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if (os.getppid() != parent) if parent else os.getppid() == 1:  # init adopted us: the parent is gone
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def _tie_forked_child() -> None:
+    if not _tie["on"]:
+        return
+    # Ctrl-C reaches the whole terminal process group: the parent handles it (and stops its workers), so a worker
+    # neither prints a traceback nor dies half-way through a write of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler (cli.main) is not the worker's: a pool
+    # terminates its workers with SIGTERM
+    die_with_parent(signal.SIGKILL, _tie["parent"])
+    _tie["parent"] = os.getpid()  # for the children this one forks in turn
+
+
+@contextlib.contextmanager
+def children_die_with_us() -> Iterator[None]:
+    """Every process forked inside the block (a `datasets` map's pool workers and its manager process) is killed by
+    the kernel when this process dies, even by SIGKILL, and ignores Ctrl-C, which is this process' to handle."""
+    if not _tie["registered"] and hasattr(os, "register_at_fork"):
+        _tie["prctl"] = _libc_prctl() if sys.platform.startswith("linux") else None  # loaded before any fork
+        os.register_at_fork(after_in_child=_tie_forked_child)
+        _tie["registered"] = True
+    was = (_tie["on"], _tie["parent"])
+    _tie["on"], _tie["parent"] = True, os.getpid()
+    try:
+        yield
+    finally:
+        _tie["on"], _tie["parent"] = was
