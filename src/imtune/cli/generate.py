@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from imtune.cli.common import add_data, add_model, load_data
+from imtune.cli.common import add_data, add_model, add_overwrite, load_data
 
 TEMPLATE_HELP = ("chat template: tulu, chatml, alpaca, or tokenizer (the model's own); default: the template the "
                  "model was trained with when --model is an 'imtune train' output directory, else tulu")
@@ -64,6 +64,7 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     add_runtime(p)
     p.add_argument("--out", default="gen.jsonl", help="output JSONL file (default: gen.jsonl)")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -73,7 +74,7 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ImtuneError("--max-new-tokens must be at least 1")
-    prepare_output(args.out, (args.data, args.model), example="gen.jsonl")
+    prepare_output(args.out, (args.data, args.model), example="gen.jsonl", overwrite=args.overwrite)
     records = first_n(load_data(args), args.n)
     rows = generate_rows(args, records)
     atomic_write_jsonl(args.out, rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from imtune.cli.common import add_data, add_model, load_data
+from imtune.cli.common import add_data, add_model, add_overwrite, load_data
 from imtune.cli.generate import add_n, add_runtime, add_template, first_n, generate_rows
 
 
@@ -29,6 +29,7 @@ def add_parser(sub):
                    help="most tokens per generation (default: 256)")
     add_runtime(p)
     p.add_argument("--out", default="memorisation", help="output directory (default: ./memorisation)")
+    add_overwrite(p)
     p.set_defaults(func=run, command="memorisation")
 
 
@@ -37,7 +38,9 @@ def run(args) -> int:
     from imtune.evaluation.memorisation import memorisation_scores, read_generations, summary_of
     from imtune.io_utils import atomic_write_json, atomic_write_jsonl, prepare_output
 
-    out = prepare_output(Path(args.out), (args.data, args.generations, args.model), kind="dir")
+    names = ("memorisation.jsonl", "summary.json") + (() if args.generations else ("generations.jsonl",))
+    out = prepare_output(Path(args.out), (args.data, args.generations, args.model), kind="dir", names=names,
+                         overwrite=args.overwrite)
     if args.generations:
         if args.data:
             raise ImtuneError("give either --data (generate, then score) or --generations (score only), not both")

@@ -179,7 +179,7 @@ def content_digest(path: Path) -> str:
         raise InputError(str(path), f"cannot read the file: {e.strerror or e}") from None
     if time.time() - st.st_mtime > MEMO_MIN_AGE_S:
         with contextlib.suppress(OSError):  # an unwritable cache only costs the next run the hash
-            atomic_write_text(memo, content)
+            atomic_write_text(memo, content, own=False)
     return content
 
 
