@@ -64,6 +64,30 @@ def atomic_path(path: str | Path, own: bool = True) -> Iterator[Path]:
             Path(tmp).unlink(missing_ok=True)  # gone already after the rename; else half a file nobody may trust
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def write_error_reason(e: BaseException) -> str | None:
+    """Why a write failed, when `e` is a failed write: an OSError, or a library's own error wrapping one
+    (safetensors names "os error N"; torch.save's writer reports only a short write). None: not a write error."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    m = _OS_ERROR.search(str(e))
+    if m:
+        return os.strerror(int(m.group(1)))
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in ("inline_container", "file write failed")):
+        return "the write stopped short (disk full, or the file size limit reached?)"
+    return None
+
+
+def fsync_tree(d: str | Path) -> None:
+    """Flush every file under `d` and the directories themselves to disk (before a rename commits them)."""
+    for root, _, files in os.walk(d):
+        for f in files:
+            _fsync(os.path.join(root, f))
+        _fsync(root)
+
+
 def _fsync(path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -256,7 +280,7 @@ def prepare_output(out: str | Path, inputs: Iterable[str | Path | None] = (), ki
 
 # ---- processes that die with imtune -----------------------------------------------------------------------------------
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_tie = {"on": False, "parent": 0, "prctl": None, "registered": False}  # a forked child reads its parent's copy
+_tie = {"on": False, "parent": 0, "prctl": None, "registered": False, "mask": None}  # a forked child reads its parent's copy
 
 
 def _libc_prctl():
@@ -279,16 +303,31 @@ def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> boo
     return True
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _block_signals_over_fork() -> None:
+    # Held pending across the fork, so a signal at that instant reaches the child only once it has its own
+    # dispositions (the parent's Python handler must never run in a worker).
+    if _tie["on"]:
+        _tie["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def _unblock_in_parent() -> None:
+    if _tie.get("mask") is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _tie.pop("mask"))
+
+
 def _tie_forked_child() -> None:
     if not _tie["on"]:
         return
     # Ctrl-C reaches the whole terminal process group: the parent handles it (and stops its workers), so a worker
-    # neither prints a traceback nor dies half-way through a write of its own.
+    # neither prints a traceback nor dies half-way through a write of its own. A pool stops its workers by SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler (cli.main) is not the worker's: a pool
-    # terminates its workers with SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent(signal.SIGKILL, _tie["parent"])
     _tie["parent"] = os.getpid()  # for the children this one forks in turn
+    _unblock_in_parent()
 
 
 @contextlib.contextmanager
@@ -297,7 +336,8 @@ def children_die_with_us() -> Iterator[None]:
     the kernel when this process dies, even by SIGKILL, and ignores Ctrl-C, which is this process' to handle."""
     if not _tie["registered"] and hasattr(os, "register_at_fork"):
         _tie["prctl"] = _libc_prctl() if sys.platform.startswith("linux") else None  # loaded before any fork
-        os.register_at_fork(after_in_child=_tie_forked_child)
+        os.register_at_fork(before=_block_signals_over_fork, after_in_parent=_unblock_in_parent,
+                            after_in_child=_tie_forked_child)
         _tie["registered"] = True
     was = (_tie["on"], _tie["parent"])
     _tie["on"], _tie["parent"] = True, os.getpid()

@@ -78,25 +78,36 @@ def _exit(who: str, e: BaseException, stop: dict) -> int | None:
 def _signals():
     """Ctrl-C (and SIGTERM, outside a torchrun launch, whose launcher escalates to SIGKILL itself) become one
     exception in the main thread, so every `finally` removes its temp files; later signals are ignored until that
-    clean-up is done. The handlers in place before are restored after."""
-    stop = {"signal": None}
+    clean-up is done. An interrupt Python had to swallow (one landing in a fork handler or a finaliser, which
+    Python reports as "Exception ignored") is delivered again a moment later. The previous handlers are restored
+    after."""
+    stop = {"signal": None, "again": False}
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum, frame):
-        if stop["signal"] is None:
-            stop["signal"] = signum
+        if stop["signal"] is None or stop["again"]:
+            stop["signal"], stop["again"] = signum, False
             raise KeyboardInterrupt
+
+    def unraisable(u, default=sys.unraisablehook):
+        if stop["signal"] is not None and isinstance(u.exc_value, KeyboardInterrupt):
+            stop["again"] = True
+            threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, stop["signal"])).start()
+        else:
+            default(u)
 
     sigs = [signal.SIGINT] + ([signal.SIGTERM] if "TORCHELASTIC_RUN_ID" not in os.environ else [])
     before = {s: signal.getsignal(s) for s in sigs}
+    hook_before, sys.unraisablehook = sys.unraisablehook, unraisable
     for s in sigs:
         if before[s] in (signal.default_int_handler, signal.SIG_DFL):  # never take over an embedding app's handler
             signal.signal(s, handler)
     try:
         yield stop
     finally:
+        sys.unraisablehook = hook_before
         for s, h in before.items():
             signal.signal(s, h)
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from imtune.errors import ImtuneError
+from imtune.io_utils import fsync_tree, write_error_reason
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -120,26 +121,36 @@ def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler,
     final = checkpoint_path(out, state.global_step)
     # One temp name for all ranks: the pid would differ, so it is keyed by the main process' choice via the step.
     tmp = checkpoint_dir(out) / f"{_TMP}{state.global_step:06d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    if sharded:
-        _save_sharded(tmp / SHARDED_DIR, model, optimizer)
-    elif accelerator.is_main_process:
-        _write_weights(tmp, accelerator.unwrap_model(model))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_state(tmp, state)
-        if final.exists():  # same step saved twice (e.g. a resumed run): the newer one wins
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        prune(out, save_total_limit)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        if sharded:
+            _save_sharded(tmp / SHARDED_DIR, model, optimizer)
+        elif accelerator.is_main_process:
+            _write_weights(tmp, accelerator.unwrap_model(model))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_state(tmp, state)
+            fsync_tree(tmp)  # on disk before the rename makes it a checkpoint --resume trusts
+            if final.exists():  # same step saved twice (e.g. a resumed run): the newer one wins
+                (final / STATE_FILE).unlink(missing_ok=True)  # first: a kill mid-removal leaves nothing trusted
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            prune(out, save_total_limit)
+    except Exception as e:  # a full disk: no half-written checkpoint stays, and the error is one line
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_error_reason(e)
+        if reason is None:
+            raise
+        raise ImtuneError(f"cannot write the checkpoint {final}: {reason}") from None
     accelerator.wait_for_everyone()
     return final
 

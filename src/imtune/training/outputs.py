@@ -226,8 +226,14 @@ def save_final(cfg: TrainConfig, run_dir: RunDir, model, tokenizer, accelerator,
         last = [n for n in ("adapter_config.json", "config.json") if n in names]
         for n in [*names, "README.md"]:  # every name first: a foreign file stops the save before any replace
             run_dir.claim(n)
+        io_utils.fsync_tree(tmp)  # on disk before the renames that make it the run's model
         for n in [n for n in names if n not in last] + last:
             os.replace(tmp / n, out / n)
+    except Exception as e:  # a full disk: one line, and the failed run removes what it wrote
+        reason = io_utils.write_error_reason(e)
+        if reason is None:
+            raise
+        raise ImtuneError(f"cannot write the final model into {out}: {reason}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(out / "README.md", card)
