@@ -304,3 +304,36 @@ def test_sigkill_of_imtune_takes_its_workers_with_it(tiny_dir, big_data, tmp_pat
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=60)
     assert _gone(workers, within_s=5.0) == []
+
+
+def test_an_interrupt_a_library_turns_into_its_own_error_is_still_130(data, monkeypatch, capsys):
+    import imtune.cli.stats as stats_cmd
+
+    def run(args):
+        try:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, here
+            time.sleep(30)
+        finally:
+            raise TimeoutError("the pool's own error on the way out")  # as datasets' map does on an interrupt
+
+    monkeypatch.setattr(stats_cmd, "run", run)
+    assert main(["stats", "--data", str(data)]) == 130
+    assert capsys.readouterr().err == "imtune stats: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers before are back
+
+
+def test_an_interrupt_python_had_to_swallow_is_delivered_again(data, monkeypatch, capsys):
+    import imtune.cli.stats as stats_cmd
+
+    class Finaliser:
+        def __del__(self):  # a signal handled in here raises where Python can only print "Exception ignored"
+            signal.raise_signal(signal.SIGTERM)
+
+    def run(args):
+        Finaliser()
+        time.sleep(30)  # ended by the interrupt delivered again
+        return 0
+
+    monkeypatch.setattr(stats_cmd, "run", run)
+    assert main(["stats", "--data", str(data)]) == 143  # without the second delivery: 0, after the sleep
+    assert capsys.readouterr().err == "imtune stats: terminated\n"

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     with _signals() as stop:
-        command = "?"
+        command = None
         try:
             parser = build_parser()
             args = parser.parse_args(argv)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             return int(args.func(args) or 0)
         except BaseException as e:  # noqa: BLE001 - every way out of a command is one line, none a traceback
-            code = _exit(f"imtune {command}", e, stop)
+            code = _exit(f"imtune {command}" if command else "imtune", e, stop)
             if code is None:
                 raise
             return code
@@ -81,7 +81,7 @@ def _signals():
     clean-up is done. An interrupt Python had to swallow (one landing in a fork handler or a finaliser, which
     Python reports as "Exception ignored") is delivered again a moment later. The previous handlers are restored
     after."""
-    stop = {"signal": None, "again": False}
+    stop = {"signal": None, "again": False, "active": True}
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -91,10 +91,16 @@ def _signals():
             stop["signal"], stop["again"] = signum, False
             raise KeyboardInterrupt
 
+    def again():
+        if stop["again"] and stop["active"]:
+            signal.pthread_kill(threading.main_thread().ident, stop["signal"])
+
     def unraisable(u, default=sys.unraisablehook):
         if stop["signal"] is not None and isinstance(u.exc_value, KeyboardInterrupt):
             stop["again"] = True
-            threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, stop["signal"])).start()
+            t = threading.Timer(0.05, again)
+            t.daemon = True
+            t.start()
         else:
             default(u)
 
@@ -107,6 +113,7 @@ def _signals():
     try:
         yield stop
     finally:
+        stop["active"] = False
         sys.unraisablehook = hook_before
         for s, h in before.items():
             signal.signal(s, h)
