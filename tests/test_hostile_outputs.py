@@ -169,10 +169,12 @@ def _in_mount(tmp_path, mnt, options, argv, remount_ro=False):
     return int(rc_line[3:]), err.read_text(), left
 
 
-def test_read_only_out_is_one_line_before_any_work(data, tmp_path):
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_read_only_out_is_one_line_before_any_work(command, data, tmp_path):
     mnt = tmp_path / "ro"
-    rc, err, left = _in_mount(tmp_path, mnt, "size=64k", ["generate", "--model", NOPE, "--data", str(data), "--out",
-                                                            str(mnt / "gen.jsonl")], remount_ro=True)
+    out = mnt / ("gen.jsonl" if command == "generate" else "run")
+    rc, err, left = _in_mount(tmp_path, mnt, "size=64k", [command, "--model", NOPE, "--data", str(data), "--out",
+                                                            str(out)], remount_ro=True)
     assert rc == 2 and left == []
     assert "Read-only file system" in one_line(err) and str(mnt) in err
 
