@@ -198,7 +198,7 @@ def add_to_study(rows: list[dict], fulls: dict[str, dict], table_path: Path, min
             have.add(key)
             added += 1
     if added:
-        atomic_write_json(table_path, table)
+        atomic_write_json(table_path, table, own=False)
     return added
 
 
@@ -208,7 +208,7 @@ def splice(doc: Path, section: str) -> None:
 
     text = doc.read_text()
     head = text.split("\n## 3. ", 1)[0].rstrip("\n")
-    atomic_write_text(doc, head + "\n\n" + section)
+    atomic_write_text(doc, head + "\n\n" + section, own=False)
 
 
 def main(argv=None) -> int:
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
                                   "budget_frac": args.budget_frac, "seeds": args.seeds, "heldout": args.heldout,
                                   "lr": args.lr, "batch": args.batch,
                                   "command": "python bench/advisor_check.py " + " ".join(sys.argv[1:]),
-                                  "sets": [sets[n] for n in SETS if n in sets]})
+                                  "sets": [sets[n] for n in SETS if n in sets]}, own=False)
         if args.add_to_study:
             print(f"[advisor check] {add_to_study(list(sets.values()), fulls, Path(args.table), args.study_min_n)} "
                   "row(s) added to the study table", file=sys.stderr)

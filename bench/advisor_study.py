@@ -67,12 +67,12 @@ def prepare_sources(tokenizer, out: Path, max_length: int, names: list[str]) -> 
         lens = [_lengths(tokenizer, r) for r in recs]
         fit = [(r, a / max(b, 1)) for r, (a, b) in zip(recs, lens, strict=True) if b > 0 and a + b <= budget]
         if name in paths:
-            atomic_write_jsonl(paths[name], (r.to_dict() for r, _ in fit))
+            atomic_write_jsonl(paths[name], (r.to_dict() for r, _ in fit), own=False)
         if name == "dolly" and any(h in paths for h in HALVES):
             ranked = [r for r, _ in sorted(fit, key=lambda t: t[1])]
             half = len(ranked) // 2
-            atomic_write_jsonl(out / "dolly-output-heavy.jsonl", (r.to_dict() for r in ranked[:half]))
-            atomic_write_jsonl(out / "dolly-instruction-heavy.jsonl", (r.to_dict() for r in ranked[half:]))
+            atomic_write_jsonl(out / "dolly-output-heavy.jsonl", (r.to_dict() for r in ranked[:half]), own=False)
+            atomic_write_jsonl(out / "dolly-instruction-heavy.jsonl", (r.to_dict() for r in ranked[half:]), own=False)
     return paths
 
 
@@ -132,7 +132,7 @@ def write_table(args, cells: list[tuple[str, int, Path]], started: str) -> dict:
                  "command": "python bench/advisor_study.py " + " ".join(sys.argv[1:]), "out": str(args.out)},
         "rows": rows,
     }
-    atomic_write_json(Path(args.table), table)
+    atomic_write_json(Path(args.table), table, own=False)
     return table
 
 
@@ -256,7 +256,7 @@ def _add_time(out: Path, seeds: int, seconds: float) -> None:
 
     p = out / "study_time.json"
     old = json.loads(p.read_text()) if p.exists() else {}
-    atomic_write_json(p, {"seconds": round(old.get("seconds", 0.0) + seconds, 1), "seeds": seeds})
+    atomic_write_json(p, {"seconds": round(old.get("seconds", 0.0) + seconds, 1), "seeds": seeds}, own=False)
 
 
 if __name__ == "__main__":

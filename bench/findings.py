@@ -95,7 +95,7 @@ def record_machine(set_dir: Path) -> None:
     from imtune.io_utils import atomic_write_json
 
     atomic_write_json(set_dir / MACHINE_FILE, {"machine": cpu_name(), "cores": os.cpu_count(),
-                                               "load_average": list(os.getloadavg())})
+                                               "load_average": list(os.getloadavg())}, own=False)
 
 
 def set_machine(set_dir: Path) -> str:
@@ -312,7 +312,7 @@ on 2 CPU cores — far from the paper's LLaMA-2-7B/13B with thousands of example
 direction and noise at toy scale; the advisor says which scale its evidence comes from with every recommendation.
 
 """ + pilot_section(json.loads(pilot_path.read_text()) if pilot_path.exists() else None)
-    atomic_write_text(doc, text)
+    atomic_write_text(doc, text, own=False)
     print(text)
 
 

@@ -331,7 +331,7 @@ def test_cli_alpaca_eval_end_to_end(server, tmp_path, capsys):
     assert summary["reference_generator"] == "text-davinci-003" and summary["length_controlled"] is False
     assert len((out_dir / "alpaca_eval_annotations.jsonl").read_text().splitlines()) == 4
     assert server.n_requests == 8
-    assert main(argv) == 0 and server.n_requests == 8  # rerun: all from the cache
+    assert main([*argv, "--overwrite"]) == 0 and server.n_requests == 8  # rerun: all from the cache
 
 
 def test_cli_mt_bench_end_to_end(server, tmp_path, capsys):

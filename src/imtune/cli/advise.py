@@ -8,6 +8,8 @@ from pathlib import Path
 from imtune import ranges
 from imtune.cli.common import add_data, add_model, add_token_count_options, data_source, load_data_table
 
+PILOT_OUTPUTS = ("plan.json", "pilot.json")  # the files advise --pilot writes at the top of its directory
+
 
 def add_parser(sub):
     p = sub.add_parser("advise", help="before training: recommend it, im or weighted:λ for a dataset, with reasons",
@@ -104,7 +106,8 @@ def run_pilot_cli(args) -> int:
         raise ImtuneError(f"--pilot-sizes {args.pilot_sizes!r}: expected comma-separated integers") from None
     out = args.out or str(Path("runs") / f"pilot-{Path(args.data).stem}")
     sources = per_source_list(args) if args.per_source else []
-    prepare_output(out, (args.data, args.model, args.pilot_model, *(s["path"] for s in sources)), kind="dir")
+    prepare_output(out, (args.data, args.model, args.pilot_model, *(s["path"] for s in sources)), kind="dir",
+                   names=PILOT_OUTPUTS, overwrite=True)  # rerun to resume: the pilot's own files are its state
     cfg = PilotConfig(data=args.data, out=out, model=args.model, pilot_model=args.pilot_model,
                       n_target=args.n_target, budget_min=args.budget_min, seeds=args.pilot_seeds,
                       n_val=args.pilot_heldout, sizes=sizes, max_length=args.max_length, template=args.template,

@@ -30,6 +30,12 @@ def add_revision(p) -> None:
                    help="with a Hub id: branch, tag or commit to use (default: main)")
 
 
+def add_overwrite(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs an earlier imtune run wrote there (a file imtune did not write is never "
+                        "replaced)")
+
+
 def add_data(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help=DATA_HELP)
     add_data_source(p)

@@ -13,6 +13,10 @@ OWN = ("data", "data_split", "data_config", "data_revision", "data_format", "ski
        "val_data", "val_fraction", "resume", "overwrite", "seed", "model")
 
 
+# The files compare writes at the top of --out (the split's own files are checked by make_split, the plots when
+# written).
+OUTPUTS = ("results.json", "advice.json", "report.md", "report.html")
+
 def add_parser(sub):
     p = sub.add_parser(
         "compare", help="train IT vs IM (or any objectives) on the same data and write a report with the verdict",
@@ -81,8 +85,10 @@ def run(args) -> int:
     from imtune.analysis.compare import run_compare
     from imtune.io_utils import prepare_output
 
-    # Never write over an input: compare writes data/train.jsonl and data/heldout.jsonl under --out.
-    out = prepare_output(args.out, (args.data, args.val_data, args.model), kind="dir")
+    # Never write over an input: compare writes data/train.jsonl and data/heldout.jsonl under --out. A rerun
+    # resumes: the files compare wrote are its state (overwrite), one it did not write is refused.
+    out = prepare_output(args.out, (args.data, args.val_data, args.model), kind="dir", names=OUTPUTS,
+                         overwrite=True)
     created = not out.exists()
     try:
         result = run_compare(config_from_args(args))

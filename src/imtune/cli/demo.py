@@ -58,9 +58,10 @@ def _demo_data(out: Path, model: str) -> Path:
 
 def run(args) -> int:
     from imtune.analysis.compare import CompareConfig, run_compare
+    from imtune.cli.compare import OUTPUTS
     from imtune.io_utils import prepare_output
 
-    out = prepare_output(args.out, (args.model,), kind="dir")
+    out = prepare_output(args.out, (args.model,), kind="dir", names=(DATA_NAME, *OUTPUTS), overwrite=True)
     data = _demo_data(out, args.model)
     cfg = CompareConfig(
         data=str(data), out=args.out, model=args.model, objectives=("it", "im"), n_train=DEMO["n_train"],

@@ -6,7 +6,7 @@ import math
 import sys
 
 from imtune import ranges
-from imtune.cli.common import add_model
+from imtune.cli.common import add_model, add_overwrite
 
 
 def add_parser(sub):
@@ -55,6 +55,7 @@ def add_parser(sub):
     p.add_argument("--log-samples", dest="log_samples", action="store_true",
                    help="include per-example prompts, predictions and targets in the JSON")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -158,7 +159,7 @@ def run(args) -> int:
     if args.out:  # refused now, not after the whole evaluation has run
         from imtune.io_utils import prepare_output
 
-        prepare_output(args.out, (args.model, args.samples))
+        prepare_output(args.out, (args.model, args.samples), overwrite=args.overwrite)
 
     completions = _check_code_execution(args, specs)
     if completions is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from imtune import ranges
-from imtune.cli.common import add_data, add_model, load_data
+from imtune.cli.common import add_data, add_model, add_overwrite, load_data
 
 TEMPLATE_HELP = ("chat template: tulu, chatml, alpaca, or tokenizer (the model's own); default: the template the "
                  "model was trained with when --model is an 'imtune train' output directory, else tulu")
@@ -65,13 +65,14 @@ def add_parser(sub):
     p.add_argument("--seed", type=ranges.SEED, default=0, help="sampling seed (default: 0)")
     add_runtime(p)
     p.add_argument("--out", default="gen.jsonl", help="output JSONL file (default: gen.jsonl)")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from imtune.io_utils import atomic_write_jsonl, prepare_output
 
-    prepare_output(args.out, (args.data, args.model), example="gen.jsonl")
+    prepare_output(args.out, (args.data, args.model), example="gen.jsonl", overwrite=args.overwrite)
     records = first_n(load_data(args), args.n)
     rows = generate_rows(args, records)
     atomic_write_jsonl(args.out, rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from imtune import ranges
-from imtune.cli.common import add_data, add_model, add_objective, load_data
+from imtune.cli.common import add_data, add_model, add_objective, add_overwrite, load_data
 from imtune.errors import ImtuneError
 
 
@@ -22,6 +22,7 @@ def add_parser(sub):
     p.add_argument("--format", dest="out_format", choices=["text", "json", "html"], default="text",
                    help="text (coloured terminal view), json (per-token rows), html (self-contained page)")
     p.add_argument("--out", default=None, help="write to this file instead of stdout (json/html)")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -34,7 +35,8 @@ def run(args) -> int:
 
     obj = parse_objective(args.objective)
     if args.out:
-        prepare_output(args.out, (args.data, args.model), example=f"tokens.{args.out_format}")
+        prepare_output(args.out, (args.data, args.model), example=f"tokens.{args.out_format}",
+                       overwrite=args.overwrite)
     records = load_data(args)
     if args.index is not None:
         if not 0 <= args.index < len(records):

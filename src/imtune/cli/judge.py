@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from imtune import ranges
-from imtune.cli.common import add_revision
+from imtune.cli.common import add_overwrite, add_revision
 from imtune.errors import ImtuneError
 from imtune.io_utils import prepare_output
 
@@ -80,6 +80,7 @@ def add_parser(subparsers) -> None:
     a.add_argument("--limit", type=ranges.COUNT, default=None, help="only the first N instructions")
     a.add_argument("--out", default="judge_results/alpaca_eval",
                    help="output directory (default: judge_results/alpaca_eval)")
+    add_overwrite(a)
     _add_judge_options(a)
     _add_generation_options(a, "outputs")
     a.set_defaults(judge_func=run_alpaca_eval)
@@ -94,6 +95,7 @@ def add_parser(subparsers) -> None:
     src.add_argument("--model", help="generate the answers with this model (Hub id, alias, directory or .gguf) first")
     m.add_argument("--limit", type=ranges.COUNT, default=None, help="only the first N questions")
     m.add_argument("--out", default="judge_results/mt_bench", help="output directory (default: judge_results/mt_bench)")
+    add_overwrite(m)
     _add_judge_options(m)
     _add_generation_options(m, "answers")
     m.set_defaults(judge_func=run_mt_bench)
@@ -165,7 +167,10 @@ def run_alpaca_eval(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ImtuneError("--limit must be >= 1")
-    out = prepare_output(Path(args.out), (args.outputs, args.model), kind="dir")
+    names = ("alpaca_eval_results.json", "alpaca_eval_annotations.jsonl") + (("model_outputs.json",) if args.model
+                                                                              else ())
+    out = prepare_output(Path(args.out), (args.outputs, args.model), kind="dir", names=names,
+                         overwrite=args.overwrite)
     client = make_client(args)  # before generating: a bad URL should fail in seconds, not after an hour
     with client:
         if args.model:
@@ -196,7 +201,10 @@ def run_mt_bench(args) -> int:
     from imtune.io_utils import atomic_write_jsonl
 
     questions = mb.load_questions(args.limit)
-    out = prepare_output(Path(args.out), (args.answers, args.model), kind="dir")
+    names = ("mt_bench_results.json", "mt_bench_judgements.jsonl") + (("mt_bench_answers.jsonl",) if args.model
+                                                                      else ())
+    out = prepare_output(Path(args.out), (args.answers, args.model), kind="dir", names=names,
+                         overwrite=args.overwrite)
     client = make_client(args)
     with client:
         if args.model:

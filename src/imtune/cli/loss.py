@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from imtune import ranges
-from imtune.cli.common import add_data, add_model, load_data
+from imtune.cli.common import add_data, add_model, add_overwrite, load_data
 from imtune.cli.generate import add_runtime, add_template
 from imtune.config import DEFAULT_MAX_LENGTH
 
@@ -29,6 +29,7 @@ def add_parser(sub):
                         f"excluded and reported (default: {DEFAULT_MAX_LENGTH})")
     add_runtime(p)
     p.add_argument("--out", default="losses.jsonl", help="per-example JSONL output (default: losses.jsonl)")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -46,7 +47,7 @@ def run(args) -> int:
 
     parse_objective(args.objective)  # a typo should fail before the model loads, not after
     for path in (args.out, summary_path(args.out)):
-        prepare_output(path, (args.data, args.model), example="losses.jsonl")
+        prepare_output(path, (args.data, args.model), example="losses.jsonl", overwrite=args.overwrite)
     records = load_data(args)
     template = default_template(args.model, args.template)
     model, tok = load_model_and_tokenizer(args)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from imtune.config import DEFAULT_MODEL
 from imtune.errors import ImtuneError
@@ -45,20 +48,83 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        rc = args.func(args)
-    except ImtuneError as e:
-        print(f"imtune {args.command}: error: {e}", file=sys.stderr)
+    with _signals() as stop:
+        command = None
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            command = args.command
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 0
+            return int(args.func(args) or 0)
+        except BaseException as e:  # noqa: BLE001 - every way out of a command is one line, none a traceback
+            code = _exit(f"imtune {command}" if command else "imtune", e, stop)
+            if code is None:
+                raise
+            return code
+
+
+def _exit(who: str, e: BaseException, stop: dict) -> int | None:
+    """Print the one line a failure ends with and return its exit code; None: a bug, shown with its traceback."""
+    if stop["signal"] is not None or isinstance(e, KeyboardInterrupt):
+        # Whatever surfaced (a library may turn the interrupt into its own error on the way out), it was the signal.
+        term = stop["signal"] == signal.SIGTERM
+        print(f"{who}: {'terminated' if term else 'interrupted'}", file=sys.stderr)
+        return 143 if term else 130
+    if isinstance(e, ImtuneError):
+        print(f"{who}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"imtune {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return int(rc or 0)
+    if isinstance(e, OSError) and e.strerror:  # a write refused by the OS (full disk, read-only, permissions)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{who}: error: {where}{e.strerror}", file=sys.stderr)
+        return 2
+    return None  # SystemExit (argparse's own usage errors) and bugs go on as they are
+
+
+@contextlib.contextmanager
+def _signals():
+    """Ctrl-C (and SIGTERM, outside a torchrun launch, whose launcher escalates to SIGKILL itself) become one
+    exception in the main thread, so every `finally` removes its temp files; later signals are ignored until that
+    clean-up is done. An interrupt Python had to swallow (one landing in a fork handler or a finaliser, which
+    Python reports as "Exception ignored") is delivered again a moment later. The previous handlers are restored
+    after."""
+    stop = {"signal": None, "again": False, "active": True}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop["signal"] is None or stop["again"]:
+            stop["signal"], stop["again"] = signum, False
+            raise KeyboardInterrupt
+
+    def again():
+        if stop["again"] and stop["active"]:
+            signal.pthread_kill(threading.main_thread().ident, stop["signal"])
+
+    def unraisable(u, default=sys.unraisablehook):
+        if stop["signal"] is not None and isinstance(u.exc_value, KeyboardInterrupt):
+            stop["again"] = True
+            t = threading.Timer(0.05, again)
+            t.daemon = True
+            t.start()
+        else:
+            default(u)
+
+    sigs = [signal.SIGINT] + ([signal.SIGTERM] if "TORCHELASTIC_RUN_ID" not in os.environ else [])
+    before = {s: signal.getsignal(s) for s in sigs}
+    hook_before, sys.unraisablehook = sys.unraisablehook, unraisable
+    for s in sigs:
+        if before[s] in (signal.default_int_handler, signal.SIG_DFL):  # never take over an embedding app's handler
+            signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        stop["active"] = False
+        sys.unraisablehook = hook_before
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from imtune import ranges
-from imtune.cli.common import add_data, add_model, load_data
+from imtune.cli.common import add_data, add_model, add_overwrite, load_data
 from imtune.cli.generate import add_n, add_runtime, add_template, first_n, generate_rows
 
 
@@ -30,6 +30,7 @@ def add_parser(sub):
                    help="most tokens per generation (default: 256)")
     add_runtime(p)
     p.add_argument("--out", default="memorisation", help="output directory (default: ./memorisation)")
+    add_overwrite(p)
     p.set_defaults(func=run, command="memorisation")
 
 
@@ -38,7 +39,9 @@ def run(args) -> int:
     from imtune.evaluation.memorisation import memorisation_scores, read_generations, summary_of
     from imtune.io_utils import atomic_write_json, atomic_write_jsonl, prepare_output
 
-    out = prepare_output(Path(args.out), (args.data, args.generations, args.model), kind="dir")
+    names = ("memorisation.jsonl", "summary.json") + (() if args.generations else ("generations.jsonl",))
+    out = prepare_output(Path(args.out), (args.data, args.generations, args.model), kind="dir", names=names,
+                         overwrite=args.overwrite)
     if args.generations:
         if args.data:
             raise ImtuneError("give either --data (generate, then score) or --generations (score only), not both")

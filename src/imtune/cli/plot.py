@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from imtune.cli.common import add_overwrite
 from imtune.errors import ImtuneError
 
 
@@ -17,6 +18,7 @@ def add_parser(sub):
     p.add_argument("--labels", default=None, help="comma-separated legend labels (default: file names)")
     p.add_argument("--title", default="Per-example output loss", help="figure title")
     p.add_argument("--out", default="loss_distributions", help="output path without suffix: writes .png and .svg")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -32,7 +34,7 @@ def run(args) -> int:
     if len(labels) != len(args.losses):
         raise ImtuneError(f"--labels has {len(labels)} names for {len(args.losses)} files")
     for path in figure_paths(args.out):
-        prepare_output(path, args.losses, example="loss_distributions.png")
+        prepare_output(path, args.losses, example="loss_distributions.png", overwrite=args.overwrite)
     series = {}
     for label, f in zip(labels, args.losses, strict=True):
         rows = read_jsonl_rows(f, {"loss": (int, float)}, what="loss rows")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from imtune.errors import ImtuneError, InputError
-from imtune.io_utils import remove_dead_builds
+from imtune.io_utils import children_die_with_us, remove_dead_builds
 from imtune.masking.encoding import (
     N_CLASSES,
     Encoded,
@@ -219,11 +219,12 @@ def _no_progress_bars():
 
 def _build(dataset, tmp: Path, key, fingerprint, kwargs: dict, num_proc, batch_size, weighted: bool) -> None:
     n_proc = num_proc or default_num_proc(len(dataset), batch_size)
-    out = dataset.map(_encode_batch, batched=True, batch_size=batch_size, with_indices=True,
-                      num_proc=n_proc if n_proc > 1 else None, remove_columns=dataset.column_names,
-                      features=_features(), fn_kwargs=kwargs,
-                      cache_file_name=str(tmp / "encoded.arrow"), new_fingerprint=key,
-                      load_from_cache_file=False, desc=f"encoding {kwargs['name']}")
+    with children_die_with_us():  # a killed imtune leaves no worker behind
+        out = dataset.map(_encode_batch, batched=True, batch_size=batch_size, with_indices=True,
+                          num_proc=n_proc if n_proc > 1 else None, remove_columns=dataset.column_names,
+                          features=_features(), fn_kwargs=kwargs,
+                          cache_file_name=str(tmp / "encoded.arrow"), new_fingerprint=key,
+                          load_from_cache_file=False, desc=f"encoding {kwargs['name']}")
     _raise_first_error(out)
     shards = [Path(f["filename"]).name for f in out.cache_files]
     meta = {"version": ENCODER_VERSION, "key": key, "name": kwargs["name"], "data_fingerprint": fingerprint,

@@ -29,7 +29,7 @@ from imtune.config import DEFAULT_DATA_SPLIT
 from imtune.errors import ImtuneError, InputError
 from imtune.gguf import cache_root
 from imtune.inputs import Source, file_digest, stat_input
-from imtune.io_utils import atomic_write_text, remove_dead_builds
+from imtune.io_utils import atomic_write_text, children_die_with_us, remove_dead_builds
 from imtune.records.conversation import Conversation, Message
 from imtune.records.parsing import (
     DATA_SUFFIXES,
@@ -195,7 +195,7 @@ def _remembered_digest(path: Path) -> str | None:
 
 def _remember(path: Path, st: os.stat_result, digest: str) -> None:
     with contextlib.suppress(OSError):  # an unwritable cache only costs the next run a parse
-        atomic_write_text(_memo_path(path, st), digest)
+        atomic_write_text(_memo_path(path, st), digest, own=False)
 
 
 def check_file_spec(spec: DataSpec) -> None:
@@ -348,10 +348,11 @@ def _normalise_table(raw, name: str, format: str | None, tmp: Path, skip_invalid
     except ValueError as e:
         raise InputError(name, str(e)) from None
     procs = num_proc if num_proc is not None else max(1, min(os.cpu_count() or 1, len(raw) // ROWS_PER_WORKER))
-    out = raw.map(_normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
-                  features=_work_features(), num_proc=procs if procs > 1 else None, load_from_cache_file=False,
-                  cache_file_name=str(tmp / "map.arrow"),
-                  fn_kwargs={"schema": schema, "name": name, "skip_invalid": skip_invalid})
+    with children_die_with_us():  # a killed imtune leaves no worker behind
+        out = raw.map(_normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                      features=_work_features(), num_proc=procs if procs > 1 else None, load_from_cache_file=False,
+                      cache_file_name=str(tmp / "map.arrow"),
+                      fn_kwargs={"schema": schema, "name": name, "skip_invalid": skip_invalid})
     table = out.data
     bad = pc.is_valid(table.column("_error"))
     rows, reasons = pc.filter(table.column("row"), bad).to_pylist(), pc.filter(table.column("_error"), bad).to_pylist()

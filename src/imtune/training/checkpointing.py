@@ -35,6 +35,7 @@ import torch
 
 from imtune.errors import ImtuneError
 from imtune.inputs import load_input, read_json_object
+from imtune.io_utils import fsync_tree, write_error_reason
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -123,6 +124,29 @@ def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler,
     final = checkpoint_path(out, state.global_step)
     # One temp name for all ranks: the pid would differ, so it is keyed by the main process' choice via the step.
     tmp = checkpoint_dir(out) / f"{_TMP}{state.global_step:06d}"
+    try:
+        _write_checkpoint(tmp, state, model, optimizer, scheduler, accelerator, layout)
+        if accelerator.is_main_process:
+            fsync_tree(tmp)  # on disk before the rename makes it a checkpoint --resume trusts
+            if final.exists():  # same step saved twice (e.g. a resumed run): the newer one wins
+                (final / STATE_FILE).unlink(missing_ok=True)  # first: a kill mid-removal leaves nothing trusted
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            prune(out, save_total_limit)
+    except Exception as e:  # a full disk: no half-written checkpoint stays, and the error is one line
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_error_reason(e)
+        if reason is None:
+            raise
+        raise ImtuneError(f"cannot write the checkpoint {final}: {reason}") from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(tmp: Path, state: TrainerState, model, optimizer, scheduler, accelerator, layout: str) -> None:
+    """Every file of the checkpoint into `tmp`, the trainer state last (its presence marks it complete)."""
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -141,13 +165,6 @@ def save_checkpoint(out: Path, state: TrainerState, model, optimizer, scheduler,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_state(tmp, state)
-        if final.exists():  # same step saved twice (e.g. a resumed run): the newer one wins
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        prune(out, save_total_limit)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _save_deepspeed(tmp: Path, accelerator) -> None:

@@ -34,11 +34,11 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import sys
 
 import torch
 
 from imtune.errors import ImtuneError
+from imtune.io_utils import die_with_parent
 
 
 def fsdp_requested() -> bool:
@@ -98,17 +98,8 @@ def _deepspeed_accelerator(cpu: bool, micro_batch_size: int, max_grad_norm: floa
 
 def die_with_launcher() -> None:
     """Under torchrun / accelerate launch on Linux: SIGKILL this worker when the launcher process dies."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1  # from <linux/prctl.h>
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):  # no prctl (an unusual libc): keep the old behaviour
-        return
-    if os.getppid() == 1:  # the launcher died before the request took effect
-        os.kill(os.getpid(), signal.SIGKILL)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(signal.SIGKILL)
 
 
 def _fsdp_over_gloo(accelerator) -> None:

@@ -1,6 +1,7 @@
 """The run directory: config, metrics log (JSONL + the run trackers), checkpoints and the final model.
 
-Every path a run writes is recorded in a manifest (`.imtune-manifest.json`) before it is written, so that
+Every path a run writes is recorded in a manifest (`.imtune-manifest.json`, the one every command keeps: see
+io_utils) before it is written, so that
 `--overwrite` and the clean-up after a failed run remove exactly what imtune wrote and never anything else: an
 output directory holding a file imtune did not write is refused by `--overwrite`, naming that file. Final files are
 written to a temp name and renamed.
@@ -17,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from imtune import io_utils
 from imtune.config import TrainConfig
 from imtune.errors import ImtuneError
 from imtune.training import checkpointing, tracking
@@ -24,7 +26,7 @@ from imtune.training import checkpointing, tracking
 CONFIG_FILE = "imtune_config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FINAL_METRICS_FILE = "final_metrics.json"
-MANIFEST = ".imtune-manifest.json"
+MANIFEST = io_utils.MANIFEST
 # What a failed run keeps when a checkpoint lets it be resumed (top-level names).
 RESUME_STATE = (CONFIG_FILE, METRICS_FILE, *tracking.LOCAL_STATE, checkpointing.CHECKPOINTS)
 # Names imtune gives its own temp files and dirs (an atomic write, a checkpoint or final save in progress): what a
@@ -48,12 +50,8 @@ class RunDir:
         self.owned: dict[str, set[str]] = {k: set() for k in self.KINDS}
         self.created: set[str] = set()  # paths this invocation created (what a failed run removes)
         self.created_root = False
-        if self.manifest.is_file():
-            try:
-                d = json.loads(self.manifest.read_text(encoding="utf-8"))
-                self.owned = {k: set(d.get(k, [])) for k in self.KINDS}
-            except (OSError, ValueError, TypeError, AttributeError) as e:
-                raise ImtuneError(f"{self.manifest}: unreadable manifest ({e}); move it away to start over") from None
+        d = io_utils.read_manifest(self.out) if self.out.is_dir() else {}
+        self.owned = {k: set(d.get(k, [])) for k in self.KINDS}
 
     # ---- before any work ------------------------------------------------------------------------------------------
     def check(self, cfg: TrainConfig) -> None:
@@ -153,9 +151,7 @@ class RunDir:
             self._save()
 
     def _save(self) -> None:
-        from imtune.io_utils import atomic_write_json
-
-        atomic_write_json(self.manifest, {"written_by": "imtune", **{k: sorted(v) for k, v in self.owned.items()}})
+        io_utils.write_manifest(self.out, {k: sorted(v) for k, v in self.owned.items()})
 
     # ---- after a failure --------------------------------------------------------------------------------------------
     def clean_up_failed(self) -> Path | None:
@@ -230,8 +226,14 @@ def save_final(cfg: TrainConfig, run_dir: RunDir, model, tokenizer, accelerator,
         last = [n for n in ("adapter_config.json", "config.json") if n in names]
         for n in [*names, "README.md"]:  # every name first: a foreign file stops the save before any replace
             run_dir.claim(n)
+        io_utils.fsync_tree(tmp)  # on disk before the renames that make it the run's model
         for n in [n for n in names if n not in last] + last:
             os.replace(tmp / n, out / n)
+    except Exception as e:  # a full disk: one line, and the failed run removes what it wrote
+        reason = io_utils.write_error_reason(e)
+        if reason is None:
+            raise
+        raise ImtuneError(f"cannot write the final model into {out}: {reason}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(out / "README.md", card)
