@@ -274,6 +274,8 @@ def prepare_output(out: str | Path, inputs: Iterable[str | Path | None] = (), ki
                               f"replace; choose an output directory that holds no input")
     _check_writable(out, flag)
     for p in [out] if kind == "file" else [out / n for n in names]:
+        if p.name == MANIFEST:
+            raise ImtuneError(f"{flag} {out}: {MANIFEST} is the name of imtune's own list of what it wrote")
         check_replace(p, overwrite, flag)
     return out
 
