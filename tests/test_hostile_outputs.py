@@ -279,7 +279,7 @@ def _temp_files(root) -> list[str]:
     return [os.path.join(r, n) for r, ds, fs in os.walk(root) for n in ds + fs if n.startswith(".tmp")]
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])  # ~25 s each
 def test_interrupt_during_encoding_is_one_line_and_leaves_nothing(sig, tiny_dir, big_data, tmp_path):
     p, workers, err, cache = _stats_in_encoding(tiny_dir, big_data, tmp_path)
     try:

@@ -237,6 +237,8 @@ def prepare_output(out: str | Path, inputs: Iterable[str | Path | None] = (), ki
                               f"replace; choose an output directory that holds no input")
     _check_writable(out, flag)
     for p in [out] if kind == "file" else [out / n for n in names]:
+        if p.name == MANIFEST:
+            raise ImtuneError(f"{flag} {out}: {MANIFEST} is the name of imtune's own list of what it wrote")
         check_replace(p, overwrite, flag)
     return out
 
@@ -308,3 +310,19 @@ def children_die_with_us() -> Iterator[None]:
         yield
     finally:
         _tie["on"], _tie["parent"] = was
+
+
+def stop_children(grace_s: float = 2.0) -> None:
+    """Terminate the worker processes this process started through multiprocessing / multiprocess (a pool that an
+    interrupt caught half-built is never terminated by its own `with` block) and wait for them briefly."""
+    procs = []
+    for name in ("multiprocess", "multiprocessing"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            procs += mod.active_children()
+    for p in procs:
+        with contextlib.suppress(OSError, AttributeError):
+            p.terminate()
+    for p in procs:
+        with contextlib.suppress(OSError, AssertionError, AttributeError):
+            p.join(grace_s)

@@ -12,6 +12,7 @@ import threading
 
 from imtune.config import DEFAULT_MODEL
 from imtune.errors import ImtuneError
+from imtune.io_utils import children_die_with_us, stop_children
 
 # (module, command) in help order; each module has add_parser(subparsers) and run(args) -> int | None.
 COMMANDS = ("stats", "inspect", "export", "advise", "train", "loss", "plot", "generate", "memorisation", "evaluate", "judge",
@@ -57,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(args, "func", None):
                 parser.print_help()
                 return 0
-            return int(args.func(args) or 0)
+            with children_die_with_us():  # for every fork the command makes, from any thread
+                return int(args.func(args) or 0)
         except BaseException as e:  # noqa: BLE001 - every way out of a command is one line, none a traceback
+            if stop["signal"] is not None or isinstance(e, KeyboardInterrupt):
+                stop_children()
             code = _exit(f"imtune {command}" if command else "imtune", e, stop)
             if code is None:
                 raise
