@@ -177,6 +177,7 @@ def empty_model(model: str | os.PathLike | None = None, dtype="float32", trust_r
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
         with init_empty_weights(include_buffers=False):
             m = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+        m.tie_weights()  # from_pretrained ties at its end; from_config leaves a tied head a parameter of its own
         if (path / "generation_config.json").is_file():
             m.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:

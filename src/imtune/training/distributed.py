@@ -83,6 +83,22 @@ def _fsdp_over_gloo(accelerator) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """On CPU, FSDP's all-gathered layers are host memory. glibc keeps freed blocks under its mmap threshold (which
+    rises to 32 MiB by itself) in its arenas, so the buffers of every layer stay resident: 3 processes training a
+    0.6B model peaked at 10.7 GB instead of 6.9 GB (bench/ranks.py). A fixed 1 MiB threshold returns them."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    m_mmap_threshold = -3  # from <malloc.h>
+    try:
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, 1 << 20)
+    except (OSError, AttributeError):  # not glibc
+        return
 
 
 def share_of_step(step: list[list[int]], rank: int, world: int, lockstep: bool) -> list[tuple[list[int], float]]:
