@@ -84,6 +84,28 @@ def test_one_process_load_equals_from_pretrained(tiny_dir):
     assert base.is_gradient_checkpointing and not base.model.embed_tokens.weight.requires_grad
 
 
+def test_sharded_checkpoint_reads_the_files_its_index_names(tiny_dir, tmp_path):
+    """A checkpoint in several files (+ index), next to a stray copy the index does not name (as some Hub repos
+    hold `consolidated.safetensors`): read from the indexed files, equal to from_pretrained."""
+    import shutil
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from imtune.config import TrainConfig
+    from imtune.training.sharded_load import load_causal_lm
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    (d / "model.safetensors").rename(d / "consolidated.safetensors")
+    plain.save_pretrained(str(d), max_shard_size="40KB")
+    assert len(list(d.glob("model-*.safetensors"))) > 1
+    ours = load_causal_lm(TrainConfig(model=str(d)), Accelerator(cpu=True), sharded=False)
+    sd = plain.state_dict()
+    assert all(torch.equal(t, sd[k]) for k, t in ours.state_dict().items())
+
+
 DRIVER = textwrap.dedent("""
     import ctypes, gc, json, sys
     import torch

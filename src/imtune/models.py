@@ -233,7 +233,15 @@ def safetensors_index(path: Path) -> dict[str, StoredTensor]:
     import torch
 
     index: dict[str, StoredTensor] = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
+    files = sorted(Path(path).glob("*.safetensors"))
+    listing = Path(path) / "model.safetensors.index.json"
+    if listing.is_file():  # a sharded checkpoint: only the files its index names (a repo may hold other copies)
+        try:
+            names = set(json.loads(listing.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ImtuneError(f"{listing}: not a safetensors index ({type(e).__name__})") from None
+        files = [f for f in files if f.name in names]
+    for f in files:
         size = f.stat().st_size
         with open(f, "rb") as fh:
             raw = fh.read(8)
