@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model-dir", default=str(Path.home() / ".cache" / "imtune-bench" / "llama-0.61b-fp32"))
     ap.add_argument("--out", default=None, help="RESULTS.md to update (default bench/RESULTS.md)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--reuse", default=None, help="this script's earlier stdout: its measured rows are kept, not rerun")
     return ap.parse_args(argv)
 
 
@@ -155,8 +157,8 @@ def run_one(n: int, mode: str, config: str | None, model: Path, data: Path, work
     env = {**launch_env(), "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     log = work / f"{name}.log"
     peak, wall, rc = tree_peak(cmd, env, log)
-    stats = [json.loads(x.split(" ", 1)[1]) for x in log.read_text(errors="replace").splitlines()
-             if x.startswith("RANK-STATS ")]
+    # The processes share one stdout: their lines may interleave, so each report is found by its own braces.
+    stats = [json.loads(m) for m in re.findall(r"RANK-STATS (\{[^{}]*\})", log.read_text(errors="replace"))]
     row = {"name": name, "n": n, "mode": mode, "config": config, "peak": peak, "wall": wall, "rc": rc,
            "optimizer_bytes": [s["optimizer_bytes"] for s in sorted(stats, key=lambda s: s["rank"])],
            "param_bytes": [s["param_bytes"] for s in sorted(stats, key=lambda s: s["rank"])]}
@@ -189,8 +191,27 @@ def render(rows: list[dict], weights: int, extra: dict) -> str:
         rel = f"{r['peak'] / one[r['mode']]:.2f}x" if r["mode"] in one else "-"
         lines.append(f"| {label} | {r['n']} | {r['peak'] / gb:.2f} GB | {r['peak'] / weights:.2f}x | {rel} | {opt} | "
                      f"{r['wall']:.0f} s |")
-    lines += ["", *extra.get("notes", [])]
+    lines += ["", *targets(rows, weights), *extra.get("notes", [])]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def targets(rows: list[dict], weights: int) -> list[str]:
+    """The issue's targets, read off the table: one LoRA process <= 1.6x the weights, 3 LoRA processes <= 1.4x
+    one process, AdamW state per process ~ 1/N of one process'."""
+    ok = {(r["mode"], r["n"], r["config"]): r for r in rows if "peak" in r and not r.get("rc")}
+    out = []
+    one = ok.get(("lora", 1, None))
+    if one:
+        out.append(f"- LoRA, one process: {one['peak'] / weights:.2f}x the weights on disk (target <= 1.6x).")
+    for (mode, n, config), r in sorted(ok.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):
+        if mode == "lora" and n == 3 and one:
+            out.append(f"- LoRA, 3 processes ({config}): {r['peak'] / one['peak']:.2f}x one process (target <= 1.4x).")
+        base = ok.get(("full", 1, None))
+        if mode == "full" and n > 1 and base and any(r["optimizer_bytes"]):
+            share = max(r["optimizer_bytes"]) / max(base["optimizer_bytes"])
+            out.append(f"- Full fine-tuning, {n} processes ({config}): the largest AdamW state of a process is "
+                       f"{share:.3f} of one process' (1/{n} = {1 / n:.3f}).")
+    return out
 
 
 def main(argv=None) -> int:
@@ -213,14 +234,21 @@ def main(argv=None) -> int:
             configs.append(c)
         else:
             extra["notes"].append(f"- `{c}.yaml` is not among imtune's accelerate configs here: not measured.")
-    rows = []
+    rows, earlier = [], {}
+    if args.reuse:
+        earlier = {r["name"]: r for r in (json.loads(x) for x in Path(args.reuse).read_text().splitlines()
+                                          if x.startswith('{"name"')) if not r.get("rc")}
+        extra["notes"].append(f"- Rows {', '.join(sorted(earlier))} were measured by an earlier run of this script "
+                              "on the same machine, the same day; the others by this one.")
     with tempfile.TemporaryDirectory(prefix="imtune-ranks-") as tmp:
         work = Path(tmp)
         write_data(work / "d.jsonl")
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             for n in [int(x) for x in args.ranks.split(",")]:
                 for config in ([None] if n == 1 else configs):
-                    rows.append(run_one(n, mode, config, model, work / "d.jsonl", work, args.steps))
+                    name = f"{mode}-{n}p-{config or 'single'}"
+                    rows.append(earlier.pop(name, None) or run_one(n, mode, config, model, work / "d.jsonl", work,
+                                                                    args.steps))
     failed = [r for r in rows if r.get("rc")]
     for r in failed:
         print(f"{r['name']} failed:\n{r['error']}", file=sys.stderr)
