@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from imtune import gguf
@@ -182,6 +185,109 @@ def load_model(model: str | os.PathLike | None = None, dtype="float32", trust_re
     if device is not None:
         m = m.to(device)
     return m
+
+
+def empty_model(model: str | os.PathLike | None = None, dtype="float32", trust_remote_code: bool = False,
+                revision: str | None = None):
+    """(the causal LM for `model` with every parameter on the meta device, its directory). Buffers computed from
+    the config (rotary tables) are real; the weights are read in later by `StoredTensor.read_rows`, straight into
+    the parameters (or into each process' shard of them), so no process ever holds a second copy."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = resolve_model(model, revision, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            m = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+        m.tie_weights()  # from_pretrained ties at its end; from_config leaves a tied head a parameter of its own
+        if (path / "generation_config.json").is_file():
+            m.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise ImtuneError(f"cannot build the model from {path}/config.json: {type(e).__name__}: {e}") from e
+    return m.eval(), path  # eval, as from_pretrained returns it
+
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors#format); others (F8...) are left to
+# transformers.
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file: dtype (None: one imtune does not read), shape, byte offset."""
+
+    file: Path
+    dtype: object
+    shape: tuple[int, ...]
+    offset: int
+
+    def read_rows(self, out, start: int = 0) -> None:
+        """Rows [start, start + len(out)) of the tensor (its first dimension) into `out`, cast to out's dtype.
+
+        Read with `readinto` straight into `out`'s memory when the dtypes agree (else through one buffer of the
+        slice): not through a memory map, whose pages would stay counted in the process' memory while the file
+        is open, next to the copy."""
+        import torch
+
+        rows = out.shape[0] if out.dim() else 1
+        row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        if out.dim() and (tuple(out.shape[1:]) != self.shape[1:] or start + rows > self.shape[0]):
+            raise ValueError(f"rows {start}:{start + rows} of shape {tuple(out.shape)} do not fit {self.shape}")
+        direct = out.dtype == self.dtype and out.device.type == "cpu" and out.is_contiguous()
+        buf = out if direct else torch.empty(tuple(out.shape), dtype=self.dtype)
+        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self.offset + start * row_bytes)
+            done = 0
+            while done < len(view):  # one read() returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ImtuneError(f"{self.file}: file ends inside a tensor (truncated?)")
+                done += n
+        if not direct:
+            with torch.no_grad():
+                out.copy_(buf)
+
+
+def safetensors_index(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the *.safetensors files in `path`, from their headers (8-byte length, then JSON)."""
+    import torch
+
+    index: dict[str, StoredTensor] = {}
+    files = sorted(Path(path).glob("*.safetensors"))
+    listing = Path(path) / "model.safetensors.index.json"
+    if listing.is_file():  # a sharded checkpoint: only the files its index names (a repo may hold other copies)
+        try:
+            names = set(json.loads(listing.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ImtuneError(f"{listing}: not a safetensors index ({type(e).__name__})") from None
+        files = [f for f in files if f.name in names]
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if not 0 < n <= min(size - 8, 100_000_000):
+                raise ImtuneError(f"{f}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(fh.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ImtuneError(f"{f}: not a safetensors file (header: {e})") from None
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = getattr(torch, _ST_DTYPES[e["dtype"]]) if e["dtype"] in _ST_DTYPES else None
+                shape, (begin, end) = tuple(int(d) for d in e["shape"]), e["data_offsets"]
+                bad = dtype is not None and end - begin != dtype.itemsize * math.prod(shape)
+            except (KeyError, TypeError, ValueError):
+                bad = True
+            if bad or name in index or not 0 <= begin <= end <= size - 8 - n:
+                raise ImtuneError(f"{f}: tensor {name!r} has a bad or duplicate header entry")
+            index[name] = StoredTensor(f, dtype, shape, 8 + n + begin)
+    return index
 
 
 def inference_device(device=None):

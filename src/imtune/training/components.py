@@ -2,45 +2,27 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
 from imtune.config import TrainConfig
-from imtune.errors import ImtuneError
 
 
 def build_model(cfg: TrainConfig, accelerator):
-    """The model to train, plus the KL reference model (or None). Frozen reference = the starting weights."""
-    from imtune.models import load_model
+    """The model to train, plus the KL reference model (or None): the starting weights, frozen, loaded a second
+    time (so it never sees NEFTune's hook), sharded like the model under FSDP. With LoRA the reference is the
+    model with its adapter disabled. Both are loaded shard-first (`training.sharded_load`)."""
+    from imtune.training.distributed import is_fsdp
+    from imtune.training.sharded_load import load_causal_lm
 
-    model = load_model(cfg.model, dtype="float32", trust_remote_code=cfg.trust_remote_code,
-                       revision=cfg.revision)
-    if cfg.attn_implementation:
-        try:
-            model.set_attn_implementation(cfg.attn_implementation)
-        except (ValueError, ImportError) as e:
-            raise ImtuneError(f"attn_implementation {cfg.attn_implementation!r}: {e}") from None
+    sharded = is_fsdp(accelerator)
+    model = load_causal_lm(cfg, accelerator, sharded=sharded)
     ref = None
     if cfg.kl_coef > 0 and not cfg.lora:
-        # Copied before any hook is attached, so the reference never sees NEFTune noise.
-        ref = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_target_modules.strip()
-        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
-        try:
-            model = get_peft_model(model, lcfg)
-        except ValueError as e:
-            raise ImtuneError(f"lora_target_modules {cfg.lora_target_modules!r}: {e}") from None
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "config"):
-        model.config.use_cache = False
+        ref = load_causal_lm(cfg, accelerator, sharded=sharded, trainable=False)
+        if not sharded:
+            ref = ref.to(accelerator.device)
     return model, ref
 
 

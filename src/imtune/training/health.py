@@ -31,7 +31,8 @@ def local_tensors(params) -> list[torch.Tensor]:
 
 def all_finite(tensors) -> bool:
     """True when every value of every tensor is finite."""
-    tensors = [t for t in local_tensors(tensors) if t.numel() and t.is_floating_point()]
+    # meta tensors hold no values (the frozen base of an adapter saved on its own)
+    tensors = [t for t in local_tensors(tensors) if t.numel() and t.is_floating_point() and not t.is_meta]
     if not tensors:
         return True
     norms = torch._foreach_norm(tensors)

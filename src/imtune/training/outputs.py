@@ -200,13 +200,14 @@ def save_final(cfg: TrainConfig, run_dir: RunDir, model, tokenizer, accelerator,
     from imtune.training import distributed
     from imtune.training.health import all_finite
 
-    full = distributed.full_state_dict(accelerator, model) if sharded else None  # collective: every process
+    adapter_only = cfg.lora and not cfg.merge
+    full = distributed.full_state_dict(accelerator, model, adapter_only) if sharded else None  # every process
     if not accelerator.is_main_process:
         return
     from imtune.io_utils import atomic_write_text
 
     out = run_dir.out
-    unwrapped = distributed.unsharded_copy(model, full) if sharded else accelerator.unwrap_model(model)
+    unwrapped = distributed.unsharded_copy(model, full, adapter_only) if sharded else accelerator.unwrap_model(model)
     tmp = out / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
