@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -245,7 +246,7 @@ def prepare_output(out: str | Path, inputs: Iterable[str | Path | None] = (), ki
 
 # ---- processes that die with imtune -----------------------------------------------------------------------------------
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_tie = {"on": False, "parent": 0, "prctl": None, "registered": False, "mask": None}  # a forked child reads its parent's copy
+_tie = {"on": False, "parent": 0, "prctl": None, "registered": False}  # a forked child reads its parent's copy
 
 
 def _libc_prctl():
@@ -271,16 +272,19 @@ def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> boo
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+_fork_mask = threading.local()  # per forking thread: two threads may fork at once (a pool's handler thread)
+
+
 def _block_signals_over_fork() -> None:
     # Held pending across the fork, so a signal at that instant reaches the child only once it has its own
     # dispositions (the parent's Python handler must never run in a worker).
-    if _tie["on"]:
-        _tie["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    _fork_mask.saved = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) if _tie["on"] else None
 
 
 def _unblock_in_parent() -> None:
-    if _tie.get("mask") is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, _tie.pop("mask"))
+    saved, _fork_mask.saved = getattr(_fork_mask, "saved", None), None
+    if saved is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
 
 
 def _tie_forked_child() -> None:

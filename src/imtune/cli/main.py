@@ -99,7 +99,7 @@ def _signals():
         return
 
     def handler(signum, frame):
-        if stop["signal"] is None or stop["again"]:
+        if stop["active"] and (stop["signal"] is None or stop["again"]):
             stop["signal"], stop["again"] = signum, False
             raise KeyboardInterrupt
 
@@ -110,9 +110,9 @@ def _signals():
     def unraisable(u, default=sys.unraisablehook):
         if stop["signal"] is not None and isinstance(u.exc_value, KeyboardInterrupt):
             stop["again"] = True
-            t = threading.Timer(0.05, again)
-            t.daemon = True
-            t.start()
+            stop["timer"] = threading.Timer(0.05, again)
+            stop["timer"].daemon = True
+            stop["timer"].start()
         else:
             default(u)
 
@@ -125,7 +125,10 @@ def _signals():
     try:
         yield stop
     finally:
-        stop["active"] = False
+        stop["active"] = False  # from here a late delivery is a no-op, never an exception in this clean-up
+        if stop.get("timer") is not None:
+            stop["timer"].cancel()
+            stop["timer"].join()
         sys.unraisablehook = hook_before
         for s, h in before.items():
             signal.signal(s, h)
