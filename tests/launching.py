@@ -100,3 +100,25 @@ def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = No
 
 def tail(log: Path | None, n: int = 3000) -> str:
     return log.read_text(errors="replace")[-n:] if log is not None and log.exists() else ""
+
+
+def kill_launcher_after_first_checkpoint(cmd: list[str], out: Path, log: Path, n_workers: int | None = None) -> None:
+    """Start a training launch, SIGKILL the launcher once checkpoint 2 is complete, and check that its workers die
+    with it (PR_SET_PDEATHSIG) and that the run left a checkpoint to resume from and no final model."""
+    import psutil
+
+    proc = start(cmd, log)
+    try:
+        wait_for((out / "checkpoints" / "checkpoint-000002").is_dir, 300, "the first checkpoint", proc, log)
+        workers = descendants(proc.pid)
+        if n_workers is not None:
+            assert len([w for w in workers if "imtune.cli.main" in " ".join(w.cmdline())]) == n_workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, [w.pid for w in alive]
+    finally:
+        reap(proc)
+    assert not (out / "model.safetensors").exists() and not (out / "adapter_model.safetensors").exists()
+    done = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
+    assert done and max(done) < "checkpoint-000020"

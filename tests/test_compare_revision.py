@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from tests.tiny import make_tiny_model, put_in_hub_cache, run_in_hf_home
+from tests.tiny import make_tiny_model, pickle_only_copy, put_in_hub_cache, run_in_hf_home
 
 REPO = "tiny-org/revs"
 V2 = "0" * 39 + "2"
@@ -19,12 +19,7 @@ def _hub(tmp_path, tiny_dir):
     make_tiny_model(v2, hidden_size=48)  # a different model: its parameter count names it
     snap = put_in_hub_cache(home, REPO, v2, commit=V2)
     refs = home / "hub" / f"models--{REPO.replace('/', '--')}" / "refs"
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    for f in tiny_dir.iterdir():
-        if f.suffix != ".safetensors":
-            (pickled / f.name).write_bytes(f.read_bytes())
-    (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    pickled = pickle_only_copy(tiny_dir, tmp_path / "pickled")
     put_in_hub_cache(home, REPO, pickled)  # refs/main -> the pickled commit
     (refs / "v2").write_text(V2)
     return home, snap

@@ -11,7 +11,6 @@ Each stage's 2-process runs share one launch (a driver calling `imtune.train` pe
 """
 
 import json
-import signal
 
 import pytest
 
@@ -115,22 +114,8 @@ def test_kill9_then_resume(stage, ds_runs, tiny_dir, tmp_path):
     out = tmp_path / "killed"
     cfg = dict(RESUME, model=str(tiny_dir), data=str(ds_runs["data"]), out=str(out))
     train = ["-m", "imtune.cli.main", "train", *launching.cli_args(cfg)]
-    log = tmp_path / "killed.log"
-    proc = launching.start(launching.command(launch_args(stage), train), log)
-    try:
-        launching.wait_for((out / "checkpoints" / "checkpoint-000002").is_dir, 300, "the first checkpoint", proc, log)
-        workers = launching.descendants(proc.pid)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        import psutil
-
-        _, alive = psutil.wait_procs(workers, timeout=15)
-        assert not alive, [w.pid for w in alive]
-    finally:
-        launching.reap(proc)
-    assert not (out / "model.safetensors").exists() and not (out / "adapter_model.safetensors").exists()
-    done = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
-    assert done and max(done) < "checkpoint-000020"
+    launching.kill_launcher_after_first_checkpoint(launching.command(launch_args(stage), train), out,
+                                                   tmp_path / "killed.log")
 
     log2 = tmp_path / "resumed.log"
     assert launching.run(launching.command(launch_args(stage), [*train, "--resume"]), log2) == 0, launching.tail(log2)

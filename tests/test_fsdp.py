@@ -11,7 +11,6 @@ the suite pays the start-up of a distributed job once. Max abs weight difference
 
 import json
 import shutil
-import signal
 import textwrap
 from pathlib import Path
 
@@ -141,25 +140,7 @@ def test_kill9_launcher_mid_run_then_resume(kind, fsdp_runs, tmp_path):
     cfg = dict(RESUME[kind], model=str(fsdp_runs["model"]), data=str(fsdp_runs["data"]), out=str(out))
     cmd = launching.command(["--config_file", str(FSDP_CPU)], ["-m", "imtune.cli.main", "train",
                                                                *launching.cli_args(cfg)])
-    log = tmp_path / "killed.log"
-    proc = launching.start(cmd, log)
-    try:
-        first = out / "checkpoints" / "checkpoint-000002"
-        launching.wait_for(first.is_dir, 300, "the first checkpoint", proc, log)
-        workers = launching.descendants(proc.pid)
-        assert len([w for w in workers if "imtune.cli.main" in " ".join(w.cmdline())]) == 2
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        import psutil
-
-        # The workers die with their launcher (PR_SET_PDEATHSIG) instead of training on unsupervised.
-        _, alive = psutil.wait_procs(workers, timeout=15)
-        assert not alive, [w.pid for w in alive]
-    finally:
-        launching.reap(proc)
-    assert not (out / "model.safetensors").exists() and not (out / "adapter_model.safetensors").exists()
-    done = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
-    assert done and max(done) < "checkpoint-000020"
+    launching.kill_launcher_after_first_checkpoint(cmd, out, tmp_path / "killed.log", n_workers=2)
 
     log2 = tmp_path / "resumed.log"
     resume = launching.command(["--config_file", str(FSDP_CPU)], ["-m", "imtune.cli.main", "train",

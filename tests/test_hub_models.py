@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import put_in_hub_cache, run_in_hf_home
+from tests.tiny import pickle_only_copy, put_in_hub_cache, run_in_hf_home
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_imtuneTestSecret0123456789"
@@ -66,12 +66,7 @@ def test_not_cached_is_one_line_exit_2(tmp_path, offline):
 
 
 def test_hub_repo_with_only_pickle_weights_is_refused(tmp_path, tiny_dir):
-    files = tmp_path / "files"
-    files.mkdir()
-    for f in tiny_dir.iterdir():
-        if f.suffix != ".safetensors":
-            (files / f.name).write_bytes(f.read_bytes())
-    (files / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    files = pickle_only_copy(tiny_dir, tmp_path / "files")
     put_in_hub_cache(tmp_path / "hf", "tiny-org/pickled", files)
     r = _run(["-m", "imtune.cli.main", "inspect", "--model", "tiny-org/pickled", "--data",
               str(_data(tmp_path))], tmp_path / "hf")

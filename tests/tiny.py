@@ -76,6 +76,17 @@ def put_in_hub_cache(hf_home: str | Path, repo_id: str, files_dir: str | Path, c
     return snap
 
 
+def pickle_only_copy(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """The model's files with its safetensors weights swapped for a `pytorch_model.bin` (never loaded: refused)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_dir).iterdir():
+        if f.suffix != ".safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    (out / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    return out
+
+
 def run_in_hf_home(args, hf_home, token: str, offline: bool = True, **env):
     """`python *args` in a clean environment whose HF cache is `hf_home` (offline unless told), with `token` as
     HF_TOKEN, one thread: what a user's shell with that cache would run."""

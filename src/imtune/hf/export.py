@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 from imtune.errors import ImtuneError
+from imtune.records.sources import quiet_datasets
 
 MARKER = "imtune_export.json"
 FILES = ("train.parquet", "dataset", "labels_only.parquet", "labels_only", "README.md", MARKER)
@@ -65,7 +66,7 @@ def export_dataset(data, tokenizer, out: str | os.PathLike, objective: str, *, o
     tmp = parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        with _quiet():
+        with quiet_datasets():
             _write(tmp, ds, _manifest(data, model, objective, info, encode_kwargs), out.resolve())
         _swap(tmp, out)
     except BaseException:
@@ -77,18 +78,6 @@ def export_dataset(data, tokenizer, out: str | os.PathLike, objective: str, *, o
     return out, info
 
 
-@contextlib.contextmanager
-def _quiet():
-    """datasets' progress bars would bury the command's own one-line summary."""
-    import datasets
-
-    was = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was:
-            datasets.enable_progress_bars()
 
 
 def _write(d: Path, ds, manifest: dict, where: Path) -> None:

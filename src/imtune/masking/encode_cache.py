@@ -16,7 +16,6 @@ place after its marker file, so a killed or failed build leaves nothing a later 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -42,6 +41,7 @@ from imtune.masking.encoding import (
 from imtune.masking.objectives import Objective, Tokens, parse_objective, weights
 from imtune.masking.templates import SEGMENTS
 from imtune.records.conversation import Conversation
+from imtune.records.sources import quiet_datasets
 
 ENCODER_VERSION = "1"  # bump when encode_raw's output for the same inputs changes
 CACHE_ENV = "IMTUNE_ENCODE_CACHE"
@@ -188,7 +188,7 @@ def encode_cached(dataset, fingerprint: str, name: str, tokenizer, settings: Enc
     tmp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        with _no_progress_bars():
+        with quiet_datasets():
             _build(dataset, tmp, key, fingerprint, {"tokenizer": tokenizer, "settings": settings, "name": name,
                                                     "row_kind": row_kind}, num_proc, batch_size, weighted)
         try:
@@ -203,18 +203,6 @@ def encode_cached(dataset, fingerprint: str, name: str, tokenizer, settings: Enc
     return EncodeCache.open(final, hit=False)
 
 
-@contextlib.contextmanager
-def _no_progress_bars():
-    """datasets' bar would break the one-line error contract of a failed run; imtune reports the build itself."""
-    import datasets
-
-    was = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was:
-            datasets.enable_progress_bars()
 
 
 def _build(dataset, tmp: Path, key, fingerprint, kwargs: dict, num_proc, batch_size, weighted: bool) -> None:

@@ -128,7 +128,7 @@ def conversation_table(spec: DataSpec, *, skip_invalid: bool = False, num_proc: 
     if spec.format is not None and spec.format not in SCHEMAS:
         raise ImtuneError(f"unknown --format {spec.format!r}; choose one of {', '.join(SCHEMAS)}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    with _quiet_datasets():
+    with quiet_datasets():
         if is_table_source(spec.path):
             from imtune.records.hub_sources import open_raw
 
@@ -404,7 +404,7 @@ def _normalise_batch(batch: dict, indices: list[int], schema: str, name: str, sk
     return out
 
 
-class _quiet_datasets:
+class quiet_datasets:
     """No progress bars or info logs from `datasets` while imtune reads data: a failure must stay one line."""
 
     def __enter__(self):
