@@ -25,13 +25,13 @@ string arguments, everywhere a spec is accepted (`--objective`, YAML, `compare`)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from imtune.errors import ImtuneError
+from imtune.ranges import LOSS_WEIGHT_TEXT, is_loss_weight
 
 # Weight classes: what a built-in objective's weight depends on, fixed by the encode.
 CLASS_TEMPLATE, CLASS_PROMPT, CLASS_REPLY, CLASS_EARLIER_REPLY = range(4)
@@ -115,8 +115,8 @@ class SegmentObjective(Objective):
 
     def __post_init__(self):
         for w in (self.prompt_weight, self.response_weight, self.markup_weight):
-            if not math.isfinite(w) or w < 0:
-                raise ImtuneError(f"objective {self.name!r}: weights must be finite and >= 0")
+            if not is_loss_weight(w):
+                raise ImtuneError(f"objective {self.name!r}: weights must be {LOSS_WEIGHT_TEXT}, got {w!r}")
         if self.prompt_weight == self.response_weight == self.markup_weight == 0:
             raise ImtuneError(f"objective {self.name!r}: every weight is 0, nothing would be trained")
 
