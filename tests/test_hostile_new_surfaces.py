@@ -173,3 +173,17 @@ def test_cli_huge_weight_is_one_line_and_writes_nothing(tiny_dir, tmp_path):
     assert p.returncode == 2 and len(err) == 1 and "Traceback" not in p.stderr, p.stderr
     assert f"{data}:1: message 1: weight must be 0 or a number in [1e-06, 1e+06]" in err[0]
     assert sorted(os.listdir(tmp_path)) == ["huge.jsonl"]
+
+
+def test_a_refused_weighted_trainer_leaves_no_output_dir(tiny_dir, tiny_tok, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from imtune.hf import WeightedTrainer, encode_dataset
+
+    ds = encode_dataset([_conv(0)], tiny_tok, "it", template="chatml")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    out = tmp_path / "trainer"
+    args = TrainingArguments(str(out), report_to=[], label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="label_smoothing_factor is not applied"):
+        WeightedTrainer(model=model, args=args, train_dataset=ds, processing_class=tiny_tok)
+    assert not out.exists()
