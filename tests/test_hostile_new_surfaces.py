@@ -187,3 +187,13 @@ def test_a_refused_weighted_trainer_leaves_no_output_dir(tiny_dir, tiny_tok, tmp
     with pytest.raises(ValueError, match="label_smoothing_factor is not applied"):
         WeightedTrainer(model=model, args=args, train_dataset=ds, processing_class=tiny_tok)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, flag", [(["--per-source"], "--per-source"), (["--out", "somewhere"], "--out")])
+def test_pilot_options_without_pilot_are_refused_not_ignored(tiny_dir, tmp_path, capsys, extra, flag):
+    from imtune.cli.main import main
+
+    data = _jsonl(tmp_path / "d.jsonl", [_conv(0)])
+    assert main(["advise", "--data", str(data), "--model", str(tiny_dir), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"imtune advise: error: {flag} applies to the measured pilot; add --pilot"]
