@@ -97,6 +97,9 @@ def test_hf_encode_dataset_refuses_bad_weights_and_lengths(tiny_tok):
     for bad in (float("nan"), "64", 1, 2**64):
         with pytest.raises(ImtuneError, match="max_length must be an integer in"):
             encode_dataset([_conv(0)], tiny_tok, "it", template="chatml", max_length=bad)
+    for bad in (None, 5, b"x.jsonl"):
+        with pytest.raises(TypeError, match="data must be a path, a datasets.Dataset or a list of records"):
+            encode_dataset(bad, tiny_tok, "it", template="chatml")
 
 
 # ---- data: lists ------------------------------------------------------------------------------------------------
