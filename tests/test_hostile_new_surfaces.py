@@ -18,6 +18,7 @@ from imtune.config import TrainConfig
 from imtune.errors import ImtuneError, InputError
 from imtune.masking.objectives import parse_objective
 from imtune.ranges import LOSS_WEIGHT_MAX, LOSS_WEIGHT_MIN, is_loss_weight
+from imtune.records.conversation import Conversation
 from imtune.records.loading import load_dataset
 
 
@@ -200,3 +201,19 @@ def test_pilot_options_without_pilot_are_refused_not_ignored(tiny_dir, tmp_path,
     assert main(["advise", "--data", str(data), "--model", str(tiny_dir), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"imtune advise: error: {flag} applies to the measured pilot; add --pilot"]
+
+
+def test_a_plugin_objective_is_held_to_the_weight_range(tiny_tok):
+    import numpy as np
+
+    from imtune.masking.encoding import encode_with_report
+    from imtune.masking.objectives import Objective, register_objective
+
+    @register_objective("hostile-huge")
+    class Huge(Objective):
+        def token_weights(self, t):
+            return np.full(len(t.classes), 1e10, np.float32)  # finite in float32, inf once summed and squared
+
+    with pytest.raises(ImtuneError, match=r"token weights must be finite and >= 0: 0 or a number in \[1e-06"):
+        encode_with_report([Conversation.from_messages(_conv(0)["messages"])],
+                           tiny_tok, "hostile-huge", "chatml", None)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from imtune.errors import ImtuneError
-from imtune.ranges import LOSS_WEIGHT_TEXT, is_loss_weight
+from imtune.ranges import LOSS_WEIGHT_MAX, LOSS_WEIGHT_MIN, LOSS_WEIGHT_TEXT, is_loss_weight
 
 # Weight classes: what a built-in objective's weight depends on, fixed by the encode.
 CLASS_TEMPLATE, CLASS_PROMPT, CLASS_REPLY, CLASS_EARLIER_REPLY = range(4)
@@ -95,8 +95,9 @@ def weights(obj: Objective, t: Tokens) -> np.ndarray:
     w = np.array(obj.token_weights(t), dtype=np.float32, copy=True)
     if w.shape != t.classes.shape:
         raise ImtuneError(f"objective {obj.spec!r}: token_weights gave {w.shape} weights for {t.classes.shape} tokens")
-    if len(w) and not (np.isfinite(w).all() and (w >= 0).all()):
-        raise ImtuneError(f"objective {obj.spec!r}: token weights must be finite and >= 0")
+    lo, hi = np.float32(LOSS_WEIGHT_MIN), np.float32(LOSS_WEIGHT_MAX)  # NaN fails both comparisons
+    if len(w) and not ((w == 0) | ((w >= lo) & (w <= hi))).all():
+        raise ImtuneError(f"objective {obj.spec!r}: token weights must be finite and >= 0: {LOSS_WEIGHT_TEXT}")
     if t.message_weights is not None:
         w *= t.message_weights
     w[t.bounds[:-1][np.diff(t.bounds) > 0]] = 0.0
