@@ -111,6 +111,8 @@ def test_source_list_messages_name_the_problem():
         TrainConfig.from_dict({"data": ["a.jsonl", {"path": "b.jsonl", "objectve": "it"}]})
     with pytest.raises(ImtuneError, match=r"data\[0\]: unknown key 'size' \(keys: path, n"):
         TrainConfig.from_dict({"data": [{"path": "a", "size": 3}]})
+    with pytest.raises(ImtuneError, match=r"^data\[1\] b.jsonl: objective 'weighted:1e\+09': weights must be 0 or"):
+        TrainConfig.from_dict({"data": ["a.jsonl", {"path": "b.jsonl", "objective": "weighted:1e9"}], "out": "o"}).validate()
 
 
 def test_a_source_with_nothing_to_train_is_refused(tiny_dir, tmp_path):

@@ -217,9 +217,12 @@ class TrainConfig:
         if not self.out:
             raise ImtuneError("out: no output directory given (use --out DIR)")
         parse_objective(self.objective)
-        for src in self.sources():
+        for k, src in enumerate(self.sources()):
             if src.get("objective"):
-                parse_objective(src["objective"])
+                try:
+                    parse_objective(src["objective"])
+                except ImtuneError as e:  # name the source: several may carry objectives
+                    raise ImtuneError(f"data[{k}] {src['path']}: {e}") from None
         for name, allowed_range in FIELD_RANGES.items():
             allowed_range.check(name, getattr(self, name))
         if self.val_fraction and self.val_data:
