@@ -217,9 +217,12 @@ class TrainConfig:
         if not self.out:
             raise ImtuneError("out: no output directory given (use --out DIR)")
         parse_objective(self.objective)
-        for src in self.sources():
+        for k, src in enumerate(self.sources()):
             if src.get("objective"):
-                parse_objective(src["objective"])
+                try:
+                    parse_objective(src["objective"])
+                except ImtuneError as e:  # name the source: several may carry objectives
+                    raise ImtuneError(f"data[{k}] {src['path']}: {e}") from None
         for name, allowed_range in FIELD_RANGES.items():
             allowed_range.check(name, getattr(self, name))
         if self.val_fraction and self.val_data:
@@ -363,10 +366,17 @@ def data_sources(value, where: str = "config") -> list[dict]:
     """A YAML `data:` list checked: each entry a path, or {path, n (examples sampled by --seed) or fraction (of the
     source), objective (for its examples; default: the run's), a Hub dataset's split / config / revision}."""
     out = []
-    for i, s in enumerate(value or [None]):
+    if not value:
+        raise ImtuneError(f"{where}: data[0] missing: the data: list is empty; give at least one source")
+    for i, s in enumerate(value):
         at = f"{where}: data[{i}]"
         s = {"path": s} if isinstance(s, str) else s
-        if not isinstance(s, dict) or not s.get("path") or set(s) - set(SOURCE_KEYS):
+        unknown = sorted(map(str, set(s) - set(SOURCE_KEYS))) if isinstance(s, dict) else []
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], SOURCE_KEYS, n=1)
+            raise ImtuneError(f"{at}: unknown key {unknown[0]!r}" + (f"; did you mean {hint[0]!r}?" if hint else
+                                                                       f" (keys: {', '.join(SOURCE_KEYS)})"))
+        if not isinstance(s, dict) or not s.get("path"):
             raise ImtuneError(f"{at} must be a path or a mapping with a path and any of {', '.join(SOURCE_KEYS)}")
         d = {k: coerce(k, v, SOURCE_KEYS[k], at) for k, v in s.items() if v is not None}
         if d.get("n", 1) < 1 or not 0 < d.get("fraction", 1) <= 1 or {"n", "fraction"} <= set(d):

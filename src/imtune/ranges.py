@@ -86,3 +86,16 @@ POSITIVE = Range(float, 0.0, lo_open=True)
 NON_NEGATIVE = Range(float, 0.0)
 UNIT = Range(float, 0.0, 1.0, hi_open=True)  # a ratio, a probability, a beta: 0 allowed, 1 not
 FRACTION = Range(float, 0.0, 1.0, lo_open=True, hi_open=True)  # of the data held out: some, not all
+
+# A loss weight (a message's `weight` in the data, an objective's λ / ρ): 0, or a number whose float32 products with
+# another weight and a token's loss, and their sums over a run's tokens, stay finite and normal. 1e308 overflows
+# float32 to inf, and a subnormal such as 1e-45 turns the step's normaliser into 0/0: both gave a NaN step.
+LOSS_WEIGHT_MIN, LOSS_WEIGHT_MAX = 1e-6, 1e6
+LOSS_WEIGHT_TEXT = f"0 or a number in [{LOSS_WEIGHT_MIN:g}, {LOSS_WEIGHT_MAX:g}]"
+
+
+def is_loss_weight(w) -> bool:
+    """Is `w` a usable loss weight (see LOSS_WEIGHT_TEXT)? Booleans and strings are not."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        return False
+    return w == 0 or LOSS_WEIGHT_MIN <= w <= LOSS_WEIGHT_MAX

@@ -210,6 +210,7 @@ def make_plan(cfg: PilotConfig, records, tokenizer, out: Path, inputs: dict | No
             "cost_model": {"step_s": STEP_S, "train_tokens_per_s": TRAIN_TOKENS_PER_S,
                            "score_tokens_per_s": SCORE_TOKENS_PER_S,
                            "run_overhead_s": RUN_OVERHEAD_S, "size_overhead_s": SIZE_OVERHEAD_S}}
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(p, plan)
     return plan
 
@@ -339,8 +340,7 @@ def run_pilot(cfg: PilotConfig) -> dict:
 
     t0 = time.monotonic()  # the budget is the user's wall clock: set-up counts
     check_tokenizers(cfg.model, cfg.pilot_model)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # made by make_plan once the data and the plan are good: a refused pilot leaves nothing
     records = load_dataset(cfg.data, format=cfg.data_format, skip_invalid=cfg.skip_invalid,
                            **cfg.data_source).records
     tok = load_tokenizer(cfg.train_model)

@@ -60,10 +60,14 @@ def add_pilot_options(p) -> None:
 
 def run(args) -> int:
     from imtune.analysis.advise import advise, evidence_rows, load_table, nearest_rows
+    from imtune.errors import ImtuneError
     from imtune.models import load_tokenizer
 
     if args.pilot:
         return run_pilot_cli(args)
+    given = [f for f, v in (("--per-source", args.per_source), ("--out", args.out)) if v]
+    if given:  # would be ignored without --pilot: the user asked for a pilot (per source) or its directory
+        raise ImtuneError(f"{given[0]} applies to the measured pilot; add --pilot")
     records = load_data_table(args)
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, revision=args.revision)
     table = load_table(args.table)

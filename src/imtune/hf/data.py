@@ -146,6 +146,8 @@ def _records(data, format: str | None, skip_invalid: bool, source: dict) -> tupl
     if isinstance(data, dict):  # a DatasetDict (a dict of splits)
         raise ImtuneError(f"a dict of {sorted(map(str, data))[:5]} is not a dataset: pass one split of a DatasetDict, "
                           "e.g. data['train'], or a list of records")
+    if not isinstance(data, Iterable) or isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"data must be a path, a datasets.Dataset or a list of records, got {type(data).__name__}")
     return _validated(data, _name(data), format, skip_invalid)
 
 

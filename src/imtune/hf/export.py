@@ -88,8 +88,10 @@ def _write(d: Path, ds, manifest: dict, where: Path) -> None:
     labels = ds.select_columns([c for c in COLUMNS if c != "loss_weights"])
     labels.to_parquet(str(d / "labels_only.parquet"))
     labels.save_to_disk(str(d / "labels_only"))
-    (d / "README.md").write_text(readme(manifest, where), encoding="utf-8")
-    (d / MARKER).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # a path that is not UTF-8 (surrogates from the OS) is written as \udcXX: a JSON reader gets the same string back
+    (d / "README.md").write_text(readme(manifest, where), encoding="utf-8", errors="backslashreplace")
+    (d / MARKER).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
+                            errors="backslashreplace")
 
 
 def _swap(tmp: Path, out: Path) -> None:

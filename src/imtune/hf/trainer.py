@@ -20,7 +20,9 @@ Evaluation (`prediction_step`) reports each batch's own Σ w·CE / Σ w, which t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
@@ -59,8 +61,16 @@ class WeightedLossMixin:
     imtune_chunk_size = 1024
 
     def __init__(self, *args, **kwargs):
+        out = getattr(kwargs.get("args"), "output_dir", None)
+        fresh = out is not None and not os.path.lexists(out)
         super().__init__(*args, **kwargs)
-        self._check_supported()
+        try:
+            self._check_supported()
+        except ValueError:
+            if fresh:  # Trainer.__init__ made it just now: a refused trainer leaves no (empty) output_dir behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(out)
+            raise
 
     def _check_supported(self) -> None:
         """Refuse settings whose loss or batching imtune's loss would silently replace."""

@@ -9,11 +9,13 @@ i from tokens < i, so `weights[0]` is always 0.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from imtune import ranges
 from imtune.config import DEFAULT_MAX_LENGTH, DEFAULT_OBJECTIVE, DEFAULT_TEMPLATE, DEFAULT_TRUNCATION_SIDE
 from imtune.errors import ImtuneError, InputError
 from imtune.masking.objectives import (  # noqa: F401  (CLASS_*: the encoder's classes, defined with objectives)
@@ -178,8 +180,9 @@ class EncodeSettings:
            truncation_side=DEFAULT_TRUNCATION_SIDE, allow_special_tokens_in_content=False) -> EncodeSettings:
         if truncation_side not in ("right", "left"):
             raise ImtuneError("truncation_side must be 'right' or 'left'")
-        if max_length is not None and max_length < 2:
-            raise ImtuneError("max_length must be at least 2")
+        if max_length is not None and (not isinstance(max_length, numbers.Integral)  # a numpy int is fine
+                                       or not ranges.LENGTH.contains(int(max_length))):
+            raise ImtuneError(f"max_length must be {ranges.LENGTH.describe()}, got {max_length!r}")
         _require_fast(tokenizer)
         return cls(resolve_template(template, tokenizer), max_length, truncation_side,
                    bool(allow_special_tokens_in_content))

@@ -25,13 +25,13 @@ string arguments, everywhere a spec is accepted (`--objective`, YAML, `compare`)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from imtune.errors import ImtuneError
+from imtune.ranges import LOSS_WEIGHT_MAX, LOSS_WEIGHT_MIN, LOSS_WEIGHT_TEXT, is_loss_weight
 
 # Weight classes: what a built-in objective's weight depends on, fixed by the encode.
 CLASS_TEMPLATE, CLASS_PROMPT, CLASS_REPLY, CLASS_EARLIER_REPLY = range(4)
@@ -95,8 +95,9 @@ def weights(obj: Objective, t: Tokens) -> np.ndarray:
     w = np.array(obj.token_weights(t), dtype=np.float32, copy=True)
     if w.shape != t.classes.shape:
         raise ImtuneError(f"objective {obj.spec!r}: token_weights gave {w.shape} weights for {t.classes.shape} tokens")
-    if len(w) and not (np.isfinite(w).all() and (w >= 0).all()):
-        raise ImtuneError(f"objective {obj.spec!r}: token weights must be finite and >= 0")
+    lo, hi = np.float32(LOSS_WEIGHT_MIN), np.float32(LOSS_WEIGHT_MAX)  # NaN fails both comparisons
+    if len(w) and not ((w == 0) | ((w >= lo) & (w <= hi))).all():
+        raise ImtuneError(f"objective {obj.spec!r}: token weights must be finite and >= 0: {LOSS_WEIGHT_TEXT}")
     if t.message_weights is not None:
         w *= t.message_weights
     w[t.bounds[:-1][np.diff(t.bounds) > 0]] = 0.0
@@ -115,8 +116,8 @@ class SegmentObjective(Objective):
 
     def __post_init__(self):
         for w in (self.prompt_weight, self.response_weight, self.markup_weight):
-            if not math.isfinite(w) or w < 0:
-                raise ImtuneError(f"objective {self.name!r}: weights must be finite and >= 0")
+            if not is_loss_weight(w):
+                raise ImtuneError(f"objective {self.name!r}: weights must be {LOSS_WEIGHT_TEXT}, got {w!r}")
         if self.prompt_weight == self.response_weight == self.markup_weight == 0:
             raise ImtuneError(f"objective {self.name!r}: every weight is 0, nothing would be trained")
 

@@ -57,7 +57,8 @@ def folder_digest(folder: Path) -> str:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(f for f in filenames if not f.startswith(".")):
             p = Path(dirpath) / f
-            h.update(f"{p.relative_to(folder)}\0{file_digest(p)}\n".encode())
+            # the name's own bytes: a name that is not UTF-8 (os gives it as surrogates) is hashed, not refused
+            h.update(os.fsencode(p.relative_to(folder)) + f"\0{file_digest(p)}\n".encode())
     return h.hexdigest()
 
 

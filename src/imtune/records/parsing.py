@@ -14,6 +14,7 @@ from pathlib import Path
 
 from imtune.errors import InputError
 from imtune.inputs import Source, check_parsed, check_regular, decode_utf8, loads_json
+from imtune.ranges import LOSS_WEIGHT_TEXT, is_loss_weight
 from imtune.records.conversation import ROLES, Conversation, Message
 
 SCHEMAS = ("messages", "sharegpt", "alpaca", "prompt_completion")
@@ -119,6 +120,10 @@ def _turns(raw: dict, field: str, role_key: str, text_key: str, word: str) -> li
 
 def normalise(raw: dict, schema: str, id_default: str = "") -> Conversation:
     """Turn one raw record into a validated `Conversation` (raises ValueError with the reason)."""
+    w = raw.get("weight")
+    if not (w is None or (isinstance(w, str) and not w.strip())):  # ignored, it would not change the loss as meant
+        raise ValueError("a record-level 'weight' is not read: weights belong on messages (a messages or "
+                         "conversations record); drop or rename the field to train on this record")
     if schema == "messages":
         messages = [_message(m["role"], m["content"], i, ROLES, weight=m.get("weight"))
                     for i, m in enumerate(_turns(raw, "messages", "role", "content", "message"))]
@@ -168,10 +173,15 @@ def _weight(w, label: str) -> float | None:
         return None
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         raise ValueError(f"{label}: weight must be a number >= 0, got {type(w).__name__} {w!r}"[:200])
-    w = float(w)
+    try:
+        w = float(w)
+    except OverflowError:  # an integer past float's range
+        w = math.inf
     if not math.isfinite(w) or w < 0:
         raise ValueError(f"{label}: weight must be a finite number >= 0, got {w!r}")
-    return w
+    if not is_loss_weight(w):
+        raise ValueError(f"{label}: weight must be {LOSS_WEIGHT_TEXT}, got {w!r}")
+    return abs(w)  # -0.0 is 0
 
 
 def _iter_raw(source: Source, skip_invalid: bool, skipped: list):

@@ -42,7 +42,8 @@ from imtune.records.parsing import (
 )
 
 # Part of every fingerprint: bump it when validation or the table's layout changes, so old cache entries are unused.
-TABLE_VERSION = 3  # 2: CSV rows with more or fewer fields than the header are refused; 3: messages carry `weight`
+TABLE_VERSION = 4  # 2: CSV rows with more or fewer fields than the header are refused; 3: messages carry `weight`
+# 4: a weight outside 0 or [1e-6, 1e6], or a record-level `weight`, is refused (a table built before would keep it)
 MARKER = "complete.json"
 TMP_PATTERN = r"\.[0-9a-f]{32}\.tmp-(\d+)"  # a build's directory: .<random>.tmp-<pid>
 SKIPPED_ROWS_SHOWN = 5
@@ -70,6 +71,8 @@ def is_table_source(path: str | Path) -> bool:
     """A Hub dataset id or a local directory (read with `datasets`) rather than one data file. A path that exists
     is always a path; a missing name ending in a data-file suffix is a missing file, not a Hub id."""
     s = str(path)
+    if not s.strip():  # Path("") is the working directory: every file under it would be read as the dataset
+        raise ImtuneError(f"data {s!r}: an empty name is not a data file, directory or Hub dataset id")
     if s.startswith("hf://"):
         return True
     st = stat_input(Path(s).expanduser())

@@ -87,6 +87,8 @@ def encode_parts(cfg: TrainConfig, tokenizer, parts: list[Part], main_first, rep
     for k, p in enumerate(parts):
         name = f"data[{k}] {p.cfg.data}"
         enc, rep, where = _encode_one(p.cfg, tokenizer, p.train, p.cfg.objective, name, main_first, report)
+        if not len(enc):  # as a single --data with nothing to train is refused: the source was asked for
+            raise ImtuneError(f"{name}: no example has a token with non-zero weight under objective {p.cfg.objective}")
         train.append(enc)
         for key, v in (("truncated", rep.n_truncated), ("dropped_no_weight", rep.n_dropped),
                        ("dropped_by_truncation", len(rep.truncated_to_nothing)),

@@ -428,8 +428,8 @@ def _check_resume_compatible(cfg: TrainConfig, st: checkpointing.TrainerState, g
 def _check_same_data(cfg: TrainConfig, st: checkpointing.TrainerState | None, fingerprint: str | None) -> None:
     # A checkpoint without a fingerprint was saved by an imtune that did not record one: nothing to compare.
     if st is not None and st.data_fingerprint not in (None, fingerprint):
-        raise ImtuneError(f"--resume: {cfg.data} changed since the checkpoint was saved (a file edited, a Hub "
-                          "dataset's revision moved); resume with the same data or start a new run")
+        raise ImtuneError(f"--resume: {', '.join(cfg.data_paths())} changed since the checkpoint was saved (a file "
+                          "edited, a Hub dataset's revision moved); resume with the same data or start a new run")
 
 
 def _has_accelerator() -> bool:
