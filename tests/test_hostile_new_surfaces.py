@@ -219,3 +219,44 @@ def test_a_plugin_objective_is_held_to_the_weight_range(tiny_tok):
     with pytest.raises(ImtuneError, match=r"token weights must be finite and >= 0: 0 or a number in \[1e-06"):
         encode_with_report([Conversation.from_messages(_conv(0)["messages"])],
                            tiny_tok, "hostile-huge", "chatml", None)
+
+
+# ---- outputs and error lines ---------------------------------------------------------------------------------------
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "imtune.cli.main", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_an_output_inside_a_data_directory_is_refused(tiny_dir, tmp_path):
+    """The directory is read whole: an export written inside it would become its data on the next read."""
+    d = tmp_path / "dsdir"
+    d.mkdir()
+    _jsonl(d / "part.jsonl", [_conv(i) for i in range(3)])
+    before = sorted(p.name for p in d.iterdir())
+    p = _cli("export", "--data", d, "--model", tiny_dir, "--template", "chatml", "--out", d / "exp")
+    assert p.returncode == 2 and "is inside" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert sorted(q.name for q in d.iterdir()) == before
+    # A model directory may hold a command's outputs (`loss --model run --out run/x.jsonl`).
+    from imtune.io_utils import prepare_output
+
+    assert prepare_output(tiny_dir / "sub" / "x.jsonl", [tiny_dir]) == tiny_dir / "sub" / "x.jsonl"
+
+
+def test_an_error_quoting_a_line_break_stays_one_line(tmp_path):
+    bad = tmp_path / "a\nb.jsonl"
+    bad.write_text("{}\n")
+    p = _cli("stats", "--data", bad)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "a\\nb.jsonl" in p.stderr, p.stderr
+
+
+def test_a_data_file_whose_name_is_not_utf8_trains(tiny_dir, tmp_path):
+    name = os.fsencode(str(tmp_path)) + b"/bad\xffname.jsonl"
+    with open(name, "w") as f:
+        f.write("".join(json.dumps(_conv(i)) + "\n" for i in range(4)))
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "imtune.cli.main", "train", "--model", str(tiny_dir), "--template",
+                        "chatml", "--data", os.fsdecode(name), "--out", str(out), "--max-steps", "1",
+                        "--no-checkpoints"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "bad\\udcffname" in (out / "README.md").read_text(encoding="utf-8")

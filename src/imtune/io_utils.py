@@ -195,7 +195,8 @@ def remove_dead_builds(parent: Path, pattern: str) -> None:
 
 def atomic_write_text(path: str | Path, text: str, own: bool = True) -> Path:
     with atomic_path(path, own) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        # A path that is not valid UTF-8 (an undecodable file name quoted in a README) is written escaped.
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
     return Path(path)
 
 
@@ -205,6 +206,10 @@ def atomic_write_json(path: str | Path, obj, indent: int = 2, own: bool = True) 
 
 def atomic_write_jsonl(path: str | Path, rows, own: bool = True) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), own)
+
+
+def _is_model_dir(d: Path) -> bool:
+    return any((d / n).is_file() for n in ("config.json", "adapter_config.json"))
 
 
 def prepare_output(out: str | Path, inputs: Iterable[str | Path | None] = (), kind: str = "file",
@@ -236,6 +241,11 @@ def prepare_output(out: str | Path, inputs: Iterable[str | Path | None] = (), ki
         if src.is_relative_to(target):
             raise ImtuneError(f"{flag} {out} contains an input of this command ({inp}), which its outputs could "
                               f"replace; choose an output directory that holds no input")
+        if src.is_dir() and target.is_relative_to(src) and not _is_model_dir(src):
+            # A data directory is read whole (every data file in it): an output inside would become its data. A
+            # model directory may hold a command's outputs, e.g. `loss --model run --out run/x.jsonl`.
+            raise ImtuneError(f"{flag} {out} is inside {inp}, an input directory whose files this command reads; "
+                              f"choose an output path outside it")
     _check_writable(out, flag)
     for p in [out] if kind == "file" else [out / n for n in names]:
         if p.name == MANIFEST:

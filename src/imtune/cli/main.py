@@ -77,13 +77,18 @@ def _exit(who: str, e: BaseException, stop: dict) -> int | None:
         print(f"{who}: {'terminated' if term else 'interrupted'}", file=sys.stderr)
         return 143 if term else 130
     if isinstance(e, ImtuneError):
-        print(f"{who}: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     if isinstance(e, OSError) and e.strerror:  # a write refused by the OS (full disk, read-only, permissions)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"{who}: error: {where}{e.strerror}", file=sys.stderr)
+        print(f"{who}: error: {_one_line(where + e.strerror)}", file=sys.stderr)
         return 2
     return None  # SystemExit (argparse's own usage errors) and bugs go on as they are
+
+
+def _one_line(text: str) -> str:
+    """A failure is one line even when it quotes a path or value holding line breaks or other control characters."""
+    return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in text)
 
 
 @contextlib.contextmanager
