@@ -108,7 +108,7 @@ def test_echoed_key_and_tokens_never_reach_the_disk(server, tmp_path, monkeypatc
         assert secret not in captured.out + captured.err
     ann = (out_dir / "alpaca_eval_annotations.jsonl").read_text()
     assert "Authorization: ***" in ann
-    assert main(argv) == 0 and server.n_requests == 4  # the redacted verdicts still parse and are reused
+    assert main([*argv, "--overwrite"]) == 0 and server.n_requests == 4  # the redacted verdicts still parse and are reused
 
 
 def test_redact_masks_credential_shapes_not_prose():

@@ -132,7 +132,7 @@ def test_cli_lm_eval_tasks_with_and_without_chat_template(tiny_dir, tmp_path, ca
     assert "lm-eval:imtune_arc_easy" in capsys.readouterr().out
 
     assert main(["evaluate", "--model", str(tiny_dir), "--tasks", "lm-eval:imtune_arc_easy", "--limit", "3",
-                 "--apply-chat-template", "--out", str(dest), "--log-samples"]) == 0
+                 "--apply-chat-template", "--out", str(dest), "--log-samples", "--overwrite"]) == 0
     res = json.loads(dest.read_text())
     chat = res["results"]["lm-eval:imtune_arc_easy"]["samples"][0]["arguments"]
     question = raw[0][0]
