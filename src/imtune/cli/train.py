@@ -59,4 +59,14 @@ def run(args) -> int:
     from imtune.training.recipe import train
 
     train(cfg)
+    _leave_process_group()  # after a success only: on a failure a peer may be stuck in a collective
     return 0
+
+
+def _leave_process_group() -> None:
+    """A launched process leaves its process group before the interpreter exits: torn down at exit instead, its
+    communication threads (gloo, DeepSpeed's) can abort the process after a successful run (seen under ZeRO-3)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
