@@ -383,7 +383,6 @@ def run_pilot(cfg: PilotConfig) -> dict:
     return result
 
 
-
 def run_pilot_per_source(cfg: PilotConfig, sources: list[dict]) -> dict:
     """`run_pilot` on each source of a training mixture (a YAML `data:` list), each in `<out>/source<k>-<name>/`,
     and which objective to give it: `im`, `it`, or "cannot tell" (keep the run's). Writes `<out>/per_source.json`."""

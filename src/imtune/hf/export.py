@@ -78,8 +78,6 @@ def export_dataset(data, tokenizer, out: str | os.PathLike, objective: str, *, o
     return out, info
 
 
-
-
 def _write(d: Path, ds, manifest: dict, where: Path) -> None:
     from imtune.hf.data import COLUMNS
 

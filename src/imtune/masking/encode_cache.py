@@ -203,8 +203,6 @@ def encode_cached(dataset, fingerprint: str, name: str, tokenizer, settings: Enc
     return EncodeCache.open(final, hit=False)
 
 
-
-
 def _build(dataset, tmp: Path, key, fingerprint, kwargs: dict, num_proc, batch_size, weighted: bool) -> None:
     n_proc = num_proc or default_num_proc(len(dataset), batch_size)
     with children_die_with_us():  # a killed imtune leaves no worker behind
